@@ -1,0 +1,28 @@
+"""weight-sync: keep many RL collectors current with a learner's policy weights."""
+
+from weight_sync.config import ConnectionInfo, ReceiverConfig, SenderConfig
+from weight_sync.errors import (
+    ClosedError,
+    CollectorFailed,
+    ConfigError,
+    ConnectionFailed,
+    InvalidWeightsError,
+    LayoutMismatchError,
+    PeerGone,
+    ProtocolError,
+    WeightSyncError,
+    WeightSyncTimeout,
+)
+from weight_sync.layout import BufferLayout
+from weight_sync.metrics import SyncRecord, SyncStats
+from weight_sync.receiver import WeightReceiver
+from weight_sync.sender import WeightSender
+
+__all__ = [
+    "WeightSender", "WeightReceiver", "ConnectionInfo", "SenderConfig", "ReceiverConfig",
+    "BufferLayout", "SyncRecord", "SyncStats",
+    "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
+    "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
+    "CollectorFailed", "ConfigError",
+]
+__version__ = "0.1.0"

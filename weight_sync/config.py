@@ -1,0 +1,96 @@
+"""Settings of the sender and the receiver, and what crosses process boundaries.
+
+Only :class:`ConnectionInfo` (a small frozen, picklable dataclass) travels from the
+learner to a collector process; each side builds its live objects itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from weight_sync.errors import ConfigError
+
+__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS"]
+
+#: torch.distributed backends a link can use.
+BACKENDS = ("gloo", "nccl")
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+        value > 0 and math.isfinite(value)
+    ):
+        raise ConfigError(f"{owner}.{name} must be a positive finite number of seconds, "
+                          f"got {value!r}")
+
+
+def _name(owner: str, value: str) -> None:
+    if not isinstance(value, str) or not value or "/" in value:
+        raise ConfigError(f"{owner}.name must be a non-empty string without '/', got {value!r}")
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """How the learner's :class:`~weight_sync.WeightSender` listens and waits."""
+
+    host: str = "127.0.0.1"
+    """Interface the store binds. Loopback unless you bind another one explicitly."""
+    port: int = 0
+    """Store port; 0 picks a free one (read it back from ``connection_info``)."""
+    name: str = "policy"
+    """Name of the weight stream; several streams can share one store."""
+    backend: str = "gloo"
+    """``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors)."""
+    timeout: float = 60.0
+    """Bound on each store operation and on one transfer, in seconds."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"SenderConfig.host must be a non-empty string, got {self.host!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"SenderConfig.port must be an int in [0, 65535], got {self.port!r}")
+        _name("SenderConfig", self.name)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"SenderConfig.backend must be one of {BACKENDS}, "
+                              f"got {self.backend!r}")
+        _positive("SenderConfig", "timeout", self.timeout)
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    """How a collector's :class:`~weight_sync.WeightReceiver` waits."""
+
+    timeout: float = 60.0
+    """Bound on each store operation and on one transfer, in seconds."""
+    idle_slice: float = 5.0
+    """How long the background thread's wait for the next update runs before it
+    re-checks for close; it does not limit how long a learner may stay silent."""
+
+    def __post_init__(self) -> None:
+        _positive("ReceiverConfig", "timeout", self.timeout)
+        _positive("ReceiverConfig", "idle_slice", self.idle_slice)
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """Everything a collector needs to reach the learner. Small, frozen, picklable."""
+
+    host: str
+    port: int
+    name: str
+    layout_digest: str
+    num_collectors: int
+    backend: str = "gloo"
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 < self.port <= 65535:
+            raise ConfigError(f"ConnectionInfo.port must be in [1, 65535], got {self.port!r}")
+        _name("ConnectionInfo", self.name)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"ConnectionInfo.backend must be one of {BACKENDS}, "
+                              f"got {self.backend!r}")
+        if not isinstance(self.num_collectors, int) or self.num_collectors < 1:
+            raise ConfigError(f"ConnectionInfo.num_collectors must be >= 1, "
+                              f"got {self.num_collectors!r}")

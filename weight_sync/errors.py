@@ -1,0 +1,77 @@
+"""The typed errors of weight-sync.
+
+Every error is a :class:`WeightSyncError`; catch that to handle any failure of the
+library. Messages name the collector, key or version involved and, for waits, the
+time waited, so that a log line alone tells what went wrong.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WeightSyncError",
+    "WeightSyncTimeout",
+    "ConnectionFailed",
+    "PeerGone",
+    "LayoutMismatchError",
+    "InvalidWeightsError",
+    "ProtocolError",
+    "ClosedError",
+    "CollectorFailed",
+    "ConfigError",
+]
+
+
+class WeightSyncError(Exception):
+    """Base class of every error raised by weight-sync."""
+
+
+class WeightSyncTimeout(WeightSyncError, TimeoutError):
+    """A bounded wait ran out: the message names what was awaited and for how long."""
+
+
+class ConnectionFailed(WeightSyncError, ConnectionError):
+    """The store or a peer could not be reached, or a port could not be bound."""
+
+
+class PeerGone(ConnectionFailed):
+    """The other side (learner or collector) went away while we depended on it."""
+
+
+class LayoutMismatchError(WeightSyncError, ValueError):
+    """The collector's weights do not have the learner's keys, shapes or dtypes.
+
+    Attributes:
+        differences: one human-readable line per differing entry.
+    """
+
+    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.differences = list(differences or [])
+
+
+class InvalidWeightsError(WeightSyncError, ValueError):
+    """Weights that cannot be synced (empty, sparse, not tensors...)."""
+
+
+class ProtocolError(WeightSyncError):
+    """The peers disagree on the protocol: a wrong version, a torn message, a misuse."""
+
+
+class ClosedError(WeightSyncError):
+    """A call was made on a sender or receiver that is closed."""
+
+
+class CollectorFailed(WeightSyncError):
+    """A collector's transfer failed (it died, or its link broke).
+
+    Attributes:
+        collector_id: the failed collector.
+    """
+
+    def __init__(self, message: str, collector_id: int) -> None:
+        super().__init__(message)
+        self.collector_id = collector_id
+
+
+class ConfigError(WeightSyncError, ValueError):
+    """A configuration value is invalid; the message quotes it."""

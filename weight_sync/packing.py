@@ -1,0 +1,82 @@
+"""Packing weights into one flat message, and applying a received message.
+
+The message is a ``uint8`` tensor laid out by :class:`~weight_sync.layout.BufferLayout`:
+a 64-byte header (magic, version, size, layout digest) then every leaf, aligned. One
+message per update is what makes the transfer fast: the per-tensor cost that dominates
+torchrl's transport disappears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from weight_sync.errors import InvalidWeightsError, ProtocolError
+from weight_sync.layout import HEADER_BYTES, BufferLayout
+
+__all__ = ["MAGIC", "write_header", "read_header", "pack", "swap_in", "copy_in", "layout_tag"]
+
+MAGIC = 0x5753594E43  # "WSYNC"
+_HEADER_WORDS = HEADER_BYTES // 8
+
+
+def layout_tag(layout: BufferLayout) -> int:
+    """The layout digest as a signed 63-bit integer, for the header."""
+    return int(layout.digest, 16) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _header(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer[:HEADER_BYTES].view(torch.int64)
+
+
+def write_header(buffer: torch.Tensor, layout: BufferLayout, version: int) -> None:
+    """Stamp ``version`` (and magic, size, layout tag) into the message header."""
+    words = torch.zeros(_HEADER_WORDS, dtype=torch.int64)
+    words[0], words[1], words[2], words[3] = MAGIC, version, layout.nbytes, layout_tag(layout)
+    _header(buffer).copy_(words)
+
+
+def read_header(buffer: torch.Tensor, layout: BufferLayout) -> int:
+    """Check a received message's header and return its version.
+
+    Raises:
+        ProtocolError: the header is not ours, or was written for another layout.
+    """
+    magic, version, nbytes, tag = _header(buffer)[:4].tolist()
+    if magic != MAGIC or nbytes != layout.nbytes or tag != layout_tag(layout):
+        raise ProtocolError(
+            f"received a message that is not a weight-sync message for this layout "
+            f"(magic={magic:#x}, nbytes={nbytes}, tag={tag:#x}; expected nbytes="
+            f"{layout.nbytes}, tag={layout_tag(layout):#x})"
+        )
+    return int(version)
+
+
+@torch.no_grad()
+def pack(sources: Sequence[torch.Tensor], destinations: Sequence[torch.Tensor]) -> None:
+    """Copy each source leaf into its view in a message (any strides, any device)."""
+    if len(sources) != len(destinations):
+        raise InvalidWeightsError(
+            f"got {len(sources)} tensors for a layout of {len(destinations)} entries"
+        )
+    # One fused call instead of hundreds of small copy_ launches.
+    torch._foreach_copy_(list(destinations), list(sources))
+
+
+@torch.no_grad()
+def swap_in(targets: Sequence[torch.Tensor], views: Sequence[torch.Tensor]) -> None:
+    """Point every target tensor at its view in the message: no copy.
+
+    The tensor objects keep their identity (modules, optimizers and TensorDicts that
+    hold them see the new values); only their storage changes. All targets change in
+    one pass between two policy calls, so the policy is never half old, half new.
+    """
+    for target, view in zip(targets, views, strict=True):
+        target.data = view
+
+
+@torch.no_grad()
+def copy_in(targets: Sequence[torch.Tensor], views: Sequence[torch.Tensor]) -> None:
+    """Copy the message into the targets (used when they live on another device)."""
+    torch._foreach_copy_(list(targets), list(views))

@@ -1,0 +1,66 @@
+"""Every key weight-sync writes to the TCPStore, defined here and nowhere else.
+
+All keys live under the prefix ``ws/<name>/`` (one namespace per weight stream, so
+one store can carry several). ``<cid>`` is a collector id, ``<inc>`` its incarnation
+(1 for its first connect, +1 each time a process with that id joins again), ``<seq>``
+the per-link message number (0 = the initial sync), ``<v>`` a weight version.
+
+=============================  =========  =========  ====================================
+key                            written by read by    meaning
+=============================  =========  =========  ====================================
+``layout``                     learner    collector  JSON layout (name, shape, dtype)
+``version``                    learner    anyone     newest version the learner published
+``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
+``hello/<cid>/<inc>``          collector  learner    JSON: pid, layout digest (ready)
+``refused/<cid>/<inc>``        collector  learner    why it refused (layout mismatch)
+``pair/<cid>/<inc>/...``       torch      torch      rendezvous of the link's pair group
+``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v";
+                                                     ``-1`` = the learner closed
+``ack/<cid>/<inc>/<v>``        collector  learner    version v is applied
+=============================  =========  =========  ====================================
+
+A collector waits for ``update/.../<seq>`` with the store's own ``wait``, then
+receives exactly one message on its pair group. The learner sends message ``seq+1``
+only once ``seq`` is acked, so a transfer never waits on a busy collector and a slow
+collector is handed the newest version, never a queue of old ones.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CLOSED", "Keys"]
+
+#: Value of an ``update`` key telling the collector that the learner closed.
+CLOSED = -1
+
+
+class Keys:
+    """Key names of one weight stream. The only place that spells a key."""
+
+    def __init__(self, name: str) -> None:
+        self.prefix = f"ws/{name}/"
+
+    @property
+    def layout(self) -> str:
+        return self.prefix + "layout"
+
+    @property
+    def version(self) -> str:
+        return self.prefix + "version"
+
+    def join(self, cid: int) -> str:
+        return f"{self.prefix}join/{cid}"
+
+    def hello(self, cid: int, inc: int) -> str:
+        return f"{self.prefix}hello/{cid}/{inc}"
+
+    def refused(self, cid: int, inc: int) -> str:
+        return f"{self.prefix}refused/{cid}/{inc}"
+
+    def pair_prefix(self, cid: int, inc: int) -> str:
+        return f"{self.prefix}pair/{cid}/{inc}/"
+
+    def update(self, cid: int, inc: int, seq: int) -> str:
+        return f"{self.prefix}update/{cid}/{inc}/{seq}"
+
+    def ack(self, cid: int, inc: int, version: int) -> str:
+        return f"{self.prefix}ack/{cid}/{inc}/{version}"

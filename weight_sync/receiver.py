@@ -1,0 +1,233 @@
+"""The collector's side: :class:`WeightReceiver` keeps one policy current.
+
+A background thread waits for the learner's next message and receives it into a
+staging buffer while the collector keeps stepping its environment; a poll between
+steps then applies it in one step by pointing the policy's tensors at the staging
+buffer (no copy), so the policy is never half old, half new.
+
+Example::
+
+    receiver = WeightReceiver(policy, info, collector_id=i)
+    receiver.connect(timeout=60)          # returns once policy holds the learner's weights
+    while running:
+        receiver.receive_weights(timeout=0)   # None, or the version just applied
+        step_env(policy)
+    receiver.close()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from weight_sync.config import ConnectionInfo, ReceiverConfig
+from weight_sync.errors import (
+    ClosedError,
+    ConfigError,
+    LayoutMismatchError,
+    ProtocolError,
+    WeightSyncError,
+    WeightSyncTimeout,
+)
+from weight_sync.layout import BufferLayout, named_leaves
+from weight_sync.packing import copy_in, swap_in
+from weight_sync.protocol import Keys
+from weight_sync.store import connect_client, wait_keys
+from weight_sync.transports.distributed import COLLECTOR_RANK, DistributedTransport
+
+__all__ = ["WeightReceiver"]
+
+log = logging.getLogger(__name__)
+
+
+class WeightReceiver:
+    """Receives versions of the learner's weights into ``policy``.
+
+    Args:
+        policy: the collector's ``nn.Module``, TensorDict or ``state_dict``; its
+            tensors are updated in place (same objects, new values).
+        info: the learner's :attr:`WeightSender.connection_info`.
+        collector_id: this collector's id, ``0 <= id < info.num_collectors``.
+        config: waits; keyword arguments override its fields (``timeout``...).
+    """
+
+    def __init__(self, policy: Any, info: ConnectionInfo, collector_id: int,
+                 config: ReceiverConfig | None = None, **overrides: Any) -> None:
+        base = config or ReceiverConfig()
+        self.config = ReceiverConfig(**{**base.__dict__, **overrides})
+        if not isinstance(info, ConnectionInfo):
+            raise ConfigError(f"info must be a ConnectionInfo, got {type(info)!r}")
+        if not isinstance(collector_id, int) or not 0 <= collector_id < info.num_collectors:
+            raise ConfigError(f"collector_id must be an int in [0, {info.num_collectors}), "
+                              f"got {collector_id!r}")
+        self.info = info
+        self.collector_id = collector_id
+        self._targets = list(named_leaves(policy).values())
+        self.layout = BufferLayout.from_weights(policy)
+        self._keys = Keys(info.name)
+        self.version = -1
+        self.last_apply_s = 0.0
+        self._link: DistributedTransport | None = None
+        self._active: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None
+        self._ready: int | None = None
+        self._error: WeightSyncError | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def __enter__(self) -> WeightReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _who(self) -> str:
+        return f"collector {self.collector_id}"
+
+    def connect(self, timeout: float = 60.0) -> int:
+        """Join the learner, check layouts, and apply the initial weights.
+
+        Returns:
+            The version applied (the learner's current version).
+
+        Raises:
+            ConnectionFailed: no store at ``info.host:info.port`` within ``timeout``.
+            LayoutMismatchError: this policy differs from the learner's (listed).
+            WeightSyncTimeout: the learner did not complete the sync in time.
+        """
+        if self._closed:
+            raise ClosedError(f"{self._who()}: connect() after close()")
+        deadline = time.monotonic() + timeout
+        info = self.info
+        store = connect_client(info.host, info.port, timeout)
+        listener = connect_client(info.host, info.port, max(deadline - time.monotonic(), 0.1))
+        inc = int(store.add(self._keys.join(self.collector_id), 1))
+        wait_keys(store, [self._keys.layout], deadline - time.monotonic(), "the learner's layout")
+        diffs = self.layout.differences(store.get(self._keys.layout).decode())
+        hello = {"pid": os.getpid(), "digest": self.layout.digest, "refused": diffs or None}
+        store.set(self._keys.hello(self.collector_id, inc), json.dumps(hello))
+        if diffs:
+            raise LayoutMismatchError(
+                f"{self._who()}: weights differ from the learner's in {len(diffs)} place(s):\n  "
+                + "\n  ".join(diffs), diffs)
+        link = DistributedTransport(
+            listener, self._keys, self.collector_id, inc, rank=COLLECTOR_RANK,
+            layout=self.layout, backend=info.backend, timeout=self.config.timeout,
+            ack_store=store)
+        link.connect()
+        self._link = link
+        self._active = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=link.device)
+        self._staging = torch.empty_like(self._active)
+        version = link.receive_weights(max(deadline - time.monotonic(), 0.001),
+                                       weights=self._active)
+        if version is None:
+            raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
+                                    f"within {timeout:.1f}s")
+        self._apply(self._active)
+        self.version = version
+        link.ack(version)
+        self._thread = threading.Thread(target=self._listen, name=f"weight-sync-rx-{self.collector_id}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("%s connected (incarnation %d), version %d", self._who(), inc, version)
+        return version
+
+    def _apply(self, buffer: torch.Tensor) -> None:
+        start = time.perf_counter()
+        views = self.layout.views(buffer)
+        if all(t.device == buffer.device for t in self._targets):
+            swap_in(self._targets, views)
+            # The policy now lives in `buffer`; the other buffer is free for the next one.
+            if buffer is self._staging:
+                self._active, self._staging = self._staging, self._active
+        else:
+            copy_in(self._targets, views)
+        self.last_apply_s = time.perf_counter() - start
+
+    def _listen(self) -> None:
+        """Background: receive each next message into staging, then wait for the apply."""
+        link = self._link
+        assert link is not None
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._ready is None or self._stop)
+                if self._stop:
+                    return
+                staging = self._staging
+            try:
+                version = link.receive_weights(self.config.idle_slice, weights=staging)
+            except WeightSyncError as exc:
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            if version is not None:
+                with self._cond:
+                    self._ready = version
+                    self._cond.notify_all()
+
+    def receive_weights(self, timeout: float | None = 0) -> int | None:
+        """Apply the newest received weights, if any.
+
+        Args:
+            timeout: ``0`` polls and never blocks; ``> 0`` waits up to that long for
+                new weights; ``None`` waits up to ``config.timeout`` and raises.
+
+        Returns:
+            The version just applied, or ``None`` if nothing new arrived.
+
+        Raises:
+            ClosedError: the learner closed the stream, or this receiver is closed.
+            PeerGone: the learner died.
+            ProtocolError: an out-of-order or repeated version (nothing applied).
+        """
+        if self._closed or self._link is None:
+            raise ClosedError(f"{self._who()}: receive_weights() "
+                              + ("after close()" if self._closed else "before connect()"))
+        with self._cond:
+            if self._ready is None and self._error is None and timeout != 0:
+                wait = self.config.timeout if timeout is None else timeout
+                if not self._cond.wait_for(lambda: self._ready is not None
+                                           or self._error is not None, wait):
+                    if timeout is None:
+                        raise WeightSyncTimeout(f"{self._who()}: no new weights after the "
+                                                f"version {self.version} within {wait:.2f}s")
+            if self._ready is None:
+                if self._error is not None:
+                    raise self._error
+                return None
+            version = self._ready
+            if version <= self.version:
+                self._error = ProtocolError(f"{self._who()}: received version {version} "
+                                            f"after {self.version}; refused, nothing applied")
+                raise self._error
+            assert self._staging is not None
+            self._apply(self._staging)
+            self._ready = None
+            self._cond.notify_all()
+        self.version = version
+        self._link.ack(version)
+        return version
+
+    def close(self) -> None:
+        """Stop the background thread and release the link; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._link is not None:
+            self._link.close()  # wakes the listener's wait for the next message
+        if self._thread is not None:
+            self._thread.join(self.config.timeout)
+            if self._thread.is_alive():
+                log.warning("%s: listener thread still busy after close", self._who())

@@ -1,0 +1,67 @@
+"""A pool of reusable message buffers for the learner's snapshots.
+
+``send_weights_async`` copies the weights into a buffer from this pool, so the learner
+may step its optimizer while the bytes are in flight. A buffer goes back to the pool
+when every transport that sends it is done, so memory stays bounded by the number of
+sends in flight, and a steady state allocates nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from weight_sync.layout import BufferLayout
+from weight_sync.packing import pack, write_header
+
+__all__ = ["Snapshot", "SnapshotPool"]
+
+
+class Snapshot:
+    """One packed version of the weights, shared by the transports that send it."""
+
+    def __init__(self, pool: SnapshotPool, buffer: torch.Tensor) -> None:
+        self._pool = pool
+        self.buffer = buffer
+        self.views = pool.layout.views(buffer)
+        self.version = -1
+        self._refs = 0
+
+    def retain(self) -> Snapshot:
+        with self._pool.lock:
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        """Drop one reference; the last one returns the buffer to the pool."""
+        with self._pool.lock:
+            self._refs -= 1
+            if self._refs == 0:
+                self._pool.free.append(self)
+            elif self._refs < 0:
+                raise RuntimeError("snapshot released more often than retained")
+
+
+class SnapshotPool:
+    """Hands out packed snapshots of a layout on one device."""
+
+    def __init__(self, layout: BufferLayout, device: torch.device) -> None:
+        self.layout = layout
+        self.device = device
+        self.lock = threading.Lock()
+        self.free: list[Snapshot] = []
+        self.allocated = 0
+
+    def take(self, sources: list[torch.Tensor], version: int) -> Snapshot:
+        """Pack ``sources`` as ``version`` into a free buffer; the caller holds one ref."""
+        with self.lock:
+            snap = self.free.pop() if self.free else None
+        if snap is None:
+            buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+            snap = Snapshot(self, buffer)
+            self.allocated += 1
+        pack(sources, snap.views)
+        write_header(snap.buffer, self.layout, version)
+        snap.version = version
+        return snap.retain()

@@ -1,0 +1,87 @@
+"""Creating and using the TCPStore, with errors turned into weight-sync's own.
+
+torch's store raises ``DistStoreError`` for a timed-out wait and ``DistNetworkError``
+when the peer is unreachable; callers here get :class:`WeightSyncTimeout` and
+:class:`ConnectionFailed` naming the key and the time waited instead.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from weight_sync.errors import ConnectionFailed, PeerGone, WeightSyncTimeout
+
+__all__ = ["create_server", "connect_client", "wait_keys", "get_int"]
+
+
+def create_server(host: str, port: int, timeout: float) -> dist.TCPStore:
+    """Start the store server (port 0 = any free port; read ``.port`` back).
+
+    Raises:
+        ConnectionFailed: the address cannot be bound (e.g. the port is in use).
+    """
+    try:
+        return dist.TCPStore(
+            host, port, is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=timeout),
+        )
+    except (dist.DistError, RuntimeError) as exc:
+        raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
+
+
+def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:
+    """Connect to a running store, retrying until ``timeout`` seconds.
+
+    Raises:
+        ConnectionFailed: no store answered at ``host:port`` within ``timeout``.
+    """
+    start = time.monotonic()
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+    except (dist.DistError, RuntimeError) as exc:
+        raise ConnectionFailed(
+            f"no weight-sync store reachable at {host}:{port} after "
+            f"{time.monotonic() - start:.1f}s: {exc}"
+        ) from exc
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, dist.DistStoreError) and "timeout" in str(exc).lower()
+
+
+def wait_keys(store: dist.Store, keys: list[str], timeout: float, what: str) -> None:
+    """Block until every key exists, at most ``timeout`` seconds.
+
+    Raises:
+        WeightSyncTimeout: naming ``what`` and the keys still missing.
+        PeerGone: the store server went away (the learner's process died).
+    """
+    start = time.monotonic()
+    try:
+        store.wait(keys, timedelta(seconds=max(timeout, 0.001)))
+    except (dist.DistError, RuntimeError) as exc:
+        waited = time.monotonic() - start
+        if _is_timeout(exc):
+            missing = [k for k in keys if not _check(store, k)]
+            raise WeightSyncTimeout(
+                f"timed out after {waited:.2f}s waiting for {what} (missing keys: {missing})"
+            ) from exc
+        raise PeerGone(f"store connection lost while waiting for {what}: {exc}") from exc
+
+
+def _check(store: dist.Store, key: str) -> bool:
+    try:
+        return bool(store.check([key]))
+    except (dist.DistError, RuntimeError):
+        return False
+
+
+def get_int(store: dist.Store, key: str) -> int:
+    """Read an integer key that is known to exist."""
+    try:
+        return int(store.get(key))
+    except (dist.DistError, RuntimeError) as exc:
+        raise PeerGone(f"store connection lost while reading {key!r}: {exc}") from exc
