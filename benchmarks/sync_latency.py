@@ -1,0 +1,150 @@
+"""Round latency of weight-sync next to the raw limit, measured in the same run.
+
+A round is ``send_weights_async`` to all N collectors + ``wait_ack`` from all of them.
+Collectors are real processes (spawn, ``torch.set_num_threads(1)``) that block in
+``receive_weights(timeout=...)``; the learner also runs with one thread. The raw limit
+is one flat contiguous ``uint8`` tensor of the same bytes over gloo send/recv
+(``benchmarks.baselines.measure_raw_gloo``). Medians and p90 over ``rounds`` rounds
+after ``warmup`` rounds; the two are run one after the other per configuration.
+
+    python -m benchmarks.sync_latency --sizes 100000 1000000 10000000 100000000 \
+        --collectors 1 2 4 --rounds 30 --json-out results/sync_latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.baselines import _collect, _fingerprint, _reap, _summary, measure_raw_gloo
+from benchmarks.policies import count_leaves, make_policy
+from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver, WeightSender
+
+__all__ = ["measure_weight_sync", "main"]
+
+
+def _collector(idx: int, info: ConnectionInfo, spec: tuple[int, str], timeout: float,
+               q: Any) -> None:
+    """Collector process: blocking receive loop until the learner closes."""
+    try:
+        torch.set_num_threads(1)
+        policy = make_policy(spec[0], spec[1], seed=1000 + idx)  # differs until synced
+        receiver = WeightReceiver(policy, info, idx, timeout=timeout)
+        receiver.connect(timeout)
+        try:
+            while True:
+                receiver.receive_weights(timeout=timeout)
+        except (ClosedError, PeerGone):
+            pass
+        q.put(("ok", idx, (receiver.version, _fingerprint(policy))))
+        receiver.close()
+    except BaseException:  # report any failure to the parent, which raises it
+        import traceback
+
+        q.put(("error", idx, traceback.format_exc()))
+
+
+def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1,
+                        rounds: int = 30, warmup: int = 3, timeout: float = 120.0
+                        ) -> dict[str, Any]:
+    """Measure weight-sync rounds; checks the collectors end bit-exact with the learner.
+
+    Returns:
+        ``_summary`` figures plus ``async_median_s`` (learner time inside
+        ``send_weights_async``), ``leaves`` and ``correct``.
+    """
+    ctx = mp.get_context("spawn")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    policy = make_policy(params, kind, seed=0)
+    sender = WeightSender(policy, num_collectors, timeout=timeout)
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_collector, args=(i, sender.connection_info, (params, kind),
+                                                   timeout, q), daemon=True)
+             for i in range(num_collectors)]
+    try:
+        for p in procs:
+            p.start()
+        sender.connect(timeout)
+        samples, in_async = [], []
+        for r in range(warmup + rounds):
+            with torch.no_grad():  # new values every round, as a training step would
+                for t in policy.parameters():
+                    t.add_(1e-3)
+            t0 = time.perf_counter()
+            sender.send_weights_async()
+            t1 = time.perf_counter()
+            sender.wait_ack(timeout)
+            t2 = time.perf_counter()
+            if r >= warmup:
+                samples.append(t2 - t0)
+                in_async.append(t1 - t0)
+        expected = _fingerprint(policy)
+        final_version = sender.version
+        sender.close()
+        results = _collect(q, num_collectors, timeout)
+    finally:
+        sender.close()
+        _reap(procs, 30.0)
+        torch.set_num_threads(previous)
+    out = _summary(samples, sender.layout.nbytes, num_collectors)
+    out.update(
+        async_median_s=float(sorted(in_async)[len(in_async) // 2]),
+        leaves=count_leaves(policy),
+        correct=all(v == final_version and fp == expected for v, fp in results.values()),
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        default=[100_000, 1_000_000, 10_000_000, 100_000_000])
+    parser.add_argument("--collectors", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--kind", default="wide", choices=["wide", "deep"])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for params in args.sizes:
+        for n in args.collectors:
+            rounds = args.rounds if params < 50_000_000 else max(5, args.rounds // 3)
+            ours = measure_weight_sync(params, args.kind, n, rounds, args.warmup)
+            raw = measure_raw_gloo(int(ours["nbytes"]), n, rounds, args.warmup)
+            row = {
+                "params": params, "kind": args.kind, "num_collectors": n,
+                "nbytes": ours["nbytes"], "leaves": ours["leaves"],
+                "weight_sync": {k: v for k, v in ours.items() if k != "samples_s"},
+                "raw_gloo": {k: v for k, v in raw.items() if k != "samples_s"},
+                "ratio_to_raw": ours["median_s"] / raw["median_s"],
+            }
+            rows.append(row)
+            print(f"{params:>11,} params N={n}: weight-sync {ours['median_s'] * 1e3:8.2f} ms "
+                  f"(p90 {ours['p90_s'] * 1e3:7.2f}, async {ours['async_median_s'] * 1e3:6.2f}) "
+                  f"raw {raw['median_s'] * 1e3:8.2f} ms  ratio {row['ratio_to_raw']:.2f}  "
+                  f"correct={ours['correct']}", flush=True)
+    report = {"benchmark": "sync_latency", "date": datetime.now(timezone.utc).isoformat(),
+              "machine": {"platform": platform.platform(), "cpus": mp.cpu_count(),
+                          "torch": torch.__version__, "python": sys.version.split()[0]},
+              "threads": "learner and collectors torch.set_num_threads(1)", "rows": rows}
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
