@@ -44,15 +44,15 @@ def named_leaves(weights: Any) -> dict[str, torch.Tensor]:
     """
     leaves: dict[str, torch.Tensor] = {}
     if isinstance(weights, torch.nn.Module):
-        for name, tensor in weights.named_parameters():
-            leaves[name] = tensor
-        for name, tensor in weights.named_buffers():
-            if tensor is not None:
-                leaves[name] = tensor
+        for name, param in weights.named_parameters():
+            leaves[name] = param
+        for name, buf in weights.named_buffers():
+            if buf is not None:
+                leaves[name] = buf
     elif isinstance(weights, TensorDictBase):
-        for key, tensor in weights.items(include_nested=True, leaves_only=True):
+        for key, value in weights.items(include_nested=True, leaves_only=True):
             name = key if isinstance(key, str) else ".".join(key)
-            leaves[name] = tensor
+            leaves[name] = value
     elif isinstance(weights, Mapping):
         leaves = dict(weights)
     else:
@@ -119,8 +119,9 @@ class BufferLayout:
         """A short hash of :meth:`describe`; equal digests mean compatible layouts."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
-    def differences(self, other_json: str, *, mine: str = "collector", theirs: str = "learner"
-                    ) -> list[str]:
+    def differences(
+        self, other_json: str, *, mine: str = "collector", theirs: str = "learner"
+    ) -> list[str]:
         """List, one line each, how this layout differs from another's ``to_json()``."""
         own = {name: (shape, dtype) for name, shape, dtype in self.describe()}
         other = {name: (shape, dtype) for name, shape, dtype in json.loads(other_json)}
@@ -132,7 +133,8 @@ class BufferLayout:
         for name in sorted(own.keys() & other.keys()):
             (s1, d1), (s2, d2) = own[name], other[name]
             if s1 != s2:
-                lines.append(f"{name}: shape {tuple(s1)} on the {mine}, {tuple(s2)} on the {theirs}")
+                lines.append(
+                    f"{name}: shape {tuple(s1)} on the {mine}, {tuple(s2)} on the {theirs}")
             if d1 != d2:
                 lines.append(f"{name}: dtype {d1} on the {mine}, {d2} on the {theirs}")
         return lines

@@ -134,8 +134,8 @@ class WeightReceiver:
         self._apply(self._active)
         self.version = version
         link.ack(version)
-        self._thread = threading.Thread(target=self._listen, name=f"weight-sync-rx-{self.collector_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._listen, name=f"weight-sync-rx-{self.collector_id}", daemon=True)
         self._thread.start()
         log.info("%s connected (incarnation %d), version %d", self._who(), inc, version)
         return version
@@ -195,11 +195,11 @@ class WeightReceiver:
         with self._cond:
             if self._ready is None and self._error is None and timeout != 0:
                 wait = self.config.timeout if timeout is None else timeout
-                if not self._cond.wait_for(lambda: self._ready is not None
-                                           or self._error is not None, wait):
-                    if timeout is None:
-                        raise WeightSyncTimeout(f"{self._who()}: no new weights after the "
-                                                f"version {self.version} within {wait:.2f}s")
+                arrived = self._cond.wait_for(
+                    lambda: self._ready is not None or self._error is not None, wait)
+                if not arrived and timeout is None:
+                    raise WeightSyncTimeout(f"{self._who()}: no new weights after "
+                                            f"version {self.version} within {wait:.2f}s")
             if self._ready is None:
                 if self._error is not None:
                     raise self._error

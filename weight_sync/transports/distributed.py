@@ -8,6 +8,7 @@ ever initialised. One message (the whole packed snapshot) moves per update.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -86,7 +87,7 @@ class DistributedTransport:
         self._store = store
         self._ack_store = ack_store if ack_store is not None else store
         self._keys = keys
-        self._group: dist.ProcessGroup | None = None
+        self._group: Any = None  # ProcessGroupGloo or ProcessGroupNCCL
         self._seq = 0
         self._closed = False
         # sender side
@@ -131,7 +132,7 @@ class DistributedTransport:
                 f"link to {self._who()}: pair group rendezvous failed after "
                 f"{time.monotonic() - start:.1f}s: {exc}") from exc
 
-    def _require(self, rank: int, what: str) -> dist.ProcessGroup:
+    def _require(self, rank: int, what: str) -> Any:
         if self._closed:
             raise ClosedError(f"{what} on the closed link to {self._who()}")
         if self.rank != rank:
@@ -146,12 +147,11 @@ class DistributedTransport:
         if self._closed:
             return
         self._closed = True
-        try:
-            # Wakes the peer's wait for the next message (its own or ours).
+        # Wakes the peer's wait for the next message (its own or ours). If the store is
+        # gone already, the peer learns it from its own wait.
+        with contextlib.suppress(dist.DistError, RuntimeError):
             self._ack_store.set(
                 self._keys.update(self.collector_id, self.incarnation, self._seq), str(CLOSED))
-        except (dist.DistError, RuntimeError):
-            pass  # the store is gone already: the peer learns it from its own wait
         for snap in self._drop_in_flight():
             snap.release()
         self._group = None
@@ -221,7 +221,7 @@ class DistributedTransport:
             self._fail(CollectorFailed(f"link to {self._who()} failed: {exc}",
                                        self.collector_id))
 
-    def _start(self, group: dist.ProcessGroup, snapshot: Snapshot) -> None:
+    def _start(self, group: Any, snapshot: Snapshot) -> None:
         key = self._keys.update(self.collector_id, self.incarnation, self._seq)
         self._store.set(key, str(snapshot.version))
         work = group.send([snapshot.buffer], self._peer, 0)
@@ -355,7 +355,7 @@ class DistributedTransport:
             copy_in(list(named_leaves(model).values()), self.layout.views(weights))
         return version
 
-    def _recv_into(self, group: dist.ProcessGroup, buffer: torch.Tensor, version: int) -> None:
+    def _recv_into(self, group: Any, buffer: torch.Tensor, version: int) -> None:
         start = time.monotonic()
         try:
             group.recv([buffer], self._peer, 0).wait(timedelta(seconds=self.timeout))
