@@ -83,6 +83,8 @@ class ConnectionInfo:
     num_collectors: int
     backend: str = "gloo"
     nbytes: int = 0
+    max_collectors: int = 0
+    """Collector ids accepted are ``0..max_collectors-1`` (0 means ``num_collectors``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port <= 65535:
@@ -94,3 +96,8 @@ class ConnectionInfo:
         if not isinstance(self.num_collectors, int) or self.num_collectors < 1:
             raise ConfigError(f"ConnectionInfo.num_collectors must be >= 1, "
                               f"got {self.num_collectors!r}")
+        if self.max_collectors == 0:
+            object.__setattr__(self, "max_collectors", self.num_collectors)
+        if not isinstance(self.max_collectors, int) or self.max_collectors < self.num_collectors:
+            raise ConfigError(f"ConnectionInfo.max_collectors must be >= num_collectors, "
+                              f"got {self.max_collectors!r}")

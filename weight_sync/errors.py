@@ -26,7 +26,16 @@ class WeightSyncError(Exception):
 
 
 class WeightSyncTimeout(WeightSyncError, TimeoutError):
-    """A bounded wait ran out: the message names what was awaited and for how long."""
+    """A bounded wait ran out: the message names what was awaited and for how long.
+
+    Attributes:
+        result: for ``wait_ack``, the :class:`~weight_sync.metrics.AckResult` (who
+            acked, who failed, who lags); ``None`` elsewhere.
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class ConnectionFailed(WeightSyncError, ConnectionError):
@@ -65,12 +74,15 @@ class CollectorFailed(WeightSyncError):
     """A collector's transfer failed (it died, or its link broke).
 
     Attributes:
-        collector_id: the failed collector.
+        collector_id: the (first) failed collector.
+        result: for ``wait_ack``, the :class:`~weight_sync.metrics.AckResult`: the other
+            collectors' acks were still awaited before this was raised.
     """
 
-    def __init__(self, message: str, collector_id: int) -> None:
+    def __init__(self, message: str, collector_id: int, result: object = None) -> None:
         super().__init__(message)
         self.collector_id = collector_id
+        self.result = result
 
 
 class ConfigError(WeightSyncError, ValueError):

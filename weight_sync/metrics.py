@@ -6,7 +6,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["SyncRecord", "SyncStats"]
+__all__ = ["AckResult", "SyncRecord", "SyncStats"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,19 @@ class SyncStats:
             "gbps_median": _quantile([r.gbps for r in self.records], 0.5),
             "nbytes": float(self.records[-1].nbytes) if self.records else 0.0,
         }
+
+
+@dataclass(frozen=True)
+class AckResult:
+    """Outcome of one ``wait_ack``: who applied the version, who failed, who lags."""
+
+    version: int
+    acked: tuple[int, ...]
+    failed: dict[int, str]
+    """Collectors whose link broke during this wait (id -> reason); no longer served
+    until they join again."""
+    lagging: tuple[int, ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.lagging

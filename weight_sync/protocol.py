@@ -11,7 +11,8 @@ key                            written by read by    meaning
 ``layout``                     learner    collector  JSON layout (name, shape, dtype)
 ``version``                    learner    anyone     newest version the learner published
 ``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
-``hello/<cid>/<inc>``          collector  learner    JSON: pid, layout digest (ready)
+``joins``                      collector  learner    counter of all joins (cheap to poll)
+``hello/<cid>/<inc>``          collector  learner    JSON: pid, host, digest, refusal
 ``refused/<cid>/<inc>``        collector  learner    why it refused (layout mismatch)
 ``pair/<cid>/<inc>/...``       torch      torch      rendezvous of the link's pair group
 ``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v";
@@ -46,6 +47,10 @@ class Keys:
     @property
     def version(self) -> str:
         return self.prefix + "version"
+
+    @property
+    def joins(self) -> str:
+        return self.prefix + "joins"
 
     def join(self, cid: int) -> str:
         return f"{self.prefix}join/{cid}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -63,8 +64,8 @@ class WeightReceiver:
         self.config = ReceiverConfig(**{**base.__dict__, **overrides})
         if not isinstance(info, ConnectionInfo):
             raise ConfigError(f"info must be a ConnectionInfo, got {type(info)!r}")
-        if not isinstance(collector_id, int) or not 0 <= collector_id < info.num_collectors:
-            raise ConfigError(f"collector_id must be an int in [0, {info.num_collectors}), "
+        if not isinstance(collector_id, int) or not 0 <= collector_id < info.max_collectors:
+            raise ConfigError(f"collector_id must be an int in [0, {info.max_collectors}), "
                               f"got {collector_id!r}")
         self.info = info
         self.collector_id = collector_id
@@ -110,9 +111,11 @@ class WeightReceiver:
         store = connect_client(info.host, info.port, timeout)
         listener = connect_client(info.host, info.port, max(deadline - time.monotonic(), 0.1))
         inc = int(store.add(self._keys.join(self.collector_id), 1))
+        store.add(self._keys.joins, 1)
         wait_keys(store, [self._keys.layout], deadline - time.monotonic(), "the learner's layout")
         diffs = self.layout.differences(store.get(self._keys.layout).decode())
-        hello = {"pid": os.getpid(), "digest": self.layout.digest, "refused": diffs or None}
+        hello = {"pid": os.getpid(), "host": socket.gethostname(), "digest": self.layout.digest,
+                 "refused": diffs or None}
         store.set(self._keys.hello(self.collector_id, inc), json.dumps(hello))
         if diffs:
             raise LayoutMismatchError(

@@ -9,14 +9,21 @@ Example::
         optimizer.step()
         sender.send_weights_async()                # snapshot + send; returns at once
         ...                                        # keep training
-        sender.wait_ack(timeout=10)                # every collector applied it
+        sender.wait_ack(timeout=10)                # every live collector applied it
     sender.close()
+
+A collector that dies is reported once (``CollectorFailed`` carrying an
+:class:`~weight_sync.metrics.AckResult`) and then no longer waited for; a process that
+connects again with its id is admitted on the next call and caught up with the newest
+version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import time
 from typing import Any
 
@@ -26,14 +33,15 @@ from weight_sync.config import ConnectionInfo, SenderConfig
 from weight_sync.errors import (
     ClosedError,
     CollectorFailed,
+    ConfigError,
     LayoutMismatchError,
     ProtocolError,
     WeightSyncTimeout,
 )
 from weight_sync.layout import BufferLayout, named_leaves
-from weight_sync.metrics import SyncRecord, SyncStats
+from weight_sync.metrics import AckResult, SyncRecord, SyncStats
 from weight_sync.protocol import Keys
-from weight_sync.snapshots import SnapshotPool
+from weight_sync.snapshots import Snapshot, SnapshotPool
 from weight_sync.store import create_server, get_int, wait_keys
 from weight_sync.transports.distributed import LEARNER_RANK, DistributedTransport
 
@@ -41,14 +49,19 @@ __all__ = ["WeightSender"]
 
 log = logging.getLogger(__name__)
 
+# wait_ack waits on the store in slices this long, checking links for failure between.
+_ACK_SLICE_S = 0.25
+
 
 class WeightSender:
-    """Pushes versions of a policy's weights to ``num_collectors`` collectors.
+    """Pushes versions of a policy's weights to collectors.
 
     Args:
         policy: an ``nn.Module``, a TensorDict or a ``state_dict`` whose tensors are
             read (not copied) at every :meth:`send_weights_async`.
         num_collectors: how many collectors :meth:`connect` waits for (ids 0..N-1).
+        max_collectors: highest number of collector ids accepted (elastic joins of ids
+            ``num_collectors..max_collectors-1`` at run time); defaults to N.
         config: where to listen and how long to wait; keyword arguments override
             its fields (``host``, ``port``, ``name``, ``backend``, ``timeout``).
 
@@ -58,13 +71,17 @@ class WeightSender:
     """
 
     def __init__(self, policy: Any, num_collectors: int, config: SenderConfig | None = None,
-                 **overrides: Any) -> None:
+                 *, max_collectors: int | None = None, **overrides: Any) -> None:
         base = config or SenderConfig()
         self.config = SenderConfig(**{**base.__dict__, **overrides})
         if not isinstance(num_collectors, int) or num_collectors < 1:
-            raise ValueError(f"num_collectors must be an int >= 1, got {num_collectors!r}")
+            raise ConfigError(f"num_collectors must be an int >= 1, got {num_collectors!r}")
+        max_collectors = num_collectors if max_collectors is None else max_collectors
+        if not isinstance(max_collectors, int) or max_collectors < num_collectors:
+            raise ConfigError(f"max_collectors must be an int >= num_collectors "
+                              f"({num_collectors}), got {max_collectors!r}")
         self.num_collectors = num_collectors
-        self._policy = policy
+        self.max_collectors = max_collectors
         self._sources = list(named_leaves(policy).values())
         self.layout = BufferLayout.from_weights(policy)
         self._keys = Keys(self.config.name)
@@ -73,7 +90,12 @@ class WeightSender:
         device = torch.device("cuda", torch.cuda.current_device()) \
             if self.config.backend == "nccl" else torch.device("cpu")
         self._pool = SnapshotPool(self.layout, device)
+        self._latest: Snapshot | None = None
         self.transports: dict[int, DistributedTransport] = {}
+        self.failed: dict[int, str] = {}
+        """Collectors whose link broke (id -> reason), until they join again."""
+        self._failed_inc: dict[int, int] = {}
+        self._joins_seen = 0
         self.version = 0
         self.stats = SyncStats()
         self._send_started: dict[int, float] = {}
@@ -87,6 +109,7 @@ class WeightSender:
             host=self.config.host, port=int(self._store.port), name=self.config.name,
             layout_digest=self.layout.digest, num_collectors=self.num_collectors,
             backend=self.config.backend, nbytes=self.layout.nbytes,
+            max_collectors=self.max_collectors,
         )
 
     def __enter__(self) -> WeightSender:
@@ -98,9 +121,11 @@ class WeightSender:
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise ClosedError(f"WeightSender.{what}() after close()")
+        if what != "connect" and not self._connected:
+            raise ProtocolError(f"WeightSender.{what}() before connect()")
 
     def connect(self, timeout: float = 60.0) -> None:
-        """Wait for every collector, check their layouts, and sync version 0 to all.
+        """Wait for collectors 0..N-1, check their layouts, and sync the weights to all.
 
         Raises:
             WeightSyncTimeout: naming the collectors that did not join in time.
@@ -114,18 +139,14 @@ class WeightSender:
         incs = {c: get_int(self._store, self._keys.join(c)) for c in ids}
         wait_keys(self._store, [self._keys.hello(c, incs[c]) for c in ids],
                   deadline - time.monotonic(), "collectors to finish their handshake")
-        for c in ids:
-            hello = json.loads(self._store.get(self._keys.hello(c, incs[c])))
+        hellos = {c: self._hello(c, incs[c]) for c in ids}
+        for c, hello in hellos.items():
             if hello.get("refused"):
                 raise LayoutMismatchError(
                     f"collector {c} (pid {hello.get('pid')}) refused the learner's layout:\n  "
                     + "\n  ".join(hello["refused"]), hello["refused"])
         for c in ids:
-            link = DistributedTransport(
-                self._store, self._keys, c, incs[c], rank=LEARNER_RANK, layout=self.layout,
-                backend=self.config.backend, timeout=self.config.timeout)
-            link.connect()
-            self.transports[c] = link
+            self._open_link(c, incs[c], hellos[c])
         self._connected = True
         self._publish(self._sources, self.version)
         self.wait_ack(max(deadline - time.monotonic(), 0.001))
@@ -133,21 +154,71 @@ class WeightSender:
                  self.num_collectors, self.config.host, self._store.port, self.layout.digest,
                  self.layout.nbytes)
 
+    def _hello(self, cid: int, inc: int) -> dict[str, Any]:
+        return dict(json.loads(self._store.get(self._keys.hello(cid, inc))))
+
+    def _open_link(self, cid: int, inc: int, hello: dict[str, Any]) -> DistributedTransport:
+        link = DistributedTransport(
+            self._store, self._keys, cid, inc, rank=LEARNER_RANK, layout=self.layout,
+            backend=self.config.backend, timeout=self.config.timeout)
+        if hello.get("host") == socket.gethostname():
+            link.peer_pid = int(hello["pid"])
+        link.connect()
+        self.transports[cid] = link
+        self.failed.pop(cid, None)
+        return link
+
+    def _admit_joins(self) -> None:
+        """Admit collectors that (re)joined since the last call.
+
+        One counter read when nobody joined; otherwise each new incarnation that
+        finished its handshake gets a new link and the newest published version.
+        """
+        joins = int(self._store.add(self._keys.joins, 0))
+        if joins == self._joins_seen:
+            return
+        pending = False
+        for cid in range(self.max_collectors):
+            inc = int(self._store.add(self._keys.join(cid), 0))
+            link = self.transports.get(cid)
+            known = link.incarnation if link is not None else self._failed_inc.get(cid, 0)
+            if inc <= known:
+                continue
+            if not self._store.check([self._keys.hello(cid, inc)]):
+                pending = True  # still handshaking: admit it on a later call
+                continue
+            hello = self._hello(cid, inc)
+            if link is not None:
+                link.close()
+                del self.transports[cid]
+            if hello.get("refused"):
+                self._failed_inc[cid] = inc
+                self.failed[cid] = "layout mismatch: " + "; ".join(hello["refused"][:5])
+                log.warning("collector %d (incarnation %d) refused the layout", cid, inc)
+                continue
+            log.info("admitting collector %d (incarnation %d) at version %d", cid, inc,
+                     self.version)
+            new = self._open_link(cid, inc, hello)
+            if self._latest is not None:
+                new.send_weights_async(self._latest)
+        if not pending:
+            self._joins_seen = joins
+
     def _publish(self, sources: list[torch.Tensor], version: int) -> None:
         start = time.perf_counter()
         snap = self._pool.take(sources, version)
-        try:
-            for link in self.transports.values():
-                if link.failure is None:
-                    link.send_weights_async(snap)
-        finally:
-            snap.release()
+        if self._latest is not None:
+            self._latest.release()
+        self._latest = snap  # kept so a collector that (re)joins gets exactly this version
+        for link in self.transports.values():
+            link.send_weights_async(snap)
         self._send_started[version] = start
         self.stats.pack_s = time.perf_counter() - start
         self._store.set(self._keys.version, str(version))
 
     def send_weights_async(self, weights: Any = None) -> int:
-        """Snapshot the weights as a new version and start sending it; never blocks.
+        """Snapshot the weights as a new version and start sending it; never blocks
+        on a collector.
 
         Args:
             weights: weights to send instead of the policy's (same layout).
@@ -156,72 +227,98 @@ class WeightSender:
             The new version number.
         """
         self._check_open("send_weights_async")
-        if not self._connected:
-            raise ProtocolError("send_weights_async() before connect()")
         sources = self._sources
         if weights is not None:
             leaves = named_leaves(weights)
             BufferLayout.from_tensors(leaves).check_compatible(
                 self.layout.to_json(), who="send_weights_async(weights=...)")
             sources = list(leaves.values())
+        self._admit_joins()
         self.version += 1
         self._publish(sources, self.version)
         return self.version
 
-    def send_weights(self, weights: Any = None, timeout: float = 60.0) -> int:
+    def send_weights(self, weights: Any = None, timeout: float = 60.0) -> AckResult:
         """:meth:`send_weights_async` then :meth:`wait_ack`."""
-        version = self.send_weights_async(weights)
-        self.wait_ack(timeout)
-        return version
+        self.send_weights_async(weights)
+        return self.wait_ack(timeout)
 
-    def wait_ack(self, timeout: float = 60.0) -> None:
-        """Block until every collector applied the newest version.
+    def _retire_failed(self) -> dict[int, str]:
+        newly = {c: str(link.failure) for c, link in self.transports.items()
+                 if link.failure is not None}
+        for c in newly:
+            link = self.transports.pop(c)
+            self._failed_inc[c] = link.incarnation
+            link.close()
+        self.failed.update(newly)
+        return newly
+
+    def wait_ack(self, timeout: float = 60.0) -> AckResult:
+        """Block until every live collector applied the newest version.
+
+        Returns:
+            The :class:`AckResult` (all live collectors acked).
 
         Raises:
-            WeightSyncTimeout: after ``timeout`` s, naming the collectors that lag.
-            CollectorFailed: a collector's link broke (the others keep being served).
+            CollectorFailed: a collector's link broke during the wait; raised after the
+                others acked (or the timeout), carrying the ``AckResult``. That
+                collector is no longer waited for until it joins again.
+            WeightSyncTimeout: after ``timeout`` s, naming the lagging collectors and
+                carrying the ``AckResult``.
         """
         self._check_open("wait_ack")
-        if not self._connected:
-            raise ProtocolError("wait_ack() before connect()")
         start = time.monotonic()
         deadline = start + timeout
         target = self.version
+        newly_failed: dict[int, str] = {}
         while True:
+            self._admit_joins()
             for link in self.transports.values():
                 link.progress()
-            failed = [c for c, link in self.transports.items() if link.failure is not None]
-            if failed:
-                first = self.transports[failed[0]].failure
-                raise CollectorFailed(f"collector(s) {failed} failed: {first}", failed[0])
-            lagging = {c: link for c, link in self.transports.items()
-                       if link.acked_version < target}
-            if not lagging:
-                break
-            keys = [k for link in lagging.values() if (k := link.waiting_key) is not None]
+            newly_failed.update(self._retire_failed())
+            lagging = [link for link in self.transports.values() if link.acked_version < target]
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not keys:
-                self._raise_lagging(lagging, target, start)
-            try:
-                wait_keys(self._store, keys, remaining, f"acks of version {target}")
-            except WeightSyncTimeout:
-                for link in lagging.values():
-                    link.progress()
-                self._raise_lagging({c: link for c, link in lagging.items()
-                                     if link.acked_version < target}, target, start)
+            if not lagging or remaining <= 0:
+                break
+            keys = [k for link in lagging if (k := link.waiting_key) is not None]
+            if not keys:  # cannot happen after progress(); never spin
+                break
+            # Slices: between them links are checked for failure, so a dead collector
+            # costs a slice, not the whole timeout.
+            with contextlib.suppress(WeightSyncTimeout):  # re-check links and the deadline
+                wait_keys(self._store, keys, min(remaining, _ACK_SLICE_S),
+                          f"acks of version {target}")
+        result = AckResult(
+            version=target,
+            acked=tuple(sorted(c for c, link in self.transports.items()
+                               if link.acked_version >= target)),
+            failed=newly_failed,
+            lagging=tuple(sorted(c for c, link in self.transports.items()
+                                 if link.acked_version < target)),
+        )
+        waited = time.monotonic() - start
+        if newly_failed:
+            first = min(newly_failed)
+            raise CollectorFailed(
+                f"version {target}: collector(s) {sorted(newly_failed)} failed "
+                f"({newly_failed[first]}); acked by {list(result.acked)}, lagging "
+                f"{list(result.lagging)} after {waited:.2f}s", first, result)
+        if result.lagging:
+            detail = ", ".join(f"{c} (acked {self.transports[c].acked_version})"
+                               for c in result.lagging)
+            raise WeightSyncTimeout(
+                f"version {target} not acked after {waited:.2f}s by collector(s) {detail}",
+                result)
+        self._record(target)
+        return result
+
+    def _record(self, target: int) -> None:
         started = self._send_started.pop(target, None)
         for v in [v for v in self._send_started if v < target]:
             del self._send_started[v]
         if started is not None:
             self.stats.add(SyncRecord(target, self.layout.nbytes, len(self.transports),
                                       self.stats.pack_s, time.perf_counter() - started))
-
-    def _raise_lagging(self, lagging: dict[int, DistributedTransport], target: int,
-                       start: float) -> None:
-        detail = ", ".join(f"{c} (acked {link.acked_version})" for c, link in lagging.items())
-        raise WeightSyncTimeout(
-            f"version {target} not acked after {time.monotonic() - start:.2f}s by "
-            f"collector(s) {detail}")
 
     def close(self) -> None:
         """Tell the collectors the stream ended and release links and the store."""
@@ -231,5 +328,8 @@ class WeightSender:
         for link in self.transports.values():
             link.close()
         self.transports.clear()
+        if self._latest is not None:
+            self._latest.release()
+            self._latest = None
         # The store server stops with its last reference; collectors then see PeerGone.
         self._store = None  # type: ignore[assignment]

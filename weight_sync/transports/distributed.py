@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 LEARNER_RANK = 0
 COLLECTOR_RANK = 1
+
+
+def _is_zombie(pid: int) -> bool:
+    """A dead child not yet reaped by its parent still answers kill(pid, 0)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 class _InFlight:
@@ -96,6 +106,8 @@ class DistributedTransport:
         self.acked_version = -1
         self.last_round_s = float("nan")
         self.failure: WeightSyncError | None = None
+        self.peer_pid: int | None = None
+        """The collector's pid when it runs on this host: checked for liveness."""
 
     # -- shared --------------------------------------------------------------------
     @property
@@ -204,6 +216,10 @@ class DistributedTransport:
             return
         try:
             flight = self._in_flight
+            if flight is not None and not self._peer_alive():
+                raise CollectorFailed(
+                    f"{self._who()} (pid {self.peer_pid}) died before acking version "
+                    f"{flight.version}", self.collector_id)
             if flight is not None and flight.work is not None and flight.work.is_completed():
                 self._finish_work(flight)
             if flight is not None and self._store.check([self.waiting_key or ""]):
@@ -220,6 +236,17 @@ class DistributedTransport:
         except (dist.DistError, RuntimeError) as exc:
             self._fail(CollectorFailed(f"link to {self._who()} failed: {exc}",
                                        self.collector_id))
+
+    def _peer_alive(self) -> bool:
+        if self.peer_pid is None:
+            return True  # remote: failures surface as transfer errors or timeouts
+        try:
+            os.kill(self.peer_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not _is_zombie(self.peer_pid)
 
     def _start(self, group: Any, snapshot: Snapshot) -> None:
         key = self._keys.update(self.collector_id, self.incarnation, self._seq)
