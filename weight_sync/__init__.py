@@ -6,6 +6,7 @@ from weight_sync.errors import (
     CollectorFailed,
     ConfigError,
     ConnectionFailed,
+    DuplicateCollectorError,
     InvalidWeightsError,
     LayoutMismatchError,
     PeerGone,
@@ -14,7 +15,7 @@ from weight_sync.errors import (
     WeightSyncTimeout,
 )
 from weight_sync.layout import BufferLayout
-from weight_sync.metrics import SyncRecord, SyncStats
+from weight_sync.metrics import AckResult, SyncRecord, SyncStats
 from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
 
@@ -23,6 +24,6 @@ __all__ = [
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
-    "CollectorFailed", "ConfigError",
+    "CollectorFailed", "ConfigError", "DuplicateCollectorError", "AckResult",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ __all__ = [
     "LayoutMismatchError",
     "InvalidWeightsError",
     "ProtocolError",
+    "DuplicateCollectorError",
     "ClosedError",
     "CollectorFailed",
     "ConfigError",
@@ -64,6 +65,10 @@ class InvalidWeightsError(WeightSyncError, ValueError):
 
 class ProtocolError(WeightSyncError):
     """The peers disagree on the protocol: a wrong version, a torn message, a misuse."""
+
+
+class DuplicateCollectorError(ProtocolError):
+    """A collector id is already served by a live process."""
 
 
 class ClosedError(WeightSyncError):

@@ -13,7 +13,7 @@ key                            written by read by    meaning
 ``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
 ``joins``                      collector  learner    counter of all joins (cheap to poll)
 ``hello/<cid>/<inc>``          collector  learner    JSON: pid, host, digest, refusal
-``refused/<cid>/<inc>``        collector  learner    why it refused (layout mismatch)
+``admit/<cid>/<inc>``          learner    collector  ``ok``, or why the learner refused it
 ``pair/<cid>/<inc>/...``       torch      torch      rendezvous of the link's pair group
 ``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v";
                                                      ``-1`` = the learner closed
@@ -28,10 +28,12 @@ collector is handed the newest version, never a queue of old ones.
 
 from __future__ import annotations
 
-__all__ = ["CLOSED", "Keys"]
+__all__ = ["ADMITTED", "CLOSED", "Keys"]
 
 #: Value of an ``update`` key telling the collector that the learner closed.
 CLOSED = -1
+#: Value of an ``admit`` key that lets the collector build its link.
+ADMITTED = "ok"
 
 
 class Keys:
@@ -58,8 +60,8 @@ class Keys:
     def hello(self, cid: int, inc: int) -> str:
         return f"{self.prefix}hello/{cid}/{inc}"
 
-    def refused(self, cid: int, inc: int) -> str:
-        return f"{self.prefix}refused/{cid}/{inc}"
+    def admit(self, cid: int, inc: int) -> str:
+        return f"{self.prefix}admit/{cid}/{inc}"
 
     def pair_prefix(self, cid: int, inc: int) -> str:
         return f"{self.prefix}pair/{cid}/{inc}/"

@@ -31,6 +31,7 @@ from weight_sync.config import ConnectionInfo, ReceiverConfig
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
+    DuplicateCollectorError,
     LayoutMismatchError,
     ProtocolError,
     WeightSyncError,
@@ -38,7 +39,7 @@ from weight_sync.errors import (
 )
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.packing import copy_in, swap_in
-from weight_sync.protocol import Keys
+from weight_sync.protocol import ADMITTED, Keys
 from weight_sync.store import connect_client, wait_keys
 from weight_sync.transports.distributed import COLLECTOR_RANK, DistributedTransport
 
@@ -121,6 +122,12 @@ class WeightReceiver:
             raise LayoutMismatchError(
                 f"{self._who()}: weights differ from the learner's in {len(diffs)} place(s):\n  "
                 + "\n  ".join(diffs), diffs)
+        admit = self._keys.admit(self.collector_id, inc)
+        wait_keys(store, [admit], deadline - time.monotonic(),
+                  f"the learner to admit {self._who()} (incarnation {inc})")
+        verdict = store.get(admit).decode()
+        if verdict != ADMITTED:
+            raise DuplicateCollectorError(f"{self._who()}: the learner refused it: {verdict}")
         link = DistributedTransport(
             listener, self._keys, self.collector_id, inc, rank=COLLECTOR_RANK,
             layout=self.layout, backend=info.backend, timeout=self.config.timeout,

@@ -40,7 +40,7 @@ from weight_sync.errors import (
 )
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.metrics import AckResult, SyncRecord, SyncStats
-from weight_sync.protocol import Keys
+from weight_sync.protocol import ADMITTED, Keys
 from weight_sync.snapshots import Snapshot, SnapshotPool
 from weight_sync.store import create_server, get_int, wait_keys
 from weight_sync.transports.distributed import LEARNER_RANK, DistributedTransport
@@ -94,7 +94,7 @@ class WeightSender:
         self.transports: dict[int, DistributedTransport] = {}
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
-        self._failed_inc: dict[int, int] = {}
+        self._seen_inc: dict[int, int] = {}  # newest incarnation handled, per collector
         self._joins_seen = 0
         self.version = 0
         self.stats = SyncStats()
@@ -163,6 +163,8 @@ class WeightSender:
             backend=self.config.backend, timeout=self.config.timeout)
         if hello.get("host") == socket.gethostname():
             link.peer_pid = int(hello["pid"])
+        self._seen_inc[cid] = inc
+        self._store.set(self._keys.admit(cid, inc), ADMITTED)
         link.connect()
         self.transports[cid] = link
         self.failed.pop(cid, None)
@@ -180,22 +182,28 @@ class WeightSender:
         pending = False
         for cid in range(self.max_collectors):
             inc = int(self._store.add(self._keys.join(cid), 0))
-            link = self.transports.get(cid)
-            known = link.incarnation if link is not None else self._failed_inc.get(cid, 0)
-            if inc <= known:
+            if inc <= self._seen_inc.get(cid, 0):
                 continue
             if not self._store.check([self._keys.hello(cid, inc)]):
                 pending = True  # still handshaking: admit it on a later call
                 continue
             hello = self._hello(cid, inc)
+            link = self.transports.get(cid)
+            if hello.get("refused"):
+                self._seen_inc[cid] = inc
+                log.warning("collector %d (incarnation %d) refused the layout", cid, inc)
+                continue
+            if (link is not None and link.failure is None and link.peer_pid is not None
+                    and link.peer_alive()):
+                self._seen_inc[cid] = inc
+                reason = (f"duplicate collector id {cid}: incarnation {link.incarnation} "
+                          f"(pid {link.peer_pid}) is alive and served")
+                self._store.set(self._keys.admit(cid, inc), reason)
+                log.warning("refused collector %d incarnation %d: %s", cid, inc, reason)
+                continue
             if link is not None:
                 link.close()
                 del self.transports[cid]
-            if hello.get("refused"):
-                self._failed_inc[cid] = inc
-                self.failed[cid] = "layout mismatch: " + "; ".join(hello["refused"][:5])
-                log.warning("collector %d (incarnation %d) refused the layout", cid, inc)
-                continue
             log.info("admitting collector %d (incarnation %d) at version %d", cid, inc,
                      self.version)
             new = self._open_link(cid, inc, hello)
@@ -247,9 +255,7 @@ class WeightSender:
         newly = {c: str(link.failure) for c, link in self.transports.items()
                  if link.failure is not None}
         for c in newly:
-            link = self.transports.pop(c)
-            self._failed_inc[c] = link.incarnation
-            link.close()
+            self.transports.pop(c).close()
         self.failed.update(newly)
         return newly
 

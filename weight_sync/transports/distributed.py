@@ -216,7 +216,7 @@ class DistributedTransport:
             return
         try:
             flight = self._in_flight
-            if flight is not None and not self._peer_alive():
+            if flight is not None and not self.peer_alive():
                 raise CollectorFailed(
                     f"{self._who()} (pid {self.peer_pid}) died before acking version "
                     f"{flight.version}", self.collector_id)
@@ -237,7 +237,8 @@ class DistributedTransport:
             self._fail(CollectorFailed(f"link to {self._who()} failed: {exc}",
                                        self.collector_id))
 
-    def _peer_alive(self) -> bool:
+    def peer_alive(self) -> bool:
+        """False once a same-host collector's process is known dead."""
         if self.peer_pid is None:
             return True  # remote: failures surface as transfer errors or timeouts
         try:
