@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDictBase, is_non_tensor
 
 from weight_sync.errors import InvalidWeightsError, LayoutMismatchError
 
@@ -30,6 +30,10 @@ _ALIGN = 64
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, TensorDictBase) and not is_non_tensor(value)
 
 
 def named_leaves(weights: Any) -> dict[str, torch.Tensor]:
@@ -50,9 +54,12 @@ def named_leaves(weights: Any) -> dict[str, torch.Tensor]:
             if buf is not None:
                 leaves[name] = buf
     elif isinstance(weights, TensorDictBase):
-        for key, value in weights.items(include_nested=True, leaves_only=True):
+        # items() without leaves_only also yields non-tensor data (strings...), which
+        # leaves_only would silently skip: refuse it below instead of dropping it.
+        for key, value in weights.items(include_nested=True):
             name = key if isinstance(key, str) else ".".join(key)
-            leaves[name] = value
+            if isinstance(value, torch.Tensor) or not _is_container(value):
+                leaves[name] = value
     elif isinstance(weights, Mapping):
         leaves = dict(weights)
     else:
@@ -139,9 +146,9 @@ class BufferLayout:
                 lines.append(f"{name}: dtype {d1} on the {mine}, {d2} on the {theirs}")
         return lines
 
-    def check_compatible(self, other_json: str, *, who: str) -> None:
+    def check_compatible(self, other_json: str, *, who: str, mine: str = "collector") -> None:
         """Raise :class:`LayoutMismatchError` listing the differences, if any."""
-        diffs = self.differences(other_json)
+        diffs = self.differences(other_json, mine=mine)
         if diffs:
             shown = "\n  ".join(diffs[:50])
             more = f"\n  ... and {len(diffs) - 50} more" if len(diffs) > 50 else ""

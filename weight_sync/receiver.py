@@ -199,9 +199,10 @@ class WeightReceiver:
             PeerGone: the learner died.
             ProtocolError: an out-of-order or repeated version (nothing applied).
         """
-        if self._closed or self._link is None:
-            raise ClosedError(f"{self._who()}: receive_weights() "
-                              + ("after close()" if self._closed else "before connect()"))
+        if self._closed:
+            raise ClosedError(f"{self._who()}: receive_weights() after close()")
+        if self._link is None:
+            raise ProtocolError(f"{self._who()}: receive_weights() before connect()")
         with self._cond:
             if self._ready is None and self._error is None and timeout != 0:
                 wait = self.config.timeout if timeout is None else timeout

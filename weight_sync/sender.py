@@ -239,7 +239,7 @@ class WeightSender:
         if weights is not None:
             leaves = named_leaves(weights)
             BufferLayout.from_tensors(leaves).check_compatible(
-                self.layout.to_json(), who="send_weights_async(weights=...)")
+                self.layout.to_json(), who="send_weights_async(weights=...)", mine="weights")
             sources = list(leaves.values())
         self._admit_joins()
         self.version += 1
@@ -337,5 +337,6 @@ class WeightSender:
         if self._latest is not None:
             self._latest.release()
             self._latest = None
-        # The store server stops with its last reference; collectors then see PeerGone.
+        # The store server stops with its last reference. Collectors normally read the
+        # CLOSED signal first (ClosedError); one that reads later sees PeerGone.
         self._store = None  # type: ignore[assignment]

@@ -1,0 +1,43 @@
+"""Shared fixtures: the policies the tests sync (built by ``models.py``)."""
+
+from __future__ import annotations
+
+import models
+import pytest
+import torch
+from tensordict import TensorDict
+
+
+@pytest.fixture
+def mlp() -> torch.nn.Module:
+    """A small MLP with float32 parameters and BatchNorm buffers (int64 included)."""
+    return models.make_mlp(seed=0)
+
+
+@pytest.fixture
+def real_policy() -> TensorDict:
+    """Nested TensorDict, float32 + bfloat16 + int64 leaves, ~300 of them."""
+    return models.make_real_policy(seed=0)
+
+
+@pytest.fixture
+def mixed_leaves() -> dict[str, torch.Tensor]:
+    """A state_dict of every common dtype, with non-contiguous and odd-shaped sources."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 10, generator=gen)
+    return {
+        "f32": torch.randn(3, 5, generator=gen),
+        "f32_transposed": base.t(),                       # non-contiguous
+        "f32_strided": base[:, ::3],                      # non-contiguous, gaps
+        "f64": torch.randn(7, generator=gen, dtype=torch.float64),
+        "f16": torch.randn(5, generator=gen).half(),
+        "bf16": torch.randn(4, 3, generator=gen).bfloat16(),
+        "bf16_odd": torch.randn(3, generator=gen).bfloat16(),  # 6 bytes: alignment
+        "i64_scalar": torch.tensor(123456789012, dtype=torch.int64),
+        "i32": torch.arange(-5, 6, dtype=torch.int32),
+        "i8": torch.arange(-3, 4, dtype=torch.int8),
+        "u8": torch.arange(0, 255, 17, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 4),
+        "expanded": torch.randn(1, 4, generator=gen).expand(3, 4),  # stride 0
+    }

@@ -1,0 +1,108 @@
+"""``weight-sync bench`` end to end on a tiny sweep, and ``benchmarks.report`` rendering.
+
+Structure and correctness only: no assertion here depends on how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # torchrl's wheel ships a namespace "benchmarks" package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench, report  # noqa: E402
+
+THINGS = {"weight_sync/distributed", "torchrl", "raw_gloo", "memcpy"}
+STATS = {"median_s", "p90_s", "mean_s", "min_s", "nbytes", "gbps_payload", "wall_s", "correct"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """One ``--quick`` sweep cut down to 100K params and 3 rounds (both kinds, N=1,2)."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench.main(["--quick", "--sizes", "100000", "--rounds", "3", "--warmup", "1",
+                     "--timeout", "60", "--results-dir", str(out / "results"),
+                     "--report-dir", str(out / "report")])
+    return rc, out
+
+
+def test_quick_sweep_json(quick_run: tuple[int, Path]) -> None:
+    rc, out = quick_run
+    assert rc == 0
+    dated = sorted((out / "results").glob("bench-*.json"))
+    assert len(dated) == 1
+    data: dict[str, Any] = json.loads((out / "results" / "latest.json").read_text())
+    assert data == json.loads(dated[0].read_text())
+    assert data["schema"] == 1 and data["all_correct"] is True
+    assert data["errors"] == 0 and data["skipped"] == 0
+    machine = data["machine"]
+    for key in ("cpu_model", "cores", "memory_gib", "python", "date", "platform"):
+        assert machine[key]
+    assert {"torch", "torchrl", "tensordict"} <= set(machine["versions"])
+    assert "set_num_threads(1)" in data["threads"]["policy"]
+    assert "--quick" in data["command"] and data["argv"][0] == "--quick"
+    configs = data["configs"]
+    assert [(c["kind"], c["num_collectors"]) for c in configs] == [
+        ("wide", 1), ("wide", 2), ("deep", 1), ("deep", 2)]
+    orders = set()
+    for cfg in configs:
+        assert cfg["status"] == "ok"
+        assert cfg["rounds"] == 3 and cfg["warmup"] == 1
+        assert cfg["leaves"] == (8 if cfg["kind"] == "wide" else 298)
+        assert cfg["nbytes"] == 4 * cfg["params"]
+        assert set(cfg["results"]) == THINGS == set(cfg["order"])
+        orders.add(tuple(cfg["order"]))
+        for thing, res in cfg["results"].items():
+            assert set(res) >= STATS, thing
+            assert res["nbytes"] >= cfg["nbytes"]
+            assert 0 < res["median_s"] <= res["p90_s"]
+        assert cfg["results"]["weight_sync/distributed"]["async_median_s"] > 0
+        assert cfg["correct"] == dict.fromkeys(THINGS, True)
+        ratios = cfg["ratios"]["distributed"]
+        assert set(ratios) == {"to_torchrl", "to_raw_gloo", "to_memcpy"}
+        assert all(r > 0 for r in ratios.values())
+    assert len(orders) == len(configs)  # the order of the compared things rotates
+
+
+def test_quick_sweep_report(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    text = (out / "report" / "RESULTS.md").read_text()
+    assert "## wide policy (8 leaves)" in text and "## deep policy (298 leaves)" in text
+    assert "AMD" in text or "cores" in text
+    assert "## How to rerun" in text and "weight-sync bench --quick" in text
+    for name in (report.SIZE_PLOT, report.N_PLOT):
+        png = out / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_from_json_with_skips(quick_run: tuple[int, Path], tmp_path: Path) -> None:
+    _, out = quick_run
+    data = json.loads((out / "results" / "latest.json").read_text())
+    data["configs"][1]["skipped"] = {"torchrl": "--skip-torchrl wide:100000"}
+    del data["configs"][1]["results"]["torchrl"]
+    data["configs"].append({**data["configs"][0], "status": "skipped", "results": {},
+                            "reason": "budget: test", "num_collectors": 4})
+    src = tmp_path / "edited.json"
+    src.write_text(json.dumps(data))
+    assert report.main([str(src), "--out-dir", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "RESULTS.md").read_text()
+    assert "skipped: budget: test" in text
+    assert "torchrl --skip-torchrl wide:100000" in text
+    assert (tmp_path / "r" / report.SIZE_PLOT).stat().st_size > 0
+    assert (tmp_path / "r" / report.N_PLOT).stat().st_size > 0
+
+
+def test_budget_skips_with_reason(tmp_path: Path) -> None:
+    rc = bench.main(["--sizes", "100000", "--kinds", "wide", "--collectors", "1",
+                     "--budget-s", "0", "--results-dir", str(tmp_path), "--no-report"])
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert rc == 0 and data["skipped"] == 1
+    assert data["configs"][0]["status"] == "skipped"
+    assert "budget" in data["configs"][0]["reason"]
+    assert not (tmp_path / "RESULTS.md").exists()
