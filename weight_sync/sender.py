@@ -50,7 +50,7 @@ __all__ = ["WeightSender"]
 log = logging.getLogger(__name__)
 
 # wait_ack waits on the store in slices this long, checking links for failure between.
-_ACK_SLICE_S = 0.25
+_ACK_SLICE_S = 1.0
 
 
 class WeightSender:

@@ -1,0 +1,41 @@
+"""Collectors for weight-sync: processes that act with the freshest policy, and the
+learner-side group that drives them.
+
+Example::
+
+    from collectors import CollectorGroup
+    from collectors.task import make_env, make_policy
+
+    policy = make_policy()
+    with CollectorGroup(policy, make_env, make_policy, num_collectors=2) as group:
+        for batch in group:                  # each step tagged "policy_version"
+            ...                              # train `policy`
+            group.update_weights(timeout=30)
+"""
+
+from collectors.errors import (
+    CollectorCrashed,
+    CollectorDied,
+    CollectorError,
+    CollectorTimeout,
+)
+from collectors.group import BatchRecord, CollectorGroup
+from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
+from collectors.transport import decode_message, encode_message
+from collectors.worker import (
+    CHECKSUM_KEY,
+    VERSION_KEY,
+    WORKER_KEY,
+    VersionTagger,
+    WorkerSpec,
+    policy_checksum,
+    run_worker,
+)
+
+__all__ = [
+    "CollectorGroup", "BatchRecord", "WorkerSpec", "VersionTagger", "run_worker",
+    "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle",
+    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout",
+    "VERSION_KEY", "WORKER_KEY", "CHECKSUM_KEY", "policy_checksum",
+    "encode_message", "decode_message",
+]

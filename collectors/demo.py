@@ -1,0 +1,209 @@
+"""``weight-sync demo``: a PPO learner and N collector processes learn CartPole.
+
+Each iteration the learner takes one batch per collector from a
+:class:`~collectors.group.CollectorGroup`, runs a PPO update on them (``[N, T]``), and
+pushes the new actor weights to every collector with weight-sync
+(``send_weights_async`` + ``wait_ack``). Collectors poll for weights before every env
+step, so a batch can span two versions; every step carries the version that chose it.
+
+A live progress bar shows the iteration, the average return (last ``--return-window``
+finished episodes), the sync latency (p50/p99 over all syncs so far), the staleness of
+the iteration's batches (learner version minus the oldest version in the batch) and the
+frames per second; a summary table follows, and ``--json-out`` writes every iteration.
+
+    weight-sync demo --collectors 2 --iterations 120 --seed 0 --json-out demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from collectors.group import CollectorGroup
+from collectors.task import (
+    ENV_NAME,
+    PPOLearner,
+    TaskConfig,
+    episode_returns,
+    make_env,
+    make_policy,
+    make_value,
+)
+from weight_sync import WeightSyncError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weight-sync demo",
+        description=f"PPO on {ENV_NAME}: one learner, N collector processes kept current "
+                    "by weight-sync.")
+    parser.add_argument("--collectors", type=int, default=2, help="collector processes (2)")
+    parser.add_argument("--iterations", type=int, default=120,
+                        help="PPO updates, each on one batch per collector (120)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and envs (0)")
+    parser.add_argument("--frames-per-batch", type=int, default=TaskConfig.frames_per_batch,
+                        help=f"env steps per collector batch ({TaskConfig.frames_per_batch})")
+    parser.add_argument("--return-window", type=int, default=20,
+                        help="finished episodes averaged into 'return' (20)")
+    parser.add_argument("--sync-timeout", type=float, default=30.0,
+                        help="seconds to wait for every collector's ack (30)")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="write per-iteration metrics to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1e3 if not math.isnan(seconds) else float("nan")
+
+
+def _iterate(args: argparse.Namespace, group: CollectorGroup, learner: PPOLearner,
+             progress: Progress) -> list[dict[str, Any]]:
+    task = progress.add_task("demo", total=args.iterations, ret=float("nan"), p50=0.0,
+                             p99=0.0, stale=0.0, fps=0.0)
+    window: deque[float] = deque(maxlen=args.return_window)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    frames = 0
+    for iteration in range(1, args.iterations + 1):
+        batches = [group.next_batch() for _ in range(args.collectors)]
+        records = list(group.batch_records)[-args.collectors:]
+        data = torch.stack(batches)  # [collectors, frames_per_batch], time last
+        finished = episode_returns(data)
+        window.extend(finished)
+        losses = learner.update(data)
+        group.update_weights(timeout=args.sync_timeout)
+        frames += data.numel()
+        elapsed = time.perf_counter() - start
+        last = group.stats.last
+        row: dict[str, Any] = {
+            "iteration": iteration,
+            "avg_return": statistics.fmean(window) if window else None,
+            "episodes": len(finished),
+            "iteration_return": statistics.fmean(finished) if finished else None,
+            "sync_latency_s": last.round_s if last else None,
+            "sync_p50_s": group.stats.latency(0.5),
+            "sync_p99_s": group.stats.latency(0.99),
+            "staleness_mean": statistics.fmean(r.staleness for r in records),
+            "staleness_max": max(r.staleness for r in records),
+            "frames": data.numel(),
+            "total_frames": frames,
+            "fps": frames / elapsed,
+            "version": group.version,
+            "elapsed_s": elapsed,
+            "loss_objective": losses.get("loss_objective"),
+            "entropy": losses.get("entropy"),
+        }
+        rows.append(row)
+        progress.update(task, advance=1, ret=row["avg_return"] or float("nan"),
+                        p50=_ms(row["sync_p50_s"]), p99=_ms(row["sync_p99_s"]),
+                        stale=row["staleness_mean"], fps=row["fps"])
+    return rows
+
+
+def _summary(rows: list[dict[str, Any]], group: CollectorGroup, wall_s: float,
+             args: argparse.Namespace) -> dict[str, Any]:
+    returns = [r["avg_return"] for r in rows if r["avg_return"] is not None]
+    stats = group.summary()
+    return {
+        "collectors": args.collectors,
+        "iterations": len(rows),
+        "seed": args.seed,
+        "first_avg_return": returns[0] if returns else None,
+        "last_avg_return": returns[-1] if returns else None,
+        "best_avg_return": max(returns) if returns else None,
+        "sync_rounds": int(stats["rounds"]),
+        "sync_p50_ms": _ms(stats["p50_s"]),
+        "sync_p99_ms": _ms(stats["p99_s"]),
+        "sync_gbps_median": stats["gbps_median"],
+        "weights_bytes": int(stats["nbytes"]),
+        "staleness_mean": stats["staleness_mean"],
+        "staleness_max": stats["staleness_max"],
+        "total_frames": int(stats["frames"]),
+        "fps": rows[-1]["fps"] if rows else None,
+        "final_version": group.version,
+        "wall_s": wall_s,
+    }
+
+
+def _table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"weight-sync demo: PPO on {ENV_NAME}, {summary['collectors']} "
+                        f"collector(s), seed {summary['seed']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    table.add_row("average return, first -> last iteration",
+                  f"{fmt(summary['first_avg_return'], '.1f')} -> "
+                  f"{fmt(summary['last_avg_return'], '.1f')}")
+    table.add_row("best average return", fmt(summary["best_avg_return"], ".1f"))
+    table.add_row("iterations / weight versions",
+                  f"{summary['iterations']} / {summary['final_version']}")
+    table.add_row("sync latency p50 / p99 (ms)",
+                  f"{summary['sync_p50_ms']:.2f} / {summary['sync_p99_ms']:.2f}")
+    table.add_row("weights per sync (bytes), median GB/s",
+                  f"{summary['weights_bytes']}, {summary['sync_gbps_median']:.4f}")
+    table.add_row("staleness mean / max (versions)",
+                  f"{summary['staleness_mean']:.2f} / {fmt(summary['staleness_max'], '.0f')}")
+    table.add_row("frames, frames/s",
+                  f"{summary['total_frames']}, {fmt(summary['fps'], '.0f')}")
+    table.add_row("wall time (s)", f"{summary['wall_s']:.1f}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the process exit code (0 ok, 1 error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    if args.collectors < 1 or args.iterations < 1:
+        build_parser().error("--collectors and --iterations must be >= 1")
+    console = Console(stderr=True)
+    torch.set_num_threads(1)  # the collectors need the other cores
+    torch.manual_seed(args.seed)
+    config = TaskConfig(frames_per_batch=args.frames_per_batch)
+    policy = make_policy(config.hidden)
+    learner = PPOLearner.from_config(policy, make_value(config.hidden), config)
+    columns = [TextColumn("[bold]iter"), MofNCompleteColumn(), BarColumn(bar_width=12),
+               TextColumn("return [cyan]{task.fields[ret]:5.1f}"),
+               TextColumn("sync p50/p99 {task.fields[p50]:.1f}/{task.fields[p99]:.1f} ms"),
+               TextColumn("stale {task.fields[stale]:.1f}"),
+               TextColumn("{task.fields[fps]:4.0f} fps"), TimeElapsedColumn()]
+    start = time.perf_counter()
+    try:
+        with CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
+                            frames_per_batch=args.frames_per_batch, seed=args.seed) as group, \
+                Progress(*columns, console=console, disable=args.quiet) as progress:
+            rows = _iterate(args, group, learner, progress)
+            summary = _summary(rows, group, time.perf_counter() - start, args)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: collectors stopped[/yellow]")
+        return 130
+    except WeightSyncError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    out = Console()
+    out.print(_table(summary))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(
+            {"summary": summary, "iterations": rows, "config": vars(args) | {
+                "json_out": str(args.json_out), "task": config.__dict__}}, indent=2))
+        out.print(f"per-iteration metrics written to {args.json_out}")
+    return 0

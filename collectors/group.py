@@ -1,0 +1,282 @@
+"""The learner's handle on N collector processes: :class:`CollectorGroup`.
+
+Example::
+
+    policy = make_policy()
+    with CollectorGroup(policy, make_env, make_policy, num_collectors=2) as group:
+        for i, batch in enumerate(group):      # TensorDicts tagged "policy_version"
+            train_on(batch)                    # updates `policy` in place
+            group.update_weights(timeout=30)   # send_weights_async + wait_ack
+            if i == 100:
+                break
+    # every collector process has ended here, also after an exception or Ctrl-C
+
+A collector that raises surfaces here as :class:`~collectors.errors.CollectorCrashed`
+with its traceback; one that dies (killed, exit) as
+:class:`~collectors.errors.CollectorDied`. Both are noticed at once: the group waits on
+the collectors' pipes and process sentinels together, never on one blind queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tensordict import TensorDictBase
+
+from collectors.errors import CollectorDied, CollectorError, CollectorTimeout
+from collectors.inbox import Inbox
+from collectors.launcher import Launcher, LocalLauncher, WorkerHandle
+from collectors.task import collect
+from collectors.worker import WorkerSpec
+from weight_sync import CollectorFailed, SenderConfig, SyncStats, WeightSender, WeightSyncTimeout
+from weight_sync.metrics import AckResult
+
+__all__ = ["BatchRecord", "CollectorGroup"]
+
+log = logging.getLogger(__name__)
+
+# update_weights waits for acks in slices this long, watching the collectors between.
+_ACK_SLICE_S = 0.25
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What the group knows about one batch it handed out."""
+
+    worker_id: int
+    seq: int
+    frames: int
+    version_min: int
+    version_max: int
+    learner_version: int
+    staleness: int
+    """``learner_version - version_min``: updates the oldest step of the batch missed."""
+    collect_s: float
+    transit_s: float
+
+
+class CollectorGroup:
+    """Starts ``num_collectors`` collectors, iterates their batches, keeps them current.
+
+    Args:
+        policy: the learner's policy (its tensors are read at every weight update).
+        env_factory: module-level ``seed -> env`` run in each collector.
+        policy_factory: module-level function building a policy like ``policy``.
+        num_collectors: how many collector processes.
+        frames_per_batch: steps per batch.
+        seed: base seed (collector ``i`` seeds its env with ``seed + 1000 * i``).
+        max_inflight: batches a collector may have produced and the learner not taken.
+        poll_every_step: collectors poll for weights before every step (else per batch).
+        record_checksum: collectors tag steps with a checksum of their weights.
+        launcher: how to start collectors (:class:`LocalLauncher` by default).
+        sender_config: settings of the :class:`~weight_sync.WeightSender`.
+        connect_timeout: bound on start-up (processes up, rendezvous, initial sync).
+        batch_timeout: bound on waiting for the next batch when iterating.
+        shutdown_timeout: how long :meth:`close` lets collectors stop before killing them.
+        collect_fn: the rollout function collectors use (the task's ``collect``).
+    """
+
+    def __init__(self, policy: Any, env_factory: Callable[[int], Any],
+                 policy_factory: Callable[[], Any], *, num_collectors: int = 2,
+                 frames_per_batch: int = 256, seed: int = 0, max_inflight: int = 2,
+                 poll_every_step: bool = True, record_checksum: bool = False,
+                 launcher: Launcher | None = None, sender_config: SenderConfig | None = None,
+                 connect_timeout: float = 60.0, batch_timeout: float = 60.0,
+                 shutdown_timeout: float = 10.0, collect_fn: Callable[..., Any] = collect,
+                 ) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight!r}")
+        self.policy = policy
+        self.num_collectors = num_collectors
+        self.launcher: Launcher = launcher or LocalLauncher()
+        self.connect_timeout = connect_timeout
+        self.batch_timeout = batch_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.max_inflight = max_inflight
+        self.sender = WeightSender(policy, num_collectors, sender_config)
+        self._spec: dict[str, Any] = dict(env_factory=env_factory, policy_factory=policy_factory,
+                          frames_per_batch=frames_per_batch, seed=seed,
+                          poll_every_step=poll_every_step, record_checksum=record_checksum,
+                          connect_timeout=connect_timeout, collect_fn=collect_fn)
+        self.workers: list[WorkerHandle] = []
+        self.batch_records: deque[BatchRecord] = deque(maxlen=100_000)
+        self._inbox = Inbox(self.workers)
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> CollectorGroup:
+        """Launch the collectors and connect them (initial sync); bounded by
+        ``connect_timeout``. On failure everything started is shut down."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            info = self.sender.connection_info
+            for i in range(self.num_collectors):
+                spec = WorkerSpec(worker_id=i, info=info, **self._spec)
+                self.workers.append(self.launcher.launch(spec, self.max_inflight))
+            deadline = time.monotonic() + self.connect_timeout
+            while len(self._inbox.said_hello) < self.num_collectors:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(self.num_collectors)) - self._inbox.said_hello)
+                    raise CollectorTimeout(f"collector(s) {missing} not up after "
+                                           f"{self.connect_timeout:.1f}s", None)
+                self._inbox.pump(remaining)
+            try:
+                self.sender.connect(max(deadline - time.monotonic(), 0.001))
+            except WeightSyncTimeout:
+                self._inbox.pump(0.5)  # a collector that died meanwhile is the better error
+                raise
+            log.info("collector group up: %d collector(s), pids %s", self.num_collectors,
+                     self.pids)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> CollectorGroup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every collector: stop signal, close the weight stream, join with a
+        timeout, then terminate and kill. Idempotent; leaves no process behind."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for w in self.workers:
+                w.request_stop()
+            self.sender.close()  # collectors polling for weights see ClosedError
+            deadline = time.monotonic() + self.shutdown_timeout
+            while any(w.is_alive() for w in self.workers) and time.monotonic() < deadline:
+                self._inbox.drain_quietly(min(0.1, max(deadline - time.monotonic(), 0)))
+        finally:
+            for w in self.workers:
+                if w.is_alive():
+                    log.warning("collector %d did not stop in %.1fs; terminating",
+                                w.worker_id, self.shutdown_timeout)
+                    w.terminate()
+                    w.join(2.0)
+                if w.is_alive():
+                    w.kill()
+                    w.join(2.0)
+                w.join(0.1)
+                w.connection.close()
+            self._inbox.ready.clear()
+        log.info("collector group closed: exit codes %s",
+                 {w.worker_id: w.exitcode for w in self.workers})
+
+    # -- properties --------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The learner's newest weight version."""
+        return self.sender.version
+
+    @property
+    def stats(self) -> SyncStats:
+        """Per-sync records of the sender (bytes, latency, GB/s, versions acked)."""
+        return self.sender.stats
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [w.pid for w in self.workers]
+
+    def summary(self) -> dict[str, float]:
+        """Sync figures (``sender.stats.summary()``) plus batches, frames and staleness."""
+        out = dict(self.stats.summary())
+        records = list(self.batch_records)
+        out["batches"] = float(len(records))
+        out["frames"] = float(sum(r.frames for r in records))
+        stale = [r.staleness for r in records]
+        out["staleness_mean"] = sum(stale) / len(stale) if stale else float("nan")
+        out["staleness_max"] = float(max(stale)) if stale else float("nan")
+        return out
+
+    # -- batches -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        return self
+
+    def __next__(self) -> TensorDictBase:
+        return self.next_batch(self.batch_timeout)
+
+    def next_batch(self, timeout: float | None = None) -> TensorDictBase:
+        """The next batch from any collector, waiting up to ``timeout`` s.
+
+        Raises:
+            CollectorCrashed / CollectorDied: a collector failed (named, with traceback).
+            CollectorTimeout: no batch arrived in time.
+        """
+        self._check_running("next_batch")
+        timeout = self.batch_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self._inbox.pump(0)
+        while not self._inbox.ready:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CollectorTimeout(
+                    f"no batch from collectors {[w.worker_id for w in self.workers]} within "
+                    f"{timeout:.1f}s", None)
+            self._inbox.pump(remaining)
+        header, batch = self._inbox.ready.popleft()
+        wid = int(header["worker_id"])
+        self.workers[wid].release_credit()
+        record = BatchRecord(
+            worker_id=wid, seq=int(header["seq"]), frames=int(batch.numel()),
+            version_min=int(header["version_min"]), version_max=int(header["version_max"]),
+            learner_version=self.version, staleness=self.version - int(header["version_min"]),
+            collect_s=float(header["collect_s"]),
+            transit_s=max(time.time() - float(header["sent_at"]), 0.0))
+        self.batch_records.append(record)
+        return batch
+
+    # -- weights ---------------------------------------------------------------------------
+    def update_weights(self, timeout: float = 30.0) -> AckResult:
+        """Send the policy's current weights as a new version and wait for every ack.
+
+        Returns:
+            The sender's :class:`~weight_sync.metrics.AckResult`.
+
+        Raises:
+            CollectorCrashed / CollectorDied: a collector failed meanwhile (named).
+            WeightSyncTimeout: not every collector acked within ``timeout``.
+        """
+        self._check_running("update_weights")
+        self._inbox.pump(0)
+        self.sender.send_weights_async()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return self.sender.wait_ack(min(_ACK_SLICE_S, max(remaining, 0.001)))
+            except CollectorFailed as exc:
+                # Give the collector's own report (traceback, exit code) a moment to come.
+                until = time.monotonic() + 2.0
+                while time.monotonic() < until:
+                    self._inbox.pump(until - time.monotonic())
+                raise self._inbox.fail(CollectorDied(
+                    f"collector {exc.collector_id}: its weight link broke: {exc}",
+                    exc.collector_id)) from exc
+            except WeightSyncTimeout as exc:
+                if remaining <= _ACK_SLICE_S:
+                    raise WeightSyncTimeout(f"version {self.version} not acked within "
+                                            f"{timeout:.1f}s: {exc}", exc.result) from exc
+                self._inbox.pump(0)  # keep pipes drained; surfaces a crashed collector
+
+    # -- internals -------------------------------------------------------------------------
+    def _check_running(self, what: str) -> None:
+        if self._inbox.failure is not None:
+            raise self._inbox.failure
+        if self._closed or not self._started:
+            raise CollectorError(f"CollectorGroup.{what}() "
+                                 + ("after close()" if self._closed else "before start()"),
+                                 None)
