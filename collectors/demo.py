@@ -11,7 +11,7 @@ finished episodes), the sync latency (p50/p99 over all syncs so far), the stalen
 the iteration's batches (learner version minus the oldest version in the batch) and the
 frames per second; a summary table follows, and ``--json-out`` writes every iteration.
 
-    weight-sync demo --collectors 2 --iterations 120 --seed 0 --json-out demo.json
+    weight-sync demo --collectors 2 --iterations 200 --seed 0 --json-out demo.json
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"PPO on {ENV_NAME}: one learner, N collector processes kept current "
                     "by weight-sync.")
     parser.add_argument("--collectors", type=int, default=2, help="collector processes (2)")
-    parser.add_argument("--iterations", type=int, default=120,
-                        help="PPO updates, each on one batch per collector (120)")
+    parser.add_argument("--iterations", type=int, default=200,
+                        help="PPO updates, each on one batch per collector (200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and envs (0)")
     parser.add_argument("--frames-per-batch", type=int, default=TaskConfig.frames_per_batch,
                         help=f"env steps per collector batch ({TaskConfig.frames_per_batch})")

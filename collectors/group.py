@@ -99,10 +99,11 @@ class CollectorGroup:
         self.shutdown_timeout = shutdown_timeout
         self.max_inflight = max_inflight
         self.sender = WeightSender(policy, num_collectors, sender_config)
-        self._spec: dict[str, Any] = dict(env_factory=env_factory, policy_factory=policy_factory,
-                          frames_per_batch=frames_per_batch, seed=seed,
-                          poll_every_step=poll_every_step, record_checksum=record_checksum,
-                          connect_timeout=connect_timeout, collect_fn=collect_fn)
+        self._spec: dict[str, Any] = dict(
+            env_factory=env_factory, policy_factory=policy_factory,
+            frames_per_batch=frames_per_batch, seed=seed, poll_every_step=poll_every_step,
+            record_checksum=record_checksum, connect_timeout=connect_timeout,
+            collect_fn=collect_fn)
         self.workers: list[WorkerHandle] = []
         self.batch_records: deque[BatchRecord] = deque(maxlen=100_000)
         self._inbox = Inbox(self.workers)
