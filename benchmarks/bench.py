@@ -76,7 +76,7 @@ def machine_info() -> dict[str, Any]:
                 mem_kb = int(line.split()[1])
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("torch", "torchrl", "tensordict", "numpy", "weight-sync"):
         try:
             versions[pkg] = metadata.version(pkg)

@@ -21,6 +21,7 @@ from tensordict import TensorDict
 from weight_sync import (
     BufferLayout,
     ClosedError,
+    ConfigError,
     ConnectionFailed,
     ConnectionInfo,
     LayoutMismatchError,
@@ -33,15 +34,23 @@ from weight_sync.layout import named_leaves
 from weight_sync.protocol import Keys
 from weight_sync.snapshots import SnapshotPool
 from weight_sync.store import connect_client, create_server
-from weight_sync.transports import COLLECTOR_RANK, LEARNER_RANK, DistributedTransport, Transport
+from weight_sync.transports import (
+    COLLECTOR_RANK,
+    LEARNER_RANK,
+    DistributedTransport,
+    ReceiverLink,
+    ReceiverTransport,
+    SenderLink,
+    SenderTransport,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @dataclass
 class Pair:
-    learner: DistributedTransport
-    collector: DistributedTransport
+    learner: SenderLink
+    collector: ReceiverLink
     pool: SnapshotPool
     buffer: torch.Tensor
     policy: TensorDict
@@ -71,10 +80,10 @@ def pair() -> Iterator[Pair]:
     # One TCPStore client per thread that uses it.
     listener = connect_client("127.0.0.1", server.port, timeout=20)
     acker = connect_client("127.0.0.1", server.port, timeout=20)
-    learner = DistributedTransport(server, keys, 0, 1, rank=LEARNER_RANK, layout=layout,
-                                   timeout=20)
-    collector = DistributedTransport(listener, keys, 0, 1, rank=COLLECTOR_RANK, layout=layout,
-                                     timeout=20, ack_store=acker)
+    learner = SenderLink(server, keys, 0, 1, layout=layout, timeout=20,
+                         bind_host="127.0.0.1")
+    collector = ReceiverLink(listener, keys, 0, 1, layout=layout, timeout=20,
+                             ack_store=acker, bind_host="127.0.0.1")
     with ThreadPoolExecutor(1) as pool:
         done = pool.submit(collector.connect)
         learner.connect()
@@ -85,8 +94,19 @@ def pair() -> Iterator[Pair]:
     learner.close()
 
 
-def test_transport_satisfies_protocol(pair: Pair) -> None:
-    assert isinstance(pair.learner, Transport) and isinstance(pair.collector, Transport)
+def test_each_end_satisfies_its_protocol_and_only_its_own(pair: Pair) -> None:
+    assert isinstance(pair.learner, SenderTransport)
+    assert isinstance(pair.collector, ReceiverTransport)
+    assert not isinstance(pair.learner, ReceiverTransport)
+    assert not isinstance(pair.collector, SenderTransport)
+    # torchrl's name builds the end that matches the rank
+    args = (dist.HashStore(), Keys("x"), 3, 1)
+    layout = pair.learner.layout
+    assert isinstance(DistributedTransport(*args, rank=LEARNER_RANK, layout=layout), SenderLink)
+    assert isinstance(DistributedTransport(*args, rank=COLLECTOR_RANK, layout=layout),
+                      ReceiverLink)
+    with pytest.raises(ConfigError, match="rank must be 0 or 1, got 2"):
+        DistributedTransport(*args, rank=2, layout=layout)
 
 
 def test_versions_arrive_bit_exact(pair: Pair) -> None:
@@ -162,15 +182,15 @@ def test_learner_close_reaches_collector_as_closed(pair: Pair) -> None:
 
 
 def test_link_misuse_is_a_protocol_error(pair: Pair) -> None:
-    with pytest.raises(ProtocolError, match="collector-side call"):
-        pair.learner.receive_weights(0, weights=pair.buffer)
-    with pytest.raises(ProtocolError, match="learner-side call"):
-        pair.collector.progress()
     layout = pair.learner.layout
-    fresh = DistributedTransport(dist.HashStore(), Keys("x"), 3, 1, rank=LEARNER_RANK,
-                                 layout=layout)
+    fresh = SenderLink(dist.HashStore(), Keys("x"), 3, 1, layout=layout)
     with pytest.raises(ProtocolError, match=r"before connect\(\).*collector 3"):
         fresh.progress()
+    fresh_rx = ReceiverLink(dist.HashStore(), Keys("x"), 3, 1, layout=layout)
+    with pytest.raises(ProtocolError, match=r"before connect\(\).*collector 3"):
+        fresh_rx.receive_weights(0, weights=pair.buffer)
+    with pytest.raises(ConfigError, match="backend"):
+        SenderLink(dist.HashStore(), Keys("x"), 3, 1, layout=layout, backend="mpi")
 
 
 def test_torn_message_is_refused(pair: Pair) -> None:

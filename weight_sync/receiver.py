@@ -41,7 +41,8 @@ from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.packing import copy_in, swap_in
 from weight_sync.protocol import ADMITTED, Keys
 from weight_sync.store import connect_client, wait_keys
-from weight_sync.transports.distributed import COLLECTOR_RANK, DistributedTransport
+from weight_sync.transports.pair import address_towards
+from weight_sync.transports.receiver_link import ReceiverLink
 
 __all__ = ["WeightReceiver"]
 
@@ -75,7 +76,7 @@ class WeightReceiver:
         self._keys = Keys(info.name)
         self.version = -1
         self.last_apply_s = 0.0
-        self._link: DistributedTransport | None = None
+        self._link: ReceiverLink | None = None
         self._active: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None
         self._ready: int | None = None
@@ -128,10 +129,10 @@ class WeightReceiver:
         verdict = store.get(admit).decode()
         if verdict != ADMITTED:
             raise DuplicateCollectorError(f"{self._who()}: the learner refused it: {verdict}")
-        link = DistributedTransport(
-            listener, self._keys, self.collector_id, inc, rank=COLLECTOR_RANK,
-            layout=self.layout, backend=info.backend, timeout=self.config.timeout,
-            ack_store=store)
+        link = ReceiverLink(
+            listener, self._keys, self.collector_id, inc, layout=self.layout,
+            backend=info.backend, timeout=self.config.timeout,
+            bind_host=address_towards(info.host, info.port), ack_store=store)
         link.connect()
         self._link = link
         self._active = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=link.device)

@@ -42,8 +42,8 @@ from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.metrics import AckResult, SyncRecord, SyncStats
 from weight_sync.protocol import ADMITTED, Keys
 from weight_sync.snapshots import Snapshot, SnapshotPool
-from weight_sync.store import create_server, get_int, wait_keys
-from weight_sync.transports.distributed import LEARNER_RANK, DistributedTransport
+from weight_sync.store import WILDCARDS, create_server, get_int, wait_keys
+from weight_sync.transports.sender_link import SenderLink
 
 __all__ = ["WeightSender"]
 
@@ -91,7 +91,7 @@ class WeightSender:
             if self.config.backend == "nccl" else torch.device("cpu")
         self._pool = SnapshotPool(self.layout, device)
         self._latest: Snapshot | None = None
-        self.transports: dict[int, DistributedTransport] = {}
+        self.transports: dict[int, SenderLink] = {}
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
         self._seen_inc: dict[int, int] = {}  # newest incarnation handled, per collector
@@ -105,8 +105,11 @@ class WeightSender:
     @property
     def connection_info(self) -> ConnectionInfo:
         """What a collector process needs to connect (picklable)."""
+        host = self.config.host
         return ConnectionInfo(
-            host=self.config.host, port=int(self._store.port), name=self.config.name,
+            # A wildcard address binds every interface; collectors dial the host's name.
+            host=socket.gethostname() if host in WILDCARDS else host,
+            port=int(self._store.port), name=self.config.name,
             layout_digest=self.layout.digest, num_collectors=self.num_collectors,
             backend=self.config.backend, nbytes=self.layout.nbytes,
             max_collectors=self.max_collectors,
@@ -157,10 +160,12 @@ class WeightSender:
     def _hello(self, cid: int, inc: int) -> dict[str, Any]:
         return dict(json.loads(self._store.get(self._keys.hello(cid, inc))))
 
-    def _open_link(self, cid: int, inc: int, hello: dict[str, Any]) -> DistributedTransport:
-        link = DistributedTransport(
-            self._store, self._keys, cid, inc, rank=LEARNER_RANK, layout=self.layout,
-            backend=self.config.backend, timeout=self.config.timeout)
+    def _open_link(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
+        host = self.config.host
+        link = SenderLink(
+            self._store, self._keys, cid, inc, layout=self.layout,
+            backend=self.config.backend, timeout=self.config.timeout,
+            bind_host=None if host in WILDCARDS else host)
         if hello.get("host") == socket.gethostname():
             link.peer_pid = int(hello["pid"])
         self._seen_inc[cid] = inc
@@ -317,6 +322,47 @@ class WeightSender:
                 result)
         self._record(target)
         return result
+
+    def wait_for(self, collector_ids: Any, timeout: float = 60.0) -> AckResult:
+        """Block until each of ``collector_ids`` is connected and applied the newest
+        version, admitting collectors that (re)join meanwhile.
+
+        For a restarted or elastic collector: start its process, then call this to
+        know it is live. Ids that are already current return at once.
+
+        Returns:
+            The :class:`AckResult` of the newest version (as :meth:`wait_ack`).
+
+        Raises:
+            WeightSyncTimeout: naming the ids not connected (or not current) in time.
+            ConfigError: an id outside ``0..max_collectors-1``.
+            CollectorFailed: a link broke during the wait.
+        """
+        self._check_open("wait_for")
+        ids = sorted(set(collector_ids))
+        bad = [c for c in ids if not isinstance(c, int) or not 0 <= c < self.max_collectors]
+        if bad:
+            raise ConfigError(f"wait_for: collector ids must be in [0, {self.max_collectors}), "
+                              f"got {bad!r}")
+        start = time.monotonic()
+        deadline = start + timeout
+        while True:
+            self._admit_joins()
+            absent = [c for c in ids if c not in self.transports]
+            if not absent:
+                return self.wait_ack(max(deadline - time.monotonic(), 0.001))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WeightSyncTimeout(
+                    f"collector(s) {absent} not connected after {time.monotonic() - start:.2f}s"
+                    f" (version {self.version})")
+            # The next incarnation's handshake key appears when it is ready to admit; the
+            # store waits for all keys, so with several absent ids the slice bounds the
+            # wait before the ones that did arrive are admitted.
+            keys = [self._keys.hello(c, self._seen_inc.get(c, 0) + 1) for c in absent]
+            with contextlib.suppress(WeightSyncTimeout):
+                wait_keys(self._store, keys, min(remaining, _ACK_SLICE_S),
+                          f"collectors {absent} to join")
 
     def _record(self, target: int) -> None:
         started = self._send_started.pop(target, None)

@@ -7,6 +7,7 @@ when the peer is unreachable; callers here get :class:`WeightSyncTimeout` and
 
 from __future__ import annotations
 
+import socket
 import time
 from datetime import timedelta
 
@@ -14,22 +15,59 @@ import torch.distributed as dist
 
 from weight_sync.errors import ConnectionFailed, PeerGone, WeightSyncTimeout
 
-__all__ = ["create_server", "connect_client", "wait_keys", "get_int"]
+__all__ = ["create_server", "connect_client", "wait_keys", "get_int", "WILDCARDS"]
+
+#: Addresses that bind every interface, and the loopback address that reaches them.
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def _listen(host: str, port: int) -> int:
+    """A listening socket bound to exactly ``host:port``; returns its descriptor."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
 
 
 def create_server(host: str, port: int, timeout: float) -> dist.TCPStore:
-    """Start the store server (port 0 = any free port; read ``.port`` back).
+    """Start the store server on ``host:port`` (port 0 = any free port; read ``.port``).
+
+    The server listens on ``host`` only: TCPStore on its own binds every interface
+    whatever host it is given, so the socket is bound here and handed over.
 
     Raises:
         ConnectionFailed: the address cannot be bound (e.g. the port is in use).
     """
     try:
+        fd = _listen(host, port)
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
+    port = _bound_port(fd)
+    try:
+        # The store owns the descriptor from here on and closes it when it stops (also
+        # when it fails to start). Its own client must reach the server: a wildcard
+        # address is reached through loopback.
         return dist.TCPStore(
-            host, port, is_master=True, wait_for_workers=False,
-            timeout=timedelta(seconds=timeout),
+            WILDCARDS.get(host, host), port, is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=timeout), master_listen_fd=fd,
         )
     except (dist.DistError, RuntimeError) as exc:
         raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
+
+
+def _bound_port(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    try:
+        return int(sock.getsockname()[1])
+    finally:
+        sock.detach()
 
 
 def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:

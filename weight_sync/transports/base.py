@@ -1,9 +1,10 @@
-"""The transport interface: one object per learner-collector link.
+"""The transport interface: one object per end of a learner-collector link.
 
 Method names follow torchrl's ``TransportBackend`` / ``DistributedTransport`` so that a
-torchrl user recognises them. A sender-side transport moves packed snapshots to its
-collector and tracks that collector's acks; a receiver-side transport receives
-messages into a flat buffer. Versions, snapshots and applying weights to a policy
+torchrl user recognises them. torchrl puts both roles in one class; here each role is
+its own protocol. A :class:`SenderTransport` moves packed snapshots to its collector
+and tracks that collector's acks; a :class:`ReceiverTransport` receives messages into
+a flat buffer. Versions, snapshots and applying weights to a policy
 are the job of :class:`~weight_sync.WeightSender` and
 :class:`~weight_sync.WeightReceiver`, which hold the transports.
 """
@@ -16,16 +17,15 @@ import torch
 
 from weight_sync.snapshots import Snapshot
 
-__all__ = ["Transport"]
+__all__ = ["SenderTransport", "ReceiverTransport", "Transport"]
 
 
 @runtime_checkable
-class Transport(Protocol):
-    """A point-to-point weight link between the learner and one collector."""
+class SenderTransport(Protocol):
+    """The learner's end of a point-to-point weight link to one collector."""
 
     collector_id: int
 
-    # -- sender side ---------------------------------------------------------------
     def setup_connection_and_weights_on_sender(self, snapshot: Snapshot) -> None:
         """Rendezvous with the collector and start the initial sync of ``snapshot``."""
         ...
@@ -46,7 +46,17 @@ class Transport(Protocol):
         """Wait until the newest snapshot handed to this link is applied."""
         ...
 
-    # -- receiver side -------------------------------------------------------------
+    def close(self) -> None:
+        """Release the link and tell the collector the stream ended; idempotent."""
+        ...
+
+
+@runtime_checkable
+class ReceiverTransport(Protocol):
+    """A collector's end of a point-to-point weight link from the learner."""
+
+    collector_id: int
+
     def setup_connection_and_weights_on_receiver(
         self, *, worker_idx: int, weights: Any = None, model: Any = None,
         strategy: Any = None,
@@ -65,6 +75,14 @@ class Transport(Protocol):
         """Receive the next message if one comes within ``timeout``; its version."""
         ...
 
+    def ack(self, version: int) -> None:
+        """Tell the learner ``version`` is applied."""
+        ...
+
     def close(self) -> None:
         """Release the link; idempotent."""
         ...
+
+
+#: Either end of a link.
+Transport = SenderTransport | ReceiverTransport

@@ -1,0 +1,141 @@
+"""The collector's end of one link: :class:`ReceiverLink`."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from weight_sync.errors import (
+    ClosedError,
+    ConfigError,
+    PeerGone,
+    ProtocolError,
+    WeightSyncTimeout,
+)
+from weight_sync.layout import named_leaves
+from weight_sync.packing import copy_in, read_header
+from weight_sync.protocol import CLOSED
+from weight_sync.store import get_int, wait_keys
+from weight_sync.transports.pair import COLLECTOR_RANK, PairLink
+
+__all__ = ["ReceiverLink"]
+
+
+class ReceiverLink(PairLink):
+    """Receives the learner's messages into a flat buffer (collector side).
+
+    Built by :class:`~weight_sync.WeightReceiver`. Arguments as
+    :class:`~weight_sync.transports.pair.PairLink`, plus:
+
+    Args:
+        ack_store: a second store client for acks written from another thread than
+            the one receiving (a TCPStore client must not be shared between threads).
+    """
+
+    rank = COLLECTOR_RANK
+
+    def __init__(self, *args: Any, ack_store: dist.Store | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if ack_store is not None:
+            self._signal_store = ack_store
+
+    # -- torchrl's names -------------------------------------------------------------
+    def setup_connection_and_weights_on_receiver(
+        self, *, worker_idx: int, weights: Any = None, model: Any = None,
+        strategy: Any = None,
+    ) -> int:
+        """Rendezvous with the learner and receive the initial weights into ``weights``."""
+        if worker_idx != self.collector_id:
+            raise ConfigError(f"worker_idx {worker_idx!r} is not this link's collector id "
+                              f"{self.collector_id}")
+        self.connect()
+        version = self.receive_weights(None, weights=weights, model=model, strategy=strategy)
+        if version is None:  # receive_weights(None) raises instead; for the type checker
+            raise WeightSyncTimeout(f"{self._who()}: no initial weights")
+        return version
+
+    def receive_initial_weights(self, weights: torch.Tensor) -> int:
+        """Receive the first message into the flat buffer ``weights``; its version."""
+        version = self.receive_weights(None, weights=weights)
+        if version is None:
+            raise WeightSyncTimeout(f"{self._who()}: no initial weights")
+        return version
+
+    def receive_weights(
+        self, timeout: float | None = None, *, weights: Any = None, model: Any = None,
+        strategy: Any = None,
+    ) -> int | None:
+        """Receive the next message into the flat ``uint8`` buffer ``weights``.
+
+        Args:
+            timeout: ``0`` polls (never blocks); ``> 0`` waits that long for the
+                learner's next message and returns ``None`` if none came; ``None``
+                waits up to the link's ``timeout`` and raises if none came.
+            weights: the flat buffer (``layout.nbytes`` bytes) to receive into.
+            model: if given, the received weights are also copied into it.
+            strategy: not supported (must be ``None``); kept for torchrl's signature.
+
+        Returns:
+            The version received, or ``None`` if nothing arrived in time. The
+            acknowledgement is separate (:meth:`ack`), sent once the weights are used.
+
+        Raises:
+            ClosedError: the learner closed the stream.
+            PeerGone: the learner's process or store went away, or a transfer was cut
+                short (``weights`` then holds garbage: do not apply it).
+            ProtocolError: a message with the wrong header or version (torn).
+        """
+        group = self._require("receive_weights")
+        if strategy is not None:
+            raise ConfigError(f"strategy={strategy!r} is not supported; use None")
+        if not isinstance(weights, torch.Tensor):
+            raise ConfigError("receive_weights needs weights=<flat uint8 buffer of the layout>")
+        key = self._keys.update(self.collector_id, self.incarnation, self._seq)
+        if timeout == 0:
+            try:
+                if not self._store.check([key]):
+                    return None
+            except (dist.DistError, RuntimeError) as exc:
+                raise PeerGone(f"{self._who()}: store lost while polling: {exc}") from exc
+        else:
+            try:
+                wait_keys(self._store, [key], self.timeout if timeout is None else timeout,
+                          f"{self._who()}: message {self._seq} from the learner")
+            except WeightSyncTimeout:
+                if timeout is None:
+                    raise
+                return None
+        version = get_int(self._store, key)
+        if version == CLOSED:
+            raise ClosedError(f"{self._who()}: the learner closed the weight stream")
+        self._recv_into(group, weights, version)
+        self._store.delete_key(key)
+        self._seq += 1
+        if model is not None:
+            copy_in(list(named_leaves(model).values()), self.layout.views(weights))
+        return version
+
+    def ack(self, version: int) -> None:
+        """Tell the learner ``version`` is applied (uses the ack store client)."""
+        try:
+            self._signal_store.set(
+                self._keys.ack(self.collector_id, self.incarnation, version), "1")
+        except (dist.DistError, RuntimeError) as exc:
+            raise PeerGone(f"{self._who()}: store lost while acking v{version}: {exc}") from exc
+
+    def _recv_into(self, group: Any, buffer: torch.Tensor, version: int) -> None:
+        start = time.monotonic()
+        try:
+            group.recv([buffer], self._peer, 0).wait(timedelta(seconds=self.timeout))
+        except (dist.DistError, RuntimeError) as exc:
+            raise PeerGone(
+                f"{self._who()}: transfer of version {version} failed after "
+                f"{time.monotonic() - start:.2f}s (learner gone?): {exc}") from exc
+        got = read_header(buffer, self.layout)
+        if got != version:
+            raise ProtocolError(f"{self._who()}: message announced as version {version} "
+                                f"carries version {got}")

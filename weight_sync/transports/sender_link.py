@@ -1,0 +1,200 @@
+"""The learner's end of one link: :class:`SenderLink`.
+
+At most one message is in flight per link: the next one is sent when the collector
+acked the previous one. Versions published meanwhile collapse into the newest pending
+snapshot, so a slow collector never builds a backlog and a gloo send never sits
+waiting on a busy receiver long enough to trip gloo's timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from weight_sync.errors import CollectorFailed, WeightSyncError, WeightSyncTimeout
+from weight_sync.snapshots import Snapshot
+from weight_sync.store import wait_keys
+from weight_sync.transports.pair import LEARNER_RANK, PairLink, process_alive
+
+__all__ = ["SenderLink"]
+
+log = logging.getLogger(__name__)
+
+
+class _InFlight:
+    """A message sent to the collector and not yet acknowledged."""
+
+    def __init__(self, seq: int, snapshot: Snapshot, work: Any) -> None:
+        self.seq = seq
+        self.version = snapshot.version
+        self.snapshot: Snapshot | None = snapshot
+        self.work = work
+        self.started = time.perf_counter()
+
+
+class SenderLink(PairLink):
+    """Sends packed snapshots to one collector and tracks its acks (learner side).
+
+    Built by :class:`~weight_sync.WeightSender`, one per collector; see
+    :class:`~weight_sync.transports.pair.PairLink` for the arguments.
+    """
+
+    rank = LEARNER_RANK
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight: _InFlight | None = None
+        self._pending: Snapshot | None = None
+        self.acked_version = -1
+        """Newest version the collector applied."""
+        self.last_round_s = float("nan")
+        """Send-to-ack time of the last acked message, seconds."""
+        self.failure: WeightSyncError | None = None
+        """Why the link broke; once set, the link sends nothing more."""
+        self.peer_pid: int | None = None
+        """The collector's pid when it runs on this host: checked for liveness."""
+
+    # -- torchrl's names -------------------------------------------------------------
+    def setup_connection_and_weights_on_sender(self, snapshot: Snapshot) -> None:
+        """Rendezvous with the collector and start the initial sync of ``snapshot``."""
+        self.connect()
+        self.send_weights_async(snapshot)
+
+    def send_initial_weights(self, snapshot: Snapshot) -> None:
+        """Send ``snapshot`` as the first message and wait until it is applied."""
+        self.send_weights(snapshot)
+
+    def send_weights(self, snapshot: Snapshot) -> None:
+        """Send ``snapshot`` and wait (up to the link's timeout) until it is applied."""
+        self.send_weights_async(snapshot)
+        self.wait_ack(self.timeout)
+
+    def send_weights_async(self, snapshot: Snapshot) -> None:
+        """Send ``snapshot`` now if the link is idle, else keep it as the newest pending.
+
+        An older pending snapshot is dropped: a slow collector gets the newest version.
+
+        Raises:
+            CollectorFailed: the link broke earlier.
+        """
+        self._require("send_weights_async")
+        if self.failure is not None:
+            raise self.failure
+        if self._pending is not None:
+            self._pending.release()
+        self._pending = snapshot.retain()
+        self.progress()
+
+    def wait_ack(self, timeout: float) -> None:
+        """Wait until the collector applied the newest version handed to this link.
+
+        Raises:
+            WeightSyncTimeout: naming the collector and version, after ``timeout`` s.
+            CollectorFailed: the link broke.
+        """
+        deadline = time.monotonic() + timeout
+        target = self.target_version
+        while True:
+            self.progress()
+            if self.failure is not None:
+                raise self.failure
+            if self.acked_version >= target:
+                return
+            key = self.waiting_key
+            remaining = deadline - time.monotonic()
+            late = WeightSyncTimeout(f"{self._who()} did not ack version {target} within "
+                                     f"{timeout:.2f}s (last acked: {self.acked_version})")
+            if key is None or remaining <= 0:
+                raise late
+            try:
+                wait_keys(self._store, [key], remaining, f"{self._who()} to ack")
+            except WeightSyncTimeout as exc:
+                raise late from exc
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def target_version(self) -> int:
+        """The newest version handed to this link (sent or pending)."""
+        if self._pending is not None:
+            return self._pending.version
+        if self._in_flight is not None:
+            return self._in_flight.version
+        return self.acked_version
+
+    @property
+    def waiting_key(self) -> str | None:
+        """The ack key whose arrival would let this link make progress, if any."""
+        if self._in_flight is None:
+            return None
+        return self._keys.ack(self.collector_id, self.incarnation, self._in_flight.version)
+
+    def peer_alive(self) -> bool:
+        """False once a same-host collector's process is known dead."""
+        # A remote collector's death surfaces as a transfer error or a timeout.
+        return self.peer_pid is None or process_alive(self.peer_pid)
+
+    def progress(self) -> None:
+        """Non-blocking: finish completed sends, record acks, start the pending send.
+
+        A failure is recorded in :attr:`failure` (and logged), not raised.
+        """
+        group = self._require("progress")
+        if self.failure is not None:
+            return
+        try:
+            flight = self._in_flight
+            if flight is not None and not self.peer_alive():
+                raise CollectorFailed(
+                    f"{self._who()} (pid {self.peer_pid}) died before acking version "
+                    f"{flight.version}", self.collector_id)
+            if flight is not None and flight.work is not None and flight.work.is_completed():
+                self._finish_work(flight)
+            if flight is not None and self._store.check([self.waiting_key or ""]):
+                self._finish_work(flight)  # acked means received: the work is done
+                self.acked_version = flight.version
+                self.last_round_s = time.perf_counter() - flight.started
+                self._store.delete_key(self.waiting_key or "")
+                self._in_flight = None
+            if self._in_flight is None and self._pending is not None:
+                self._start(group, self._pending)
+                self._pending = None  # its reference moved to the in-flight record
+        except WeightSyncError as exc:
+            self._fail(exc)
+        except (dist.DistError, RuntimeError) as exc:
+            self._fail(CollectorFailed(f"link to {self._who()} failed: {exc}",
+                                       self.collector_id))
+
+    # -- internals ---------------------------------------------------------------------
+    def _start(self, group: Any, snapshot: Snapshot) -> None:
+        key = self._keys.update(self.collector_id, self.incarnation, self._seq)
+        self._store.set(key, str(snapshot.version))
+        work = group.send([snapshot.buffer], self._peer, 0)
+        self._in_flight = _InFlight(self._seq, snapshot, work)
+        self._seq += 1
+
+    def _finish_work(self, flight: _InFlight) -> None:
+        if flight.work is None:
+            return
+        work, flight.work = flight.work, None
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        finally:
+            if flight.snapshot is not None:
+                flight.snapshot.release()
+                flight.snapshot = None
+
+    def _fail(self, exc: WeightSyncError) -> None:
+        log.warning("link to %s failed: %s", self._who(), exc)
+        self.failure = exc
+        self._release()
+
+    def _release(self) -> None:
+        if self._in_flight is not None and self._in_flight.snapshot is not None:
+            self._in_flight.snapshot.release()
+        if self._pending is not None:
+            self._pending.release()
+        self._in_flight, self._pending = None, None
