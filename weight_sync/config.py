@@ -44,6 +44,9 @@ class SenderConfig:
     """``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors)."""
     timeout: float = 60.0
     """Bound on each store operation and on one transfer, in seconds."""
+    liveness_timeout: float = 10.0
+    """A collector whose heartbeat stopped this long while the learner waits for its
+    ack is declared failed (``CollectorFailed``). Collectors beat every tenth of it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -55,6 +58,7 @@ class SenderConfig:
             raise ConfigError(f"SenderConfig.backend must be one of {BACKENDS}, "
                               f"got {self.backend!r}")
         _positive("SenderConfig", "timeout", self.timeout)
+        _positive("SenderConfig", "liveness_timeout", self.liveness_timeout)
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,11 @@ class ReceiverConfig:
 
     timeout: float = 60.0
     """Bound on each store operation and on one transfer, in seconds."""
-    idle_slice: float = 5.0
-    """How long the background thread's wait for the next update runs before it
-    re-checks for close; it does not limit how long a learner may stay silent."""
+    idle_slice: float = 30.0
+    """Backstop on one wait of the background thread for the next update. ``close()``
+    and the learner's death wake that wait at once, so this only bounds a wait whose
+    wake-up was lost; it does not limit how long a learner may stay silent. (Each
+    expiry makes torch's store log a "waitForInput ... timed out" warning.)"""
 
     def __post_init__(self) -> None:
         _positive("ReceiverConfig", "timeout", self.timeout)
@@ -85,6 +91,8 @@ class ConnectionInfo:
     nbytes: int = 0
     max_collectors: int = 0
     """Collector ids accepted are ``0..max_collectors-1`` (0 means ``num_collectors``)."""
+    heartbeat_s: float = 1.0
+    """How often a collector beats (the learner's ``liveness_timeout`` / 10)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port <= 65535:
@@ -96,6 +104,7 @@ class ConnectionInfo:
         if not isinstance(self.num_collectors, int) or self.num_collectors < 1:
             raise ConfigError(f"ConnectionInfo.num_collectors must be >= 1, "
                               f"got {self.num_collectors!r}")
+        _positive("ConnectionInfo", "heartbeat_s", self.heartbeat_s)
         if self.max_collectors == 0:
             object.__setattr__(self, "max_collectors", self.num_collectors)
         if not isinstance(self.max_collectors, int) or self.max_collectors < self.num_collectors:

@@ -18,6 +18,7 @@ key                            written by read by    meaning
 ``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v";
                                                      ``-1`` = the learner closed
 ``ack/<cid>/<inc>/<v>``        collector  learner    version v is applied
+``alive/<cid>/<inc>``          collector  learner    heartbeat counter, ``add(+1)`` per beat
 =============================  =========  =========  ====================================
 
 A collector waits for ``update/.../<seq>`` with the store's own ``wait``, then
@@ -71,3 +72,6 @@ class Keys:
 
     def ack(self, cid: int, inc: int, version: int) -> str:
         return f"{self.prefix}ack/{cid}/{inc}/{version}"
+
+    def alive(self, cid: int, inc: int) -> str:
+        return f"{self.prefix}alive/{cid}/{inc}"

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from weight_sync.config import ConnectionInfo, ReceiverConfig
 from weight_sync.errors import (
@@ -84,6 +85,8 @@ class WeightReceiver:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._beating = threading.Event()  # set = stop beating
+        self._beater: threading.Thread | None = None
         self._closed = False
 
     def __enter__(self) -> WeightReceiver:
@@ -129,6 +132,23 @@ class WeightReceiver:
         verdict = store.get(admit).decode()
         if verdict != ADMITTED:
             raise DuplicateCollectorError(f"{self._who()}: the learner refused it: {verdict}")
+        self._start_heartbeat(self._keys.alive(self.collector_id, inc),
+                              max(deadline - time.monotonic(), 0.1))
+        try:
+            version = self._initial_sync(listener, store, inc, deadline)
+        except BaseException:
+            self._beating.set()
+            raise
+        self._thread = threading.Thread(
+            target=self._listen, name=f"weight-sync-rx-{self.collector_id}", daemon=True)
+        self._thread.start()
+        log.info("%s connected (incarnation %d), version %d", self._who(), inc, version)
+        return version
+
+    def _initial_sync(self, listener: dist.Store, store: dist.Store, inc: int,
+                      deadline: float) -> int:
+        """Build the link, receive the first message and apply it; its version."""
+        info = self.info
         link = ReceiverLink(
             listener, self._keys, self.collector_id, inc, layout=self.layout,
             backend=info.backend, timeout=self.config.timeout,
@@ -141,15 +161,28 @@ class WeightReceiver:
                                        weights=self._active)
         if version is None:
             raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
-                                    f"within {timeout:.1f}s")
+                                    f"in time")
         self._apply(self._active)
         self.version = version
         link.ack(version)
-        self._thread = threading.Thread(
-            target=self._listen, name=f"weight-sync-rx-{self.collector_id}", daemon=True)
-        self._thread.start()
-        log.info("%s connected (incarnation %d), version %d", self._who(), inc, version)
         return version
+
+    def _start_heartbeat(self, key: str, timeout: float) -> None:
+        """Beat every ``info.heartbeat_s`` from a thread with its own store client, so
+        the learner can tell a live but slow collector from a vanished one."""
+        store = connect_client(self.info.host, self.info.port, timeout)
+        store.add(key, 1)
+
+        def beat() -> None:
+            while not self._beating.wait(self.info.heartbeat_s):
+                try:
+                    store.add(key, 1)
+                except (dist.DistError, RuntimeError):
+                    return  # the learner is gone; the listener thread reports it
+
+        self._beater = threading.Thread(
+            target=beat, name=f"weight-sync-beat-{self.collector_id}", daemon=True)
+        self._beater.start()
 
     def _apply(self, buffer: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -237,8 +270,11 @@ class WeightReceiver:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        self._beating.set()
         if self._link is not None:
             self._link.close()  # wakes the listener's wait for the next message
+        if self._beater is not None:
+            self._beater.join(self.config.timeout)
         if self._thread is not None:
             self._thread.join(self.config.timeout)
             if self._thread.is_alive():

@@ -113,6 +113,7 @@ class WeightSender:
             layout_digest=self.layout.digest, num_collectors=self.num_collectors,
             backend=self.config.backend, nbytes=self.layout.nbytes,
             max_collectors=self.max_collectors,
+            heartbeat_s=self.config.liveness_timeout / 10,
         )
 
     def __enter__(self) -> WeightSender:
@@ -165,7 +166,8 @@ class WeightSender:
         link = SenderLink(
             self._store, self._keys, cid, inc, layout=self.layout,
             backend=self.config.backend, timeout=self.config.timeout,
-            bind_host=None if host in WILDCARDS else host)
+            bind_host=None if host in WILDCARDS else host,
+            liveness_timeout=self.config.liveness_timeout)
         if hello.get("host") == socket.gethostname():
             link.peer_pid = int(hello["pid"])
         self._seen_inc[cid] = inc

@@ -132,7 +132,7 @@ def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any,
     def state() -> str | float | None:
         return big_version(weights) if big else fingerprint(weights)
 
-    rx = WeightReceiver(weights, info, cid, timeout=RX_TIMEOUT_S, idle_slice=0.5)
+    rx = WeightReceiver(weights, info, cid, timeout=RX_TIMEOUT_S)
     try:
         try:
             version = rx.connect(timeout=60)

@@ -3,6 +3,8 @@ collectors rejoining; elastic collectors joining. The test process is the learne
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -156,3 +158,28 @@ def test_elastic_collector_joins_up_to_max(cluster: Cluster) -> None:
             assert cluster.applied(cid, v)[3] == expected(v)
         assert torch.equal(weights["n"], torch.tensor(v))
         cluster.stop(0, 1, 2)
+
+
+def test_frozen_collector_is_failed_by_its_stopped_heartbeat(cluster: Cluster) -> None:
+    """A SIGSTOPped collector is alive to a pid check; its heartbeat tells the truth."""
+    weights = make_weights(0)
+    liveness = 3.0
+    with WeightSender(weights, 2, timeout=RX_TIMEOUT_S, liveness_timeout=liveness) as sender:
+        connect_all(sender, cluster, [0, 1])
+        frozen = cluster.procs[0].pid
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            v = publish(sender, weights)
+            start = time.monotonic()
+            with pytest.raises(CollectorFailed, match="no heartbeat") as info:
+                sender.wait_ack(timeout=RX_TIMEOUT_S)
+            waited = time.monotonic() - start
+            assert liveness - 1 <= waited < RX_TIMEOUT_S, waited
+            assert info.value.collector_id == 0 and info.value.result.acked == (1,)
+            assert cluster.applied(1, v)[3] == expected(v)
+            v = publish(sender, weights)
+            ok = sender.wait_ack(timeout=30)
+            assert ok.complete and ok.acked == (1,)
+        finally:
+            os.kill(frozen, signal.SIGKILL)
+        cluster.stop(1)

@@ -39,14 +39,23 @@ class _InFlight:
 class SenderLink(PairLink):
     """Sends packed snapshots to one collector and tracks its acks (learner side).
 
-    Built by :class:`~weight_sync.WeightSender`, one per collector; see
-    :class:`~weight_sync.transports.pair.PairLink` for the arguments.
+    Built by :class:`~weight_sync.WeightSender`, one per collector. Arguments as
+    :class:`~weight_sync.transports.pair.PairLink`, plus:
+
+    Args:
+        liveness_timeout: declare the collector failed when its heartbeat stopped
+            for this long while a message waits for its ack (``None``: never).
     """
 
     rank = LEARNER_RANK
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, liveness_timeout: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.liveness_timeout = liveness_timeout
+        self._beats = -1  # heartbeat counter last read
+        self._beat_seen = time.monotonic()  # when it last moved
+        self._beat_read = 0.0  # when it was last read
         self._in_flight: _InFlight | None = None
         self._pending: Snapshot | None = None
         self.acked_version = -1
@@ -151,6 +160,8 @@ class SenderLink(PairLink):
                 raise CollectorFailed(
                     f"{self._who()} (pid {self.peer_pid}) died before acking version "
                     f"{flight.version}", self.collector_id)
+            if flight is not None:
+                self._check_heartbeat(flight)
             if flight is not None and flight.work is not None and flight.work.is_completed():
                 self._finish_work(flight)
             if flight is not None and self._store.check([self.waiting_key or ""]):
@@ -169,6 +180,28 @@ class SenderLink(PairLink):
                                        self.collector_id))
 
     # -- internals ---------------------------------------------------------------------
+    def _check_heartbeat(self, flight: _InFlight) -> None:
+        """Raise if the collector stopped beating while ``flight`` waits for its ack.
+
+        Catches what a pid check cannot: a collector on another host that vanished
+        without closing its socket, or a process that is frozen. Reads the counter at
+        most ten times per ``liveness_timeout``, and only while a message is unacked.
+        """
+        if self.liveness_timeout is None:
+            return
+        now = time.monotonic()
+        if now - self._beat_read < self.liveness_timeout / 10:
+            return
+        self._beat_read = now
+        beats = int(self._store.add(self._keys.alive(self.collector_id, self.incarnation), 0))
+        if beats != self._beats:
+            self._beats, self._beat_seen = beats, now
+        elif now - self._beat_seen > self.liveness_timeout:
+            raise CollectorFailed(
+                f"{self._who()} sent no heartbeat for {now - self._beat_seen:.1f}s "
+                f"(liveness_timeout {self.liveness_timeout}s) with version {flight.version} "
+                f"unacked", self.collector_id)
+
     def _start(self, group: Any, snapshot: Snapshot) -> None:
         key = self._keys.update(self.collector_id, self.incarnation, self._seq)
         self._store.set(key, str(snapshot.version))
