@@ -34,6 +34,8 @@ def _info(**overrides: object) -> ConnectionInfo:
         ({"timeout": math.inf}, "inf"),
         ({"timeout": True}, "True"),
         ({"timeout": "10"}, "'10'"),
+        ({"liveness_timeout": 0}, "0"),
+        ({"liveness_timeout": -1.0}, "-1.0"),
     ],
 )
 def test_sender_config_rejects_and_quotes(overrides: dict[str, object], quoted: str) -> None:

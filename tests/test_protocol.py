@@ -16,11 +16,12 @@ from weight_sync.store import connect_client, create_server, get_int, wait_keys
 
 
 def _all_keys(keys: Keys) -> list[str]:
-    names = [keys.layout, keys.version, keys.joins]
+    names = [keys.layout, keys.joins]
     for cid in range(3):
         names.append(keys.join(cid))
         for inc in (1, 2):
-            names += [keys.hello(cid, inc), keys.admit(cid, inc), keys.pair_prefix(cid, inc)]
+            names += [keys.hello(cid, inc), keys.admit(cid, inc), keys.pair_prefix(cid, inc),
+                      keys.alive(cid, inc)]
             names += [keys.update(cid, inc, seq) for seq in range(3)]
             names += [keys.ack(cid, inc, v) for v in range(3)]
     return names

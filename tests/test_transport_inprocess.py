@@ -291,3 +291,23 @@ def test_sync_in_one_process_with_weights_argument(real_policy: TensorDict) -> N
         assert sender.version == 1  # refused before a version was spent
         assert receiver.receive_weights(timeout=0) is None
         receiver.close()
+
+
+def test_store_keys_stay_bounded_over_many_versions(mlp: torch.nn.Module) -> None:
+    """Spent update and ack keys are deleted: a long run does not grow the store."""
+    collector_policy = models.make_mlp(seed=3)
+    with WeightSender(mlp, num_collectors=1, timeout=20) as sender, \
+            ThreadPoolExecutor(1) as pool:
+        receiver = WeightReceiver(collector_policy, sender.connection_info, 0, timeout=20)
+        joined = pool.submit(receiver.connect, 20)
+        sender.connect(timeout=20)
+        assert joined.result(timeout=20) == 0
+        counts = []
+        for version in range(1, 61):
+            assert sender.send_weights_async() == version
+            assert receiver.receive_weights(timeout=20) == version
+            assert sender.wait_ack(20).complete
+            if version in (10, 60):
+                counts.append(sender._store.num_keys())
+        assert counts[1] <= counts[0] + 2, counts  # the newest few, not one per version
+        receiver.close()

@@ -9,7 +9,6 @@ the per-link message number (0 = the initial sync), ``<v>`` a weight version.
 key                            written by read by    meaning
 =============================  =========  =========  ====================================
 ``layout``                     learner    collector  JSON layout (name, shape, dtype)
-``version``                    learner    anyone     newest version the learner published
 ``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
 ``joins``                      collector  learner    counter of all joins (cheap to poll)
 ``hello/<cid>/<inc>``          collector  learner    JSON: pid, host, digest, refusal
@@ -21,10 +20,13 @@ key                            written by read by    meaning
 ``alive/<cid>/<inc>``          collector  learner    heartbeat counter, ``add(+1)`` per beat
 =============================  =========  =========  ====================================
 
-A collector waits for ``update/.../<seq>`` with the store's own ``wait``, then
+A collector waits for ``update/.../<seq>`` with a blocking ``get`` (bounded), then
 receives exactly one message on its pair group. The learner sends message ``seq+1``
 only once ``seq`` is acked, so a transfer never waits on a busy collector and a slow
-collector is handed the newest version, never a queue of old ones.
+collector is handed the newest version, never a queue of old ones. It also means that
+when message ``seq+1`` arrives, ``update/<seq>`` and the previous message's ``ack`` have
+been read: the collector deletes them then, off the latency path, so a long run keeps
+a bounded number of keys per collector.
 """
 
 from __future__ import annotations
@@ -46,10 +48,6 @@ class Keys:
     @property
     def layout(self) -> str:
         return self.prefix + "layout"
-
-    @property
-    def version(self) -> str:
-        return self.prefix + "version"
 
     @property
     def joins(self) -> str:

@@ -217,6 +217,7 @@ class WeightReceiver:
                 with self._cond:
                     self._ready = version
                     self._cond.notify_all()
+                link.collect_garbage()  # while the collector applies
 
     def receive_weights(self, timeout: float | None = 0) -> int | None:
         """Apply the newest received weights, if any.

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # wait_ack waits on the store in slices this long, checking links for failure between.
 _ACK_SLICE_S = 1.0
+# Joins are looked for at most this often by send_weights_async / wait_ack (a store
+# round trip each): a (re)joining collector waits this much longer at most.
+_JOIN_CHECK_S = 0.05
 
 
 class WeightSender:
@@ -96,6 +99,7 @@ class WeightSender:
         """Collectors whose link broke (id -> reason), until they join again."""
         self._seen_inc: dict[int, int] = {}  # newest incarnation handled, per collector
         self._joins_seen = 0
+        self._joins_read = 0.0  # when the join counter was last read
         self.version = 0
         self.stats = SyncStats()
         self._send_started: dict[int, float] = {}
@@ -177,12 +181,17 @@ class WeightSender:
         self.failed.pop(cid, None)
         return link
 
-    def _admit_joins(self) -> None:
-        """Admit collectors that (re)joined since the last call.
+    def _admit_joins(self, *, force: bool = False) -> None:
+        """Admit collectors that (re)joined since the last look (at most one look per
+        ``_JOIN_CHECK_S`` unless ``force``).
 
         One counter read when nobody joined; otherwise each new incarnation that
         finished its handshake gets a new link and the newest published version.
         """
+        now = time.monotonic()
+        if not force and now - self._joins_read < _JOIN_CHECK_S:
+            return
+        self._joins_read = now
         joins = int(self._store.add(self._keys.joins, 0))
         if joins == self._joins_seen:
             return
@@ -229,7 +238,6 @@ class WeightSender:
             link.send_weights_async(snap)
         self._send_started[version] = start
         self.stats.pack_s = time.perf_counter() - start
-        self._store.set(self._keys.version, str(version))
 
     def send_weights_async(self, weights: Any = None) -> int:
         """Snapshot the weights as a new version and start sending it; never blocks
@@ -284,23 +292,30 @@ class WeightSender:
         deadline = start + timeout
         target = self.version
         newly_failed: dict[int, str] = {}
+        acked: set[int] = set()  # links whose awaited ack key the last wait saw
+        admit = True
         while True:
-            self._admit_joins()
-            for link in self.transports.values():
-                link.progress()
+            if admit:
+                self._admit_joins()
+            for cid, link in self.transports.items():
+                link.progress(acked=cid in acked)
             newly_failed.update(self._retire_failed())
             lagging = [link for link in self.transports.values() if link.acked_version < target]
             remaining = deadline - time.monotonic()
             if not lagging or remaining <= 0:
                 break
-            keys = [k for link in lagging if (k := link.waiting_key) is not None]
-            if not keys:  # cannot happen after progress(); never spin
+            waiting = {link.collector_id: k for link in lagging
+                       if (k := link.waiting_key) is not None}
+            if not waiting:  # cannot happen after progress(); never spin
                 break
             # Slices: between them links are checked for failure, so a dead collector
             # costs a slice, not the whole timeout.
-            with contextlib.suppress(WeightSyncTimeout):  # re-check links and the deadline
-                wait_keys(self._store, keys, min(remaining, _ACK_SLICE_S),
+            try:
+                wait_keys(self._store, list(waiting.values()), min(remaining, _ACK_SLICE_S),
                           f"acks of version {target}")
+                acked, admit = set(waiting), False
+            except WeightSyncTimeout:  # re-check links, joins and the deadline
+                acked, admit = set(), True
         result = AckResult(
             version=target,
             acked=tuple(sorted(c for c, link in self.transports.items()
@@ -349,7 +364,7 @@ class WeightSender:
         start = time.monotonic()
         deadline = start + timeout
         while True:
-            self._admit_joins()
+            self._admit_joins(force=True)
             absent = [c for c in ids if c not in self.transports]
             if not absent:
                 return self.wait_ack(max(deadline - time.monotonic(), 0.001))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from weight_sync.errors import ConnectionFailed, PeerGone, WeightSyncTimeout
 
-__all__ = ["create_server", "connect_client", "wait_keys", "get_int", "WILDCARDS"]
+__all__ = ["create_server", "connect_client", "wait_keys", "wait_get", "get_int", "WILDCARDS"]
 
 #: Addresses that bind every interface, and the loopback address that reaches them.
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
@@ -107,6 +107,27 @@ def wait_keys(store: dist.Store, keys: list[str], timeout: float, what: str) -> 
             raise WeightSyncTimeout(
                 f"timed out after {waited:.2f}s waiting for {what} (missing keys: {missing})"
             ) from exc
+        raise PeerGone(f"store connection lost while waiting for {what}: {exc}") from exc
+
+
+def wait_get(store: dist.Store, key: str, timeout: float, what: str) -> bytes:
+    """The value of ``key`` once it exists, at most ``timeout`` seconds: one round trip
+    where ``wait`` then ``get`` takes two. Sets the client's timeout, so give it a
+    client of its own.
+
+    Raises:
+        WeightSyncTimeout: naming ``what`` and the key.
+        PeerGone: the store server went away (the learner's process died).
+    """
+    start = time.monotonic()
+    store.set_timeout(timedelta(seconds=max(timeout, 0.001)))
+    try:
+        return bytes(store.get(key))
+    except (dist.DistError, RuntimeError) as exc:
+        waited = time.monotonic() - start
+        if _is_timeout(exc):
+            raise WeightSyncTimeout(
+                f"timed out after {waited:.2f}s waiting for {what} (key {key!r})") from exc
         raise PeerGone(f"store connection lost while waiting for {what}: {exc}") from exc
 
 

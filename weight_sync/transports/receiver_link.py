@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from weight_sync.errors import (
 from weight_sync.layout import named_leaves
 from weight_sync.packing import copy_in, read_header
 from weight_sync.protocol import CLOSED
-from weight_sync.store import get_int, wait_keys
+from weight_sync.store import get_int, wait_get
 from weight_sync.transports.pair import COLLECTOR_RANK, PairLink
 
 __all__ = ["ReceiverLink"]
@@ -42,6 +43,8 @@ class ReceiverLink(PairLink):
         super().__init__(*args, **kwargs)
         if ack_store is not None:
             self._signal_store = ack_store
+        self._garbage: list[str] = []  # spent keys, deleted by collect_garbage()
+        self._last_version: int | None = None  # version of the last message received
 
     # -- torchrl's names -------------------------------------------------------------
     def setup_connection_and_weights_on_receiver(
@@ -94,30 +97,47 @@ class ReceiverLink(PairLink):
             raise ConfigError(f"strategy={strategy!r} is not supported; use None")
         if not isinstance(weights, torch.Tensor):
             raise ConfigError("receive_weights needs weights=<flat uint8 buffer of the layout>")
+        self.collect_garbage()
         key = self._keys.update(self.collector_id, self.incarnation, self._seq)
+        what = f"{self._who()}: message {self._seq} from the learner"
         if timeout == 0:
             try:
                 if not self._store.check([key]):
                     return None
             except (dist.DistError, RuntimeError) as exc:
                 raise PeerGone(f"{self._who()}: store lost while polling: {exc}") from exc
+            version = get_int(self._store, key)
         else:
             try:
-                wait_keys(self._store, [key], self.timeout if timeout is None else timeout,
-                          f"{self._who()}: message {self._seq} from the learner")
+                value = wait_get(self._store, key,
+                                 self.timeout if timeout is None else timeout, what)
             except WeightSyncTimeout:
                 if timeout is None:
                     raise
                 return None
-        version = get_int(self._store, key)
+            version = int(value)
         if version == CLOSED:
             raise ClosedError(f"{self._who()}: the learner closed the weight stream")
         self._recv_into(group, weights, version)
-        self._store.delete_key(key)
+        # The learner sent this message after reading the previous one's ack: both
+        # keys are spent. Deleted by collect_garbage(), off the latency path.
+        self._garbage.append(key)
+        if self._last_version is not None:
+            self._garbage.append(
+                self._keys.ack(self.collector_id, self.incarnation, self._last_version))
+        self._last_version = version
         self._seq += 1
         if model is not None:
             copy_in(list(named_leaves(model).values()), self.layout.views(weights))
         return version
+
+    def collect_garbage(self) -> None:
+        """Delete the store keys of messages already received and acked (best effort:
+        a lost store shows up in the next wait)."""
+        while self._garbage:
+            key = self._garbage.pop()
+            with contextlib.suppress(dist.DistError, RuntimeError):
+                self._store.delete_key(key)
 
     def ack(self, version: int) -> None:
         """Tell the learner ``version`` is applied (uses the ack store client)."""

@@ -24,6 +24,9 @@ __all__ = ["SenderLink"]
 
 log = logging.getLogger(__name__)
 
+# How often progress() checks an unacked collector's pid (a /proc read), seconds.
+_ALIVE_CHECK_S = 0.05
+
 
 class _InFlight:
     """A message sent to the collector and not yet acknowledged."""
@@ -56,6 +59,7 @@ class SenderLink(PairLink):
         self._beats = -1  # heartbeat counter last read
         self._beat_seen = time.monotonic()  # when it last moved
         self._beat_read = 0.0  # when it was last read
+        self._alive_read = 0.0  # when the pid was last checked
         self._in_flight: _InFlight | None = None
         self._pending: Snapshot | None = None
         self.acked_version = -1
@@ -137,17 +141,24 @@ class SenderLink(PairLink):
     @property
     def waiting_key(self) -> str | None:
         """The ack key whose arrival would let this link make progress, if any."""
-        if self._in_flight is None:
-            return None
-        return self._keys.ack(self.collector_id, self.incarnation, self._in_flight.version)
+        return None if self._in_flight is None else self._ack_key(self._in_flight)
+
+    def _ack_key(self, flight: _InFlight) -> str:
+        # The collector deletes it once the next message arrives (the learner sends
+        # that one only after seeing this ack), keeping the store's key count bounded.
+        return self._keys.ack(self.collector_id, self.incarnation, flight.version)
 
     def peer_alive(self) -> bool:
         """False once a same-host collector's process is known dead."""
-        # A remote collector's death surfaces as a transfer error or a timeout.
+        # A remote collector's death surfaces as a transfer error or a heartbeat.
         return self.peer_pid is None or process_alive(self.peer_pid)
 
-    def progress(self) -> None:
+    def progress(self, *, acked: bool = False) -> None:
         """Non-blocking: finish completed sends, record acks, start the pending send.
+
+        Args:
+            acked: the caller saw the in-flight message's ack key (saves a store
+                round trip).
 
         A failure is recorded in :attr:`failure` (and logged), not raised.
         """
@@ -156,20 +167,15 @@ class SenderLink(PairLink):
             return
         try:
             flight = self._in_flight
-            if flight is not None and not self.peer_alive():
-                raise CollectorFailed(
-                    f"{self._who()} (pid {self.peer_pid}) died before acking version "
-                    f"{flight.version}", self.collector_id)
             if flight is not None:
-                self._check_heartbeat(flight)
-            if flight is not None and flight.work is not None and flight.work.is_completed():
-                self._finish_work(flight)
-            if flight is not None and self._store.check([self.waiting_key or ""]):
-                self._finish_work(flight)  # acked means received: the work is done
-                self.acked_version = flight.version
-                self.last_round_s = time.perf_counter() - flight.started
-                self._store.delete_key(self.waiting_key or "")
-                self._in_flight = None
+                acked = acked or self._store.check([self._ack_key(flight)])
+                if acked:
+                    self._finish_work(flight)  # acked means received: the work is done
+                    self.acked_version = flight.version
+                    self.last_round_s = time.perf_counter() - flight.started
+                    self._in_flight = None
+                else:
+                    self._check_alive(flight)
             if self._in_flight is None and self._pending is not None:
                 self._start(group, self._pending)
                 self._pending = None  # its reference moved to the in-flight record
@@ -180,6 +186,21 @@ class SenderLink(PairLink):
                                        self.collector_id))
 
     # -- internals ---------------------------------------------------------------------
+    def _check_alive(self, flight: _InFlight) -> None:
+        """Raise if the unacked ``flight`` cannot be acked any more: its send failed,
+        the collector's process died, or its heartbeat stopped."""
+        if flight.work is not None and flight.work.is_completed():
+            self._finish_work(flight)  # raises if the transfer failed
+        now = time.monotonic()
+        if now - self._alive_read < _ALIVE_CHECK_S:
+            return
+        self._alive_read = now
+        if not self.peer_alive():
+            raise CollectorFailed(
+                f"{self._who()} (pid {self.peer_pid}) died before acking version "
+                f"{flight.version}", self.collector_id)
+        self._check_heartbeat(flight)
+
     def _check_heartbeat(self, flight: _InFlight) -> None:
         """Raise if the collector stopped beating while ``flight`` waits for its ack.
 
