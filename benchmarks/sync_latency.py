@@ -54,9 +54,11 @@ def _collector(idx: int, info: ConnectionInfo, spec: tuple[int, str], timeout: f
 
 
 def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1,
-                        rounds: int = 30, warmup: int = 3, timeout: float = 120.0
-                        ) -> dict[str, Any]:
+                        rounds: int = 30, warmup: int = 3, timeout: float = 120.0,
+                        **sender_options: Any) -> dict[str, Any]:
     """Measure weight-sync rounds; checks the collectors end bit-exact with the learner.
+
+    ``sender_options`` go to :class:`WeightSender` (e.g. ``chunk_bytes``).
 
     Returns:
         ``_summary`` figures plus ``async_median_s`` (learner time inside
@@ -66,7 +68,7 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     policy = make_policy(params, kind, seed=0)
-    sender = WeightSender(policy, num_collectors, timeout=timeout)
+    sender = WeightSender(policy, num_collectors, timeout=timeout, **sender_options)
     q = ctx.Queue()
     procs = [ctx.Process(target=_collector, args=(i, sender.connection_info, (params, kind),
                                                    timeout, q), daemon=True)
