@@ -235,7 +235,8 @@ class WeightSender:
             self._latest.release()
         self._latest = snap  # kept so a collector that (re)joins gets exactly this version
         for link in self.transports.values():
-            link.send_weights_async(snap)
+            if link.failure is None:  # a broken link is reported and retired by wait_ack
+                link.send_weights_async(snap)
         self._send_started[version] = start
         self.stats.pack_s = time.perf_counter() - start
 

@@ -183,3 +183,23 @@ def test_frozen_collector_is_failed_by_its_stopped_heartbeat(cluster: Cluster) -
         finally:
             os.kill(frozen, signal.SIGKILL)
         cluster.stop(1)
+
+
+def test_sends_without_waits_after_a_death_keep_serving_the_others(cluster: Cluster) -> None:
+    """A learner that publishes every step and waits rarely: the dead collector's
+    broken link neither raises from send_weights_async nor holds the others back."""
+    weights = make_weights(0)
+    with WeightSender(weights, 3, timeout=RX_TIMEOUT_S) as sender:
+        connect_all(sender, cluster, [0, 1, 2])
+        cluster.kill(0)
+        for step in range(1, 5):
+            assert publish(sender, weights) == step  # never raises
+        assert all(sender.transports[c].target_version == 4 for c in (1, 2))
+        with pytest.raises(CollectorFailed) as info:
+            sender.wait_ack(timeout=RX_TIMEOUT_S)
+        assert info.value.collector_id == 0
+        assert info.value.result.version == 4 and info.value.result.acked == (1, 2)
+        for cid in (1, 2):
+            assert cluster.applied(cid, 4)[3] == expected(4)
+        assert sender.send_weights(timeout=30).acked == (1, 2)
+        cluster.stop(1, 2)

@@ -242,7 +242,7 @@ class SenderLink(PairLink):
                 flight.snapshot = None
 
     def _fail(self, exc: WeightSyncError) -> None:
-        log.warning("link to %s failed: %s", self._who(), exc)
+        log.warning("%s", exc)  # the message names the link
         self.failure = exc
         self._release()
 
