@@ -21,7 +21,6 @@ version.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from weight_sync.admission import Admissions
 from weight_sync.config import ConnectionInfo, SenderConfig
 from weight_sync.errors import (
     ClosedError,
@@ -40,7 +40,7 @@ from weight_sync.errors import (
 )
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.metrics import AckResult, SyncRecord, SyncStats
-from weight_sync.protocol import ADMITTED, Keys
+from weight_sync.protocol import Keys
 from weight_sync.snapshots import Snapshot, SnapshotPool
 from weight_sync.store import WILDCARDS, create_server, get_int, wait_keys
 from weight_sync.transports.sender_link import SenderLink
@@ -97,9 +97,11 @@ class WeightSender:
         self.transports: dict[int, SenderLink] = {}
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
-        self._seen_inc: dict[int, int] = {}  # newest incarnation handled, per collector
-        self._joins_seen = 0
-        self._joins_read = 0.0  # when the join counter was last read
+        self._admissions = Admissions(
+            self._store, self._keys, self._make_link, max_collectors,
+            (WILDCARDS.get(self.config.host, self.config.host), int(self._store.port)),
+            self.config.timeout)
+        self._joins_read = 0.0  # when joins were last looked for
         self.version = 0
         self.stats = SyncStats()
         self._send_started: dict[int, float] = {}
@@ -147,14 +149,14 @@ class WeightSender:
         incs = {c: get_int(self._store, self._keys.join(c)) for c in ids}
         wait_keys(self._store, [self._keys.hello(c, incs[c]) for c in ids],
                   deadline - time.monotonic(), "collectors to finish their handshake")
-        hellos = {c: self._hello(c, incs[c]) for c in ids}
+        hellos = {c: self._admissions.hello(c, incs[c]) for c in ids}
         for c, hello in hellos.items():
             if hello.get("refused"):
                 raise LayoutMismatchError(
                     f"collector {c} (pid {hello.get('pid')}) refused the learner's layout:\n  "
                     + "\n  ".join(hello["refused"]), hello["refused"])
         for c in ids:
-            self._open_link(c, incs[c], hellos[c])
+            self.transports[c] = self._admissions.admit_now(c, incs[c], hellos[c])
         self._connected = True
         self._publish(self._sources, self.version)
         self.wait_ack(max(deadline - time.monotonic(), 0.001))
@@ -162,10 +164,7 @@ class WeightSender:
                  self.num_collectors, self.config.host, self._store.port, self.layout.digest,
                  self.layout.nbytes)
 
-    def _hello(self, cid: int, inc: int) -> dict[str, Any]:
-        return dict(json.loads(self._store.get(self._keys.hello(cid, inc))))
-
-    def _open_link(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
+    def _make_link(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
         host = self.config.host
         link = SenderLink(
             self._store, self._keys, cid, inc, layout=self.layout,
@@ -174,59 +173,31 @@ class WeightSender:
             liveness_timeout=self.config.liveness_timeout)
         if hello.get("host") == socket.gethostname():
             link.peer_pid = int(hello["pid"])
-        self._seen_inc[cid] = inc
-        self._store.set(self._keys.admit(cid, inc), ADMITTED)
-        link.connect()
-        self.transports[cid] = link
-        self.failed.pop(cid, None)
         return link
 
     def _admit_joins(self, *, force: bool = False) -> None:
-        """Admit collectors that (re)joined since the last look (at most one look per
-        ``_JOIN_CHECK_S`` unless ``force``).
+        """Install collectors that (re)joined, catching them up with the newest
+        published version (at most one look per ``_JOIN_CHECK_S`` unless ``force``).
 
-        One counter read when nobody joined; otherwise each new incarnation that
-        finished its handshake gets a new link and the newest published version.
+        Their links are connected in the background (:class:`Admissions`), so this
+        never waits on a joining collector.
         """
         now = time.monotonic()
         if not force and now - self._joins_read < _JOIN_CHECK_S:
             return
         self._joins_read = now
-        joins = int(self._store.add(self._keys.joins, 0))
-        if joins == self._joins_seen:
-            return
-        pending = False
-        for cid in range(self.max_collectors):
-            inc = int(self._store.add(self._keys.join(cid), 0))
-            if inc <= self._seen_inc.get(cid, 0):
-                continue
-            if not self._store.check([self._keys.hello(cid, inc)]):
-                pending = True  # still handshaking: admit it on a later call
-                continue
-            hello = self._hello(cid, inc)
-            link = self.transports.get(cid)
-            if hello.get("refused"):
-                self._seen_inc[cid] = inc
-                log.warning("collector %d (incarnation %d) refused the layout", cid, inc)
-                continue
-            if (link is not None and link.failure is None and link.peer_pid is not None
-                    and link.peer_alive()):
-                self._seen_inc[cid] = inc
-                reason = (f"duplicate collector id {cid}: incarnation {link.incarnation} "
-                          f"(pid {link.peer_pid}) is alive and served")
-                self._store.set(self._keys.admit(cid, inc), reason)
-                log.warning("refused collector %d incarnation %d: %s", cid, inc, reason)
-                continue
-            if link is not None:
-                link.close()
-                del self.transports[cid]
-            log.info("admitting collector %d (incarnation %d) at version %d", cid, inc,
-                     self.version)
-            new = self._open_link(cid, inc, hello)
+        ready, failed = self._admissions.poll(self.transports)
+        self.failed.update(failed)
+        for link in ready:
+            old = self.transports.pop(link.collector_id, None)
+            if old is not None:
+                old.close()
+            self.transports[link.collector_id] = link
+            self.failed.pop(link.collector_id, None)
+            log.info("collector %d (incarnation %d) joined at version %d",
+                     link.collector_id, link.incarnation, self.version)
             if self._latest is not None:
-                new.send_weights_async(self._latest)
-        if not pending:
-            self._joins_seen = joins
+                link.send_weights_async(self._latest)
 
     def _publish(self, sources: list[torch.Tensor], version: int) -> None:
         start = time.perf_counter()
@@ -374,10 +345,14 @@ class WeightSender:
                 raise WeightSyncTimeout(
                     f"collector(s) {absent} not connected after {time.monotonic() - start:.2f}s"
                     f" (version {self.version})")
+            connecting = [c for c in absent if c in self._admissions.connecting]
+            if connecting:
+                self._admissions.wait(connecting, min(remaining, _ACK_SLICE_S))
+                continue
             # The next incarnation's handshake key appears when it is ready to admit; the
             # store waits for all keys, so with several absent ids the slice bounds the
             # wait before the ones that did arrive are admitted.
-            keys = [self._keys.hello(c, self._seen_inc.get(c, 0) + 1) for c in absent]
+            keys = [self._keys.hello(c, self._admissions.seen.get(c, 0) + 1) for c in absent]
             with contextlib.suppress(WeightSyncTimeout):
                 wait_keys(self._store, keys, min(remaining, _ACK_SLICE_S),
                           f"collectors {absent} to join")
@@ -395,6 +370,7 @@ class WeightSender:
         if self._closed:
             return
         self._closed = True
+        self._admissions.close()
         for link in self.transports.values():
             link.close()
         self.transports.clear()

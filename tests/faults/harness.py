@@ -179,6 +179,19 @@ def collector_dies_mid_transfer(info: ConnectionInfo, cid: int, out: Connection,
     collector_main(info, cid, out, cmd_q, big=True)
 
 
+def collector_dies_in_handshake(info: ConnectionInfo, cid: int, out: Connection,
+                                cmd_q: Any) -> None:
+    """A collector that is admitted, then SIGKILLs itself before building its end of
+    the link (the learner's rendezvous then waits for nobody)."""
+
+    def die(self: ReceiverLink, store: Any = None) -> None:
+        out.send(("handshake", cid, self.incarnation, None, os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ReceiverLink.connect = die  # type: ignore[method-assign]
+    collector_main(info, cid, out, cmd_q)
+
+
 def collector_kills_learner_mid_transfer(info: ConnectionInfo, cid: int, out: Connection,
                                          cmd_q: Any, learner_pid: int) -> None:
     """A big-policy collector that SIGKILLs the learner halfway through receiving v1."""

@@ -16,6 +16,7 @@ from faults.harness import (
     RX_TIMEOUT_S,
     Cluster,
     big_weights,
+    collector_dies_in_handshake,
     collector_dies_mid_transfer,
     collector_main,
     connect_all,
@@ -203,3 +204,35 @@ def test_sends_without_waits_after_a_death_keep_serving_the_others(cluster: Clus
             assert cluster.applied(cid, 4)[3] == expected(4)
         assert sender.send_weights(timeout=30).acked == (1, 2)
         cluster.stop(1, 2)
+
+
+def test_collector_dying_mid_handshake_never_blocks_the_learner(cluster: Cluster) -> None:
+    """Admitted, then dead before its end of the link exists: the learner's rendezvous
+    for it runs in the background, and a later restart of that id is admitted."""
+    weights = make_weights(0)
+    link_timeout = 60.0  # how long the rendezvous would block the learner's thread
+    with WeightSender(weights, 2, timeout=link_timeout) as sender:
+        connect_all(sender, cluster, [0, 1])
+        cluster.kill(0)
+        publish(sender, weights)
+        with pytest.raises(CollectorFailed):
+            sender.wait_ack(timeout=RX_TIMEOUT_S)
+        cluster.start(sender.connection_info, 0, collector_dies_in_handshake)
+        start = time.monotonic()
+        with pytest.raises(WeightSyncTimeout, match=r"\[0\] not connected"):
+            sender.wait_for([0], timeout=6)
+        assert time.monotonic() - start < 6 + MARGIN_S
+        cluster.take(lambda m: m[0] == "handshake" and m[1] == 0, 30, "the handshake")
+        cluster.procs[0].join(30)
+        assert cluster.procs[0].exitcode == -signal.SIGKILL
+        assert 0 in sender._admissions.connecting  # its rendezvous is still waiting
+        for _ in range(3):  # ... and costs the learner's calls nothing
+            start = time.monotonic()
+            v = publish(sender, weights)
+            assert sender.wait_ack(timeout=RX_TIMEOUT_S).acked == (1,)
+            assert time.monotonic() - start < link_timeout / 2
+        cluster.start(sender.connection_info, 0)
+        ok = sender.wait_for([0], timeout=90)
+        assert ok.acked == (0, 1) and ok.version == v
+        assert cluster.applied(0, v)[3] == expected(v)
+        cluster.stop(0, 1)

@@ -121,12 +121,17 @@ class PairLink:
     def _who(self) -> str:
         return f"collector {self.collector_id} (incarnation {self.incarnation})"
 
-    def connect(self) -> None:
-        """Build the pair group; blocks until the peer does the same (bounded)."""
+    def connect(self, store: dist.Store | None = None) -> None:
+        """Build the pair group; blocks until the peer does the same (bounded).
+
+        Args:
+            store: the client to rendezvous on when called from another thread than
+                the link's own (a TCPStore client must not be shared between threads).
+        """
         if self._group is not None:
             return
         prefix = dist.PrefixStore(self._keys.pair_prefix(self.collector_id, self.incarnation),
-                                  self._store)
+                                  self._store if store is None else store)
         start = time.monotonic()
         try:
             if self.backend == "gloo":
@@ -140,6 +145,8 @@ class PairLink:
             raise WeightSyncTimeout(
                 f"link to {self._who()}: pair group rendezvous failed after "
                 f"{time.monotonic() - start:.1f}s: {exc}") from exc
+        if self._closed:  # closed from another thread meanwhile
+            self._group = None
 
     def _require(self, what: str) -> Any:
         if self._closed:
