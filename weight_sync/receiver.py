@@ -209,6 +209,7 @@ class WeightReceiver:
             try:
                 version = link.receive_weights(self.config.idle_slice, weights=staging)
             except WeightSyncError as exc:
+                self._beating.set()  # the stream ended: beating into a dead store is noise
                 with self._cond:
                     self._error = exc
                     self._cond.notify_all()
