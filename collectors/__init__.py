@@ -19,7 +19,7 @@ from collectors.errors import (
     CollectorError,
     CollectorTimeout,
 )
-from collectors.group import BatchRecord, CollectorGroup
+from collectors.group import BatchRecord, CollectorGroup, RestartRecord
 from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
 from collectors.transport import decode_message, encode_message
 from collectors.worker import (
@@ -33,7 +33,7 @@ from collectors.worker import (
 )
 
 __all__ = [
-    "CollectorGroup", "BatchRecord", "WorkerSpec", "VersionTagger", "run_worker",
+    "CollectorGroup", "BatchRecord", "RestartRecord", "WorkerSpec", "VersionTagger", "run_worker",
     "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle",
     "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout",
     "VERSION_KEY", "WORKER_KEY", "CHECKSUM_KEY", "policy_checksum",

@@ -15,6 +15,11 @@ A collector that raises surfaces here as :class:`~collectors.errors.CollectorCra
 with its traceback; one that dies (killed, exit) as
 :class:`~collectors.errors.CollectorDied`. Both are noticed at once: the group waits on
 the collectors' pipes and process sentinels together, never on one blind queue.
+
+With ``max_restarts=k`` the group instead restarts a failed collector (same id, up to
+``k`` restarts in all): the new process rejoins the weight stream, is caught up with
+the newest weights, and its batches carry its own ``policy_version``; the others never
+stop. Each restart is logged and kept in :attr:`CollectorGroup.restarts`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collectors.worker import WorkerSpec
 from weight_sync import CollectorFailed, SenderConfig, SyncStats, WeightSender, WeightSyncTimeout
 from weight_sync.metrics import AckResult
 
-__all__ = ["BatchRecord", "CollectorGroup"]
+__all__ = ["BatchRecord", "CollectorGroup", "RestartRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,18 @@ class BatchRecord:
     transit_s: float
 
 
+@dataclass(frozen=True)
+class RestartRecord:
+    """One collector failure answered by a restart."""
+
+    worker_id: int
+    reason: str
+    learner_version: int
+    """The learner's version when it restarted (the new process catches up to it)."""
+    at: float
+    """``time.time()`` of the restart."""
+
+
 class CollectorGroup:
     """Starts ``num_collectors`` collectors, iterates their batches, keeps them current.
 
@@ -79,6 +96,8 @@ class CollectorGroup:
         batch_timeout: bound on waiting for the next batch when iterating.
         shutdown_timeout: how long :meth:`close` lets collectors stop before killing them.
         collect_fn: the rollout function collectors use (the task's ``collect``).
+        max_restarts: how many collector failures (in all) are answered by restarting
+            that collector instead of raising; 0 fails fast.
     """
 
     def __init__(self, policy: Any, env_factory: Callable[[int], Any],
@@ -88,9 +107,11 @@ class CollectorGroup:
                  launcher: Launcher | None = None, sender_config: SenderConfig | None = None,
                  connect_timeout: float = 60.0, batch_timeout: float = 60.0,
                  shutdown_timeout: float = 10.0, collect_fn: Callable[..., Any] = collect,
-                 ) -> None:
+                 max_restarts: int = 0) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight!r}")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         self.policy = policy
         self.num_collectors = num_collectors
         self.launcher: Launcher = launcher or LocalLauncher()
@@ -106,8 +127,12 @@ class CollectorGroup:
             collect_fn=collect_fn)
         self.workers: list[WorkerHandle] = []
         self.batch_records: deque[BatchRecord] = deque(maxlen=100_000)
-        self._inbox = Inbox(self.workers)
+        self.max_restarts = max_restarts
+        self.restarts: list[RestartRecord] = []
+        """Every restart so far, oldest first."""
+        self._inbox = Inbox(self.workers, recover=self._restart)
         self._started = False
+        self._running = False  # started and not closed: failures may be restarted
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -137,6 +162,7 @@ class CollectorGroup:
                 raise
             log.info("collector group up: %d collector(s), pids %s", self.num_collectors,
                      self.pids)
+            self._running = True
         except BaseException:
             self.close()
             raise
@@ -154,6 +180,7 @@ class CollectorGroup:
         if self._closed:
             return
         self._closed = True
+        self._running = False
         try:
             for w in self.workers:
                 w.request_stop()
@@ -228,9 +255,10 @@ class CollectorGroup:
                     f"no batch from collectors {[w.worker_id for w in self.workers]} within "
                     f"{timeout:.1f}s", None)
             self._inbox.pump(remaining)
-        header, batch = self._inbox.ready.popleft()
+        header, batch, handle = self._inbox.ready.popleft()
         wid = int(header["worker_id"])
-        self.workers[wid].release_credit()
+        if handle is self.workers[wid]:  # not a batch of a process since restarted
+            handle.release_credit()
         record = BatchRecord(
             worker_id=wid, seq=int(header["seq"]), frames=int(batch.numel()),
             version_min=int(header["version_min"]), version_max=int(header["version_max"]),
@@ -245,10 +273,13 @@ class CollectorGroup:
         """Send the policy's current weights as a new version and wait for every ack.
 
         Returns:
-            The sender's :class:`~weight_sync.metrics.AckResult`.
+            The sender's :class:`~weight_sync.metrics.AckResult`. When a collector
+            failed and was restarted (``max_restarts``), its ``failed`` names it and
+            the others' acks are in ``acked``.
 
         Raises:
-            CollectorCrashed / CollectorDied: a collector failed meanwhile (named).
+            CollectorCrashed / CollectorDied: a collector failed meanwhile (named) and
+                no restart was left.
             WeightSyncTimeout: not every collector acked within ``timeout``.
         """
         self._check_running("update_weights")
@@ -260,13 +291,22 @@ class CollectorGroup:
             try:
                 return self.sender.wait_ack(min(_ACK_SLICE_S, max(remaining, 0.001)))
             except CollectorFailed as exc:
-                # Give the collector's own report (traceback, exit code) a moment to come.
+                cid = exc.collector_id
+                failed = self.workers[cid]
+                if exc.pid is not None and exc.pid != failed.pid:
+                    return exc.result  # type: ignore[return-value]  # a replaced process
+                # Give the collector's own report (traceback, exit code) a moment to
+                # come: it is the better error, and it may restart the collector.
                 until = time.monotonic() + 2.0
-                while time.monotonic() < until:
+                while (time.monotonic() < until and self.workers[cid] is failed
+                       and cid not in self._inbox.ended):
                     self._inbox.pump(until - time.monotonic())
-                raise self._inbox.fail(CollectorDied(
-                    f"collector {exc.collector_id}: its weight link broke: {exc}",
-                    exc.collector_id)) from exc
+                if self.workers[cid] is not failed:  # restarted: it rejoins by itself
+                    return exc.result  # type: ignore[return-value]
+                error = CollectorDied(f"collector {cid}: its weight link broke: {exc}", cid)
+                if self._restart(error):
+                    return exc.result  # type: ignore[return-value]
+                raise self._inbox.fail(error) from exc
             except WeightSyncTimeout as exc:
                 if remaining <= _ACK_SLICE_S:
                     raise WeightSyncTimeout(f"version {self.version} not acked within "
@@ -274,6 +314,30 @@ class CollectorGroup:
                 self._inbox.pump(0)  # keep pipes drained; surfaces a crashed collector
 
     # -- internals -------------------------------------------------------------------------
+    def _restart(self, error: CollectorError) -> bool:
+        """Answer a collector's failure with a new process of the same id, if allowed."""
+        wid = error.worker_id
+        if not self._running or wid is None or len(self.restarts) >= self.max_restarts:
+            return False
+        old = self.workers[wid]
+        old.request_stop()
+        if old.is_alive():  # e.g. frozen: its link was failed, its process lingers
+            old.kill()
+        old.join(5.0)
+        old.connection.close()
+        # A new seed: the new process must not replay its predecessor's episodes.
+        nth = 1 + sum(r.worker_id == wid for r in self.restarts)
+        spec = WorkerSpec(worker_id=wid, info=self.sender.connection_info,
+                          **{**self._spec, "seed": self._spec["seed"] + 100_003 * nth})
+        self.workers[wid] = self.launcher.launch(spec, self.max_inflight)
+        self._inbox.ended.discard(wid)
+        self._inbox.said_hello.discard(wid)
+        reason = str(error).splitlines()[0]
+        self.restarts.append(RestartRecord(wid, reason, self.version, time.time()))
+        log.warning("collector %d failed (%s); restarted as pid %s (%d of %d restarts)",
+                    wid, reason, self.workers[wid].pid, len(self.restarts), self.max_restarts)
+        return True
+
     def _check_running(self, what: str) -> None:
         if self._inbox.failure is not None:
             raise self._inbox.failure

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -28,16 +29,24 @@ log = logging.getLogger(__name__)
 class Inbox:
     """Collects the messages of ``workers`` (a list the owner may still extend).
 
+    Args:
+        workers: the handles, indexed by collector id; the owner may replace one (a
+            restarted collector), and messages of the replaced handle are then dropped.
+        recover: called with each failure; returning True means the owner dealt with
+            it (e.g. restarted that collector), so it is neither recorded nor raised.
+
     Attributes:
-        ready: received batches, oldest first, as ``(header, batch)``.
+        ready: received batches, oldest first, as ``(header, batch, handle)``.
         said_hello: ids of the collectors that built their env and policy.
         ended: ids whose pipe closed or whose process ended.
         failure: the first failure seen; raised again by every later :meth:`pump`.
     """
 
-    def __init__(self, workers: list[WorkerHandle]) -> None:
+    def __init__(self, workers: list[WorkerHandle],
+                 recover: Callable[[CollectorError], bool] | None = None) -> None:
         self.workers = workers
-        self.ready: deque[tuple[dict[str, Any], TensorDictBase]] = deque()
+        self.recover = recover
+        self.ready: deque[tuple[dict[str, Any], TensorDictBase, WorkerHandle]] = deque()
         self.said_hello: set[int] = set()
         self.ended: set[int] = set()
         self.failure: CollectorError | None = None
@@ -81,9 +90,19 @@ class Inbox:
                     self.ended.update(w.worker_id for w in self.workers
                                       if w.connection is conn)
 
+    def _current(self, w: WorkerHandle) -> bool:
+        return any(h is w for h in self.workers)
+
+    def _failed(self, error: CollectorError) -> None:
+        if self.recover is not None and self.recover(error):
+            return
+        raise self.fail(error)
+
     def _read_all(self, w: WorkerHandle) -> None:
+        if not self._current(w):
+            return  # replaced by a restart during this pump
         conn = w.connection
-        while w.worker_id not in self.ended and conn.poll(0):
+        while self._current(w) and w.worker_id not in self.ended and conn.poll(0):
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
@@ -95,11 +114,12 @@ class Inbox:
         header, batch = decode_message(data)
         kind = header["kind"]
         if kind == "batch" and batch is not None:
-            self.ready.append((header, batch))
+            self.ready.append((header, batch, w))
         elif kind == "hello":
             self.said_hello.add(w.worker_id)
         elif kind == "error":
-            raise self.fail(CollectorCrashed(
+            self.ended.add(w.worker_id)
+            self._failed(CollectorCrashed(
                 f"collector {w.worker_id} (pid {w.pid}) raised {header['error']}\n"
                 f"--- collector {w.worker_id} traceback ---\n{header['traceback']}",
                 w.worker_id, traceback=header["traceback"]))
@@ -108,8 +128,10 @@ class Inbox:
 
     def _ended_process(self, w: WorkerHandle) -> None:
         """The pipe closed or the process ended: while running, that is a failure."""
+        if not self._current(w):
+            return  # replaced by a restart during this pump
         self.ended.add(w.worker_id)
         w.join(2.0)  # the pipe closes just before the process exits: reap its exit code
-        raise self.fail(CollectorDied(
+        self._failed(CollectorDied(
             f"collector {w.worker_id} (pid {w.pid}) ended unexpectedly "
             f"({describe_exitcode(w.exitcode)})", w.worker_id, exitcode=w.exitcode))

@@ -256,3 +256,41 @@ def test_demo_short_run_writes_json(tmp_path: Path) -> None:
             assert key in row
         assert row["frames"] == 2 * 64 and row["version"] == row["iteration"]
     assert data["summary"]["iterations"] == 3 and data["summary"]["sync_rounds"] >= 3
+
+
+def test_max_restarts_replaces_a_killed_collector_and_the_others_never_stop() -> None:
+    torch.manual_seed(0)
+    policy = make_policy()
+    checksums = {0: policy_checksum(policy)}
+    with _group(policy, record_checksum=True, max_restarts=1) as group:
+        next(group)
+        old_pid = group.workers[0].pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        rejoined = False
+        for step, batch in enumerate(group):
+            # every step, before and after the restart, acted with weights it held
+            for version, checksum in zip(batch[VERSION_KEY].tolist(),
+                                         batch[CHECKSUM_KEY].tolist(), strict=True):
+                assert checksum == checksums[version]
+            record = group.batch_records[-1]
+            if group.restarts and record.worker_id == 0 \
+                    and record.version_min > group.restarts[0].learner_version:
+                rejoined = True  # the new process got updates after it caught up
+                break
+            _perturb(policy, step)
+            group.update_weights(timeout=30)  # never raises: the failure was restarted
+            checksums[group.version] = policy_checksum(policy)
+            assert step < 80, "the restarted collector should deliver within a few batches"
+        assert rejoined
+        [restart] = group.restarts
+        assert restart.worker_id == 0 and "SIGKILL" in restart.reason
+        assert group.workers[0].pid != old_pid and _gone(old_pid, timeout=10)
+        # no restart left: the next death is raised, named
+        os.kill(group.workers[0].pid, signal.SIGKILL)  # type: ignore[arg-type]
+        with pytest.raises(CollectorDied) as info:
+            for _ in range(80):
+                next(group)
+                group.update_weights(timeout=30)
+        assert info.value.worker_id == 0
+    assert all(_gone(pid, timeout=10) for pid in group.pids)

@@ -82,12 +82,21 @@ class CollectorFailed(WeightSyncError):
         collector_id: the (first) failed collector.
         result: for ``wait_ack``, the :class:`~weight_sync.metrics.AckResult`: the other
             collectors' acks were still awaited before this was raised.
+        pids: failed collector id -> its process id when it ran on the learner's host
+            (``None`` otherwise): tells a dead process from its restarted successor.
     """
 
-    def __init__(self, message: str, collector_id: int, result: object = None) -> None:
+    def __init__(self, message: str, collector_id: int, result: object = None,
+                 pids: dict[int, int | None] | None = None) -> None:
         super().__init__(message)
         self.collector_id = collector_id
         self.result = result
+        self.pids = dict(pids or {})
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of :attr:`collector_id`, if known."""
+        return self.pids.get(self.collector_id)
 
 
 class ConfigError(WeightSyncError, ValueError):

@@ -34,6 +34,7 @@ from weight_sync.errors import (
     ConfigError,
     DuplicateCollectorError,
     LayoutMismatchError,
+    PeerGone,
     ProtocolError,
     WeightSyncError,
     WeightSyncTimeout,
@@ -80,6 +81,8 @@ class WeightReceiver:
         self._link: ReceiverLink | None = None
         self._active: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None
+        self._views: dict[int, list[torch.Tensor]] = {}
+        self._can_swap = True
         self._ready: int | None = None
         self._error: WeightSyncError | None = None
         self._cond = threading.Condition()
@@ -157,6 +160,10 @@ class WeightReceiver:
         self._link = link
         self._active = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=link.device)
         self._staging = torch.empty_like(self._active)
+        # Per-leaf views of both buffers, made once: a 300-leaf policy's views cost
+        # more to build than a small message costs to receive.
+        self._views = {id(b): self.layout.views(b) for b in (self._active, self._staging)}
+        self._can_swap = all(t.device == link.device for t in self._targets)
         version = link.receive_weights(max(deadline - time.monotonic(), 0.001),
                                        weights=self._active)
         if version is None:
@@ -177,8 +184,13 @@ class WeightReceiver:
             while not self._beating.wait(self.info.heartbeat_s):
                 try:
                     store.add(key, 1)
-                except (dist.DistError, RuntimeError):
-                    return  # the learner is gone; the listener thread reports it
+                except (dist.DistError, RuntimeError) as exc:
+                    # The learner's store is gone. The listener may be stuck in a
+                    # transfer the dead learner cut short (gloo only notices at its
+                    # timeout): report it now instead.
+                    self._fail(PeerGone(f"{self._who()}: the learner's store went away "
+                                        f"(heartbeat failed): {exc}"))
+                    return
 
         self._beater = threading.Thread(
             target=beat, name=f"weight-sync-beat-{self.collector_id}", daemon=True)
@@ -186,8 +198,8 @@ class WeightReceiver:
 
     def _apply(self, buffer: torch.Tensor) -> None:
         start = time.perf_counter()
-        views = self.layout.views(buffer)
-        if all(t.device == buffer.device for t in self._targets):
+        views = self._views[id(buffer)]
+        if self._can_swap:
             swap_in(self._targets, views)
             # The policy now lives in `buffer`; the other buffer is free for the next one.
             if buffer is self._staging:
@@ -210,15 +222,20 @@ class WeightReceiver:
                 version = link.receive_weights(self.config.idle_slice, weights=staging)
             except WeightSyncError as exc:
                 self._beating.set()  # the stream ended: beating into a dead store is noise
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
+                self._fail(exc)
                 return
             if version is not None:
                 with self._cond:
                     self._ready = version
                     self._cond.notify_all()
                 link.collect_garbage()  # while the collector applies
+
+    def _fail(self, exc: WeightSyncError) -> None:
+        """Record why the stream ended (the first reason wins) and wake the waiters."""
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
 
     def receive_weights(self, timeout: float | None = 0) -> int | None:
         """Apply the newest received weights, if any.
@@ -278,6 +295,8 @@ class WeightReceiver:
         if self._beater is not None:
             self._beater.join(self.config.timeout)
         if self._thread is not None:
-            self._thread.join(self.config.timeout)
+            # After the learner's death the listener may sit in a cut-short transfer
+            # until gloo's timeout; it is a daemon thread, so do not wait for it.
+            self._thread.join(1.0 if self._error is not None else self.config.timeout)
             if self._thread.is_alive():
                 log.warning("%s: listener thread still busy after close", self._who())

@@ -238,11 +238,14 @@ class WeightSender:
         self.send_weights_async(weights)
         return self.wait_ack(timeout)
 
-    def _retire_failed(self) -> dict[int, str]:
+    def _retire_failed(self, pids: dict[int, int | None]) -> dict[int, str]:
+        """Drop the broken links; their reasons by id (their pids go into ``pids``)."""
         newly = {c: str(link.failure) for c, link in self.transports.items()
                  if link.failure is not None}
         for c in newly:
-            self.transports.pop(c).close()
+            link = self.transports.pop(c)
+            pids[c] = link.peer_pid
+            link.close()
         self.failed.update(newly)
         return newly
 
@@ -264,6 +267,7 @@ class WeightSender:
         deadline = start + timeout
         target = self.version
         newly_failed: dict[int, str] = {}
+        failed_pids: dict[int, int | None] = {}
         acked: set[int] = set()  # links whose awaited ack key the last wait saw
         admit = True
         while True:
@@ -271,7 +275,7 @@ class WeightSender:
                 self._admit_joins()
             for cid, link in self.transports.items():
                 link.progress(acked=cid in acked)
-            newly_failed.update(self._retire_failed())
+            newly_failed.update(self._retire_failed(failed_pids))
             lagging = [link for link in self.transports.values() if link.acked_version < target]
             remaining = deadline - time.monotonic()
             if not lagging or remaining <= 0:
@@ -302,7 +306,7 @@ class WeightSender:
             raise CollectorFailed(
                 f"version {target}: collector(s) {sorted(newly_failed)} failed "
                 f"({newly_failed[first]}); acked by {list(result.acked)}, lagging "
-                f"{list(result.lagging)} after {waited:.2f}s", first, result)
+                f"{list(result.lagging)} after {waited:.2f}s", first, result, failed_pids)
         if result.lagging:
             detail = ", ".join(f"{c} (acked {self.transports[c].acked_version})"
                                for c in result.lagging)

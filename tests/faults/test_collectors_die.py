@@ -40,6 +40,7 @@ def test_collector_killed_idle_then_rejoins_then_killed_before_ack(cluster: Clus
         connect_all(sender, cluster, [0, 1, 2])
 
         # collector 0 SIGKILLed while idle
+        killed_pid = cluster.procs[0].pid
         cluster.kill(0)
         v = publish(sender, weights)
         t_wait = 10.0
@@ -49,6 +50,7 @@ def test_collector_killed_idle_then_rejoins_then_killed_before_ack(cluster: Clus
         assert time.monotonic() - start < t_wait + MARGIN_S
         err = info.value
         assert err.collector_id == 0 and "0" in str(err)
+        assert err.pid == killed_pid  # tells the dead process from a restarted one
         result = err.result
         assert isinstance(result, AckResult)
         assert result.version == v and set(result.failed) == {0}
