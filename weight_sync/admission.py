@@ -62,10 +62,12 @@ class Admissions:
         """The handshake a collector incarnation wrote (pid, host, refusal)."""
         return dict(json.loads(self._store.get(self._keys.hello(cid, inc))))
 
-    def admit_now(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
-        """Admit and connect in this thread (the initial connect of collectors 0..N-1)."""
+    def admit_now(self, cid: int, inc: int, hello: dict[str, Any],
+                  timeout: float) -> SenderLink:
+        """Admit and connect in this thread, within ``timeout`` s (the initial connect
+        of collectors 0..N-1)."""
         link = self._admit(cid, inc, hello)
-        link.connect()
+        link.connect(timeout=timeout)
         return link
 
     def _admit(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:

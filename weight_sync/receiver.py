@@ -156,7 +156,7 @@ class WeightReceiver:
             listener, self._keys, self.collector_id, inc, layout=self.layout,
             backend=info.backend, timeout=self.config.timeout,
             bind_host=address_towards(info.host, info.port), ack_store=store)
-        link.connect()
+        link.connect(timeout=deadline - time.monotonic())
         self._link = link
         self._active = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=link.device)
         self._staging = torch.empty_like(self._active)

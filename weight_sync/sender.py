@@ -156,7 +156,8 @@ class WeightSender:
                     f"collector {c} (pid {hello.get('pid')}) refused the learner's layout:\n  "
                     + "\n  ".join(hello["refused"]), hello["refused"])
         for c in ids:
-            self.transports[c] = self._admissions.admit_now(c, incs[c], hellos[c])
+            self.transports[c] = self._admissions.admit_now(
+                c, incs[c], hellos[c], deadline - time.monotonic())
         self._connected = True
         self._publish(self._sources, self.version)
         self.wait_ack(max(deadline - time.monotonic(), 0.001))

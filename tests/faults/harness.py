@@ -184,7 +184,7 @@ def collector_dies_in_handshake(info: ConnectionInfo, cid: int, out: Connection,
     """A collector that is admitted, then SIGKILLs itself before building its end of
     the link (the learner's rendezvous then waits for nobody)."""
 
-    def die(self: ReceiverLink, store: Any = None) -> None:
+    def die(self: ReceiverLink, store: Any = None, timeout: Any = None) -> None:
         out.send(("handshake", cid, self.incarnation, None, os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -238,3 +238,19 @@ def test_collector_dying_mid_handshake_never_blocks_the_learner(cluster: Cluster
         assert ok.acked == (0, 1) and ok.version == v
         assert cluster.applied(0, v)[3] == expected(v)
         cluster.stop(0, 1)
+
+
+def test_initial_connect_keeps_its_bound_when_a_collector_dies_in_handshake(
+        cluster: Cluster) -> None:
+    """The rendezvous with a collector that died after admission ends with connect's
+    own timeout, not the links' (longer) one."""
+    with WeightSender(make_weights(0), 2, timeout=120) as sender:
+        info = sender.connection_info
+        cluster.start(info, 0)
+        cluster.start(info, 1, collector_dies_in_handshake)
+        start = time.monotonic()
+        with pytest.raises(WeightSyncTimeout, match=r"collector 1 .*rendezvous"):
+            sender.connect(timeout=15)
+        assert time.monotonic() - start < 15 + MARGIN_S
+        msg = cluster.take(lambda m: m[0] == "handshake", 30, "collector 1's handshake")
+        assert msg[1] == 1

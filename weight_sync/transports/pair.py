@@ -121,13 +121,16 @@ class PairLink:
     def _who(self) -> str:
         return f"collector {self.collector_id} (incarnation {self.incarnation})"
 
-    def connect(self, store: dist.Store | None = None) -> None:
+    def connect(self, store: dist.Store | None = None, timeout: float | None = None) -> None:
         """Build the pair group; blocks until the peer does the same (bounded).
 
         Args:
             store: the client to rendezvous on when called from another thread than
                 the link's own (a TCPStore client must not be shared between threads).
+            timeout: bound on the rendezvous, seconds (default: the link's timeout;
+                transfers are bounded by the link's timeout either way).
         """
+        timeout = self.timeout if timeout is None else max(timeout, 0.001)
         if self._group is not None:
             return
         prefix = dist.PrefixStore(self._keys.pair_prefix(self.collector_id, self.incarnation),
@@ -136,10 +139,10 @@ class PairLink:
         try:
             if self.backend == "gloo":
                 self._group = dist.ProcessGroupGloo(
-                    prefix, self.rank, 2, _gloo_options(self.timeout, self.bind_host))
+                    prefix, self.rank, 2, _gloo_options(timeout, self.bind_host))
             else:
                 opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = timedelta(seconds=self.timeout)
+                opts._timeout = timedelta(seconds=timeout)
                 self._group = dist.ProcessGroupNCCL(prefix, self.rank, 2, opts)
         except (dist.DistError, RuntimeError) as exc:
             raise WeightSyncTimeout(
