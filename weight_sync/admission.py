@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
@@ -112,11 +112,12 @@ class Admissions:
         return ready, failed
 
     def wait(self, ids: Iterable[int], timeout: float) -> None:
-        """Block up to ``timeout`` s until the connects of ``ids`` in progress end."""
+        """Block up to ``timeout`` s until one of the connects of ``ids`` in progress
+        ends."""
         wanted = set(ids)
         futures = [f for link, f in self._attempts if link.collector_id in wanted]
         if futures:
-            wait_futures(futures, timeout)
+            wait_futures(futures, timeout, return_when=FIRST_COMPLETED)
 
     def _look(self, live: dict[int, SenderLink]) -> None:
         joins = int(self._store.add(self._keys.joins, 0))
