@@ -1,6 +1,12 @@
 """weight-sync: keep many RL collectors current with a learner's policy weights."""
 
 from weight_sync.config import ConnectionInfo, ReceiverConfig, SenderConfig
+from weight_sync.discovery import (
+    collector_id_from_env,
+    env_for_collectors,
+    info_from_address,
+    info_from_env,
+)
 from weight_sync.errors import (
     ClosedError,
     CollectorFailed,
@@ -25,5 +31,6 @@ __all__ = [
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
     "CollectorFailed", "ConfigError", "DuplicateCollectorError", "AckResult",
+    "info_from_env", "info_from_address", "collector_id_from_env", "env_for_collectors",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ learner to a collector process; each side builds its live objects itself.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -110,3 +112,15 @@ class ConnectionInfo:
         if not isinstance(self.max_collectors, int) or self.max_collectors < self.num_collectors:
             raise ConfigError(f"ConnectionInfo.max_collectors must be >= num_collectors, "
                               f"got {self.max_collectors!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConnectionInfo:
+        """Parse :meth:`to_json`'s output (fields it does not know are refused)."""
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"not a ConnectionInfo: {text[:200]!r} ({exc})") from exc

@@ -9,6 +9,8 @@ the per-link message number (0 = the initial sync), ``<v>`` a weight version.
 key                            written by read by    meaning
 =============================  =========  =========  ====================================
 ``layout``                     learner    collector  JSON layout (name, shape, dtype)
+``info``                       learner    collector  JSON ConnectionInfo, for collectors
+                                                     started with only an address
 ``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
 ``joins``                      collector  learner    counter of all joins (cheap to poll)
 ``hello/<cid>/<inc>``          collector  learner    JSON: pid, host, digest, refusal
@@ -48,6 +50,10 @@ class Keys:
     @property
     def layout(self) -> str:
         return self.prefix + "layout"
+
+    @property
+    def info(self) -> str:
+        return self.prefix + "info"
 
     @property
     def joins(self) -> str:

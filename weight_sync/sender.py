@@ -90,6 +90,7 @@ class WeightSender:
         self._keys = Keys(self.config.name)
         self._store = create_server(self.config.host, self.config.port, self.config.timeout)
         self._store.set(self._keys.layout, self.layout.to_json())
+        self._store.set(self._keys.info, self.connection_info.to_json())
         device = torch.device("cuda", torch.cuda.current_device()) \
             if self.config.backend == "nccl" else torch.device("cpu")
         self._pool = SnapshotPool(self.layout, device)
