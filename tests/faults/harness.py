@@ -245,6 +245,10 @@ class Cluster:
         writer = self.pipe()
         proc = self.start_process(target, (info, cid, writer, cmd_q, *extra), f"collector-{cid}")
         writer.close()  # the child holds its own copy; EOF then means the child is gone
+        old = self.cmds.get(cid)
+        if old is not None:  # a restart: the previous process's commands are moot
+            old.cancel_join_thread()
+            old.close()
         self.procs[cid], self.cmds[cid] = proc, cmd_q
         return proc
 
