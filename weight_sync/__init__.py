@@ -1,6 +1,7 @@
 """weight-sync: keep many RL collectors current with a learner's policy weights."""
 
 from weight_sync.config import ConnectionInfo, ReceiverConfig, SenderConfig
+from weight_sync.data_parallel import DataParallelSender
 from weight_sync.discovery import (
     collector_id_from_env,
     env_for_collectors,
@@ -26,7 +27,8 @@ from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
 
 __all__ = [
-    "WeightSender", "WeightReceiver", "ConnectionInfo", "SenderConfig", "ReceiverConfig",
+    "WeightSender", "WeightReceiver", "DataParallelSender", "ConnectionInfo", "SenderConfig",
+    "ReceiverConfig",
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
