@@ -19,6 +19,7 @@ configurations that would overrun it, with the reason recorded.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,7 +43,10 @@ __all__ = ["TRANSPORTS", "main", "machine_info", "run_sweep"]
 BENCH_DIR = Path(__file__).resolve().parent
 SIZES = (100_000, 1_000_000, 10_000_000, 100_000_000)
 QUICK_SIZES = (100_000, 1_000_000)
-TRANSPORTS: dict[str, Callable[..., dict[str, Any]]] = {"distributed": measure_weight_sync}
+TRANSPORTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "distributed": measure_weight_sync,
+    "shm": functools.partial(measure_weight_sync, transport="shm"),
+}
 """weight-sync transports measured, name -> ``measure(params, kind, n, rounds, warmup,
 timeout)``; the JSON names each ``weight_sync/<name>``."""
 BUILD_S_PER_PARAM = 1e-8

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # torchrl's wheel ships a namespace "benchmarks" 
 
 from benchmarks import bench, report  # noqa: E402
 
-THINGS = {"weight_sync/distributed", "torchrl", "raw_gloo", "memcpy"}
+THINGS = {"weight_sync/distributed", "weight_sync/shm", "torchrl", "raw_gloo", "memcpy"}
 STATS = {"median_s", "p90_s", "mean_s", "min_s", "nbytes", "gbps_payload", "wall_s", "correct"}
 
 
@@ -64,9 +64,10 @@ def test_quick_sweep_json(quick_run: tuple[int, Path]) -> None:
             assert 0 < res["median_s"] <= res["p90_s"]
         assert cfg["results"]["weight_sync/distributed"]["async_median_s"] > 0
         assert cfg["correct"] == dict.fromkeys(THINGS, True)
-        ratios = cfg["ratios"]["distributed"]
-        assert set(ratios) == {"to_torchrl", "to_raw_gloo", "to_memcpy"}
-        assert all(r > 0 for r in ratios.values())
+        for transport in ("distributed", "shm"):
+            ratios = cfg["ratios"][transport]
+            assert set(ratios) == {"to_torchrl", "to_raw_gloo", "to_memcpy"}
+            assert all(r > 0 for r in ratios.values())
     assert len(orders) == len(configs)  # the order of the compared things rotates
 
 

@@ -126,8 +126,10 @@ def mismatched_collector(info: Any, cid: int) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(180)
-def test_four_collectors_every_version_bit_exact_with_snapshots() -> None:
-    """N=4, nested TensorDict of ~300 float32/bfloat16/int64 leaves.
+@pytest.mark.parametrize("transport", ["distributed", "shm"])
+def test_four_collectors_every_version_bit_exact_with_snapshots(transport: str) -> None:
+    """N=4, nested TensorDict of ~300 float32/bfloat16/int64 leaves, over gloo sends or
+    shared memory.
 
     Checks initial sync, bit-exactness of every version each collector applied, the
     snapshot property (the learner mutates its weights right after each send, before
@@ -139,12 +141,14 @@ def test_four_collectors_every_version_bit_exact_with_snapshots() -> None:
     out = procs.CTX.Queue()
     expected: dict[int, str] = {}
     waited: list[int] = [0]
-    with WeightSender(policy, num_collectors=n, timeout=30) as sender:
+    with WeightSender(policy, num_collectors=n, timeout=30, transport=transport) as sender:
         info = sender.connection_info
         targets = [(recording_collector, (info, c, "real", 100 + c, versions, out))
                    for c in range(n)]
         with procs.spawn_collectors(targets, timeout=90) as children:
             sender.connect(timeout=90)
+            assert all(link.shared_memory == (transport == "shm")
+                       for link in sender.transports.values())
             expected[0] = models.fingerprint(policy)
             for step in range(1, versions + 1):
                 models.mutate(policy, step)

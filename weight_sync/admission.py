@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from weight_sync.protocol import ADMITTED, Keys
+from weight_sync.protocol import ADMITTED, ADMITTED_SHM, Keys
 from weight_sync.store import connect_client
 from weight_sync.transports.sender_link import SenderLink
 
@@ -73,7 +73,8 @@ class Admissions:
     def _admit(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
         link = self._make_link(cid, inc, hello)
         self.seen[cid] = inc
-        self._store.set(self._keys.admit(cid, inc), ADMITTED)
+        self._store.set(self._keys.admit(cid, inc),
+                        ADMITTED_SHM if link.shared_memory else ADMITTED)
         return link
 
     @property

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 
 from weight_sync.errors import ConfigError
 
-__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS"]
+__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS", "TRANSPORTS"]
 
 #: torch.distributed backends a link can use.
 BACKENDS = ("gloo", "nccl")
+#: How messages reach collectors: point-to-point sends, or shared memory for the
+#: collectors on the learner's host (sends for the others).
+TRANSPORTS = ("distributed", "shm")
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -49,6 +52,9 @@ class SenderConfig:
     liveness_timeout: float = 10.0
     """A collector whose heartbeat stopped this long while the learner waits for its
     ack is declared failed (``CollectorFailed``). Collectors beat every tenth of it."""
+    transport: str = "distributed"
+    """``"distributed"`` (gloo/nccl sends) or ``"shm"``: collectors on the learner's
+    host copy each message from shared memory, the others get sends (gloo only)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -61,6 +67,12 @@ class SenderConfig:
                               f"got {self.backend!r}")
         _positive("SenderConfig", "timeout", self.timeout)
         _positive("SenderConfig", "liveness_timeout", self.liveness_timeout)
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"SenderConfig.transport must be one of {TRANSPORTS}, "
+                              f"got {self.transport!r}")
+        if self.transport == "shm" and self.backend != "gloo":
+            raise ConfigError(f"SenderConfig.transport 'shm' needs backend 'gloo' (CPU "
+                              f"weights), got {self.backend!r}")
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,16 @@ key                            written by read by    meaning
 ``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
 ``joins``                      collector  learner    counter of all joins (cheap to poll)
 ``hello/<cid>/<inc>``          collector  learner    JSON: pid, host, digest, refusal
-``admit/<cid>/<inc>``          learner    collector  ``ok``, or why the learner refused it
+``admit/<cid>/<inc>``          learner    collector  ``ok`` / ``ok shm`` (shared memory), or
+                                                     why the learner refused it
 ``pair/<cid>/<inc>/...``       torch      torch      rendezvous of the link's pair group
-``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v";
-                                                     ``-1`` = the learner closed
+``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v":
+                                                     ``v``, or ``v <segment>`` when it
+                                                     waits in shared memory; ``-1`` =
+                                                     the learner closed
 ``ack/<cid>/<inc>/<v>``        collector  learner    version v is applied
 ``alive/<cid>/<inc>``          collector  learner    heartbeat counter, ``add(+1)`` per beat
+``bye/<cid>/<inc>``            collector  learner    the collector read the learner's close
 =============================  =========  =========  ====================================
 
 A collector waits for ``update/.../<seq>`` with a blocking ``get`` (bounded), then
@@ -33,12 +37,14 @@ a bounded number of keys per collector.
 
 from __future__ import annotations
 
-__all__ = ["ADMITTED", "CLOSED", "Keys"]
+__all__ = ["ADMITTED", "ADMITTED_SHM", "CLOSED", "Keys"]
 
 #: Value of an ``update`` key telling the collector that the learner closed.
 CLOSED = -1
 #: Value of an ``admit`` key that lets the collector build its link.
 ADMITTED = "ok"
+#: Value of an ``admit`` key that lets the collector build a shared-memory link.
+ADMITTED_SHM = "ok shm"
 
 
 class Keys:
@@ -79,3 +85,6 @@ class Keys:
 
     def alive(self, cid: int, inc: int) -> str:
         return f"{self.prefix}alive/{cid}/{inc}"
+
+    def bye(self, cid: int, inc: int) -> str:
+        return f"{self.prefix}bye/{cid}/{inc}"

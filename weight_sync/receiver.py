@@ -41,7 +41,7 @@ from weight_sync.errors import (
 )
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.packing import copy_in, swap_in
-from weight_sync.protocol import ADMITTED, Keys
+from weight_sync.protocol import ADMITTED, ADMITTED_SHM, Keys
 from weight_sync.store import connect_client, wait_keys
 from weight_sync.transports.pair import address_towards
 from weight_sync.transports.receiver_link import ReceiverLink
@@ -82,6 +82,7 @@ class WeightReceiver:
         self._active: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None
         self._views: dict[int, list[torch.Tensor]] = {}
+        self._shared_memory = False  # the learner's choice, told at admission
         self._can_swap = True
         self._ready: int | None = None
         self._error: WeightSyncError | None = None
@@ -133,8 +134,9 @@ class WeightReceiver:
         wait_keys(store, [admit], deadline - time.monotonic(),
                   f"the learner to admit {self._who()} (incarnation {inc})")
         verdict = store.get(admit).decode()
-        if verdict != ADMITTED:
+        if verdict not in (ADMITTED, ADMITTED_SHM):
             raise DuplicateCollectorError(f"{self._who()}: the learner refused it: {verdict}")
+        self._shared_memory = verdict == ADMITTED_SHM
         self._start_heartbeat(self._keys.alive(self.collector_id, inc),
                               max(deadline - time.monotonic(), 0.1))
         try:
@@ -155,7 +157,8 @@ class WeightReceiver:
         link = ReceiverLink(
             listener, self._keys, self.collector_id, inc, layout=self.layout,
             backend=info.backend, timeout=self.config.timeout,
-            bind_host=address_towards(info.host, info.port), ack_store=store)
+            bind_host=address_towards(info.host, info.port), ack_store=store,
+            shared_memory=self._shared_memory)
         link.connect(timeout=deadline - time.monotonic())
         self._link = link
         self._active = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=link.device)

@@ -36,6 +36,7 @@ from weight_sync.errors import (
     ConfigError,
     LayoutMismatchError,
     ProtocolError,
+    WeightSyncError,
     WeightSyncTimeout,
 )
 from weight_sync.layout import BufferLayout, named_leaves
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # wait_ack waits on the store in slices this long, checking links for failure between.
 _ACK_SLICE_S = 1.0
+# close() waits at most this long for the live collectors to read it.
+_CLOSE_GRACE_S = 2.0
 # Joins are looked for at most this often by send_weights_async / wait_ack (a store
 # round trip each): a (re)joining collector waits this much longer at most.
 _JOIN_CHECK_S = 0.05
@@ -93,7 +96,7 @@ class WeightSender:
         self._store.set(self._keys.info, self.connection_info.to_json())
         device = torch.device("cuda", torch.cuda.current_device()) \
             if self.config.backend == "nccl" else torch.device("cpu")
-        self._pool = SnapshotPool(self.layout, device)
+        self._pool = SnapshotPool(self.layout, device, shared=self.config.transport == "shm")
         self._latest: Snapshot | None = None
         self.transports: dict[int, SenderLink] = {}
         self.failed: dict[int, str] = {}
@@ -168,12 +171,14 @@ class WeightSender:
 
     def _make_link(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
         host = self.config.host
+        local = hello.get("host") == socket.gethostname()
         link = SenderLink(
             self._store, self._keys, cid, inc, layout=self.layout,
             backend=self.config.backend, timeout=self.config.timeout,
             bind_host=None if host in WILDCARDS else host,
-            liveness_timeout=self.config.liveness_timeout)
-        if hello.get("host") == socket.gethostname():
+            liveness_timeout=self.config.liveness_timeout,
+            shared_memory=local and self.config.transport == "shm")
+        if local:
             link.peer_pid = int(hello["pid"])
         return link
 
@@ -379,10 +384,19 @@ class WeightSender:
         self._admissions.close()
         for link in self.transports.values():
             link.close()
+        # The store server lives in this process: keep it up until the live collectors
+        # read the close (briefly), or a collector would see the store vanish instead.
+        byes = [self._keys.bye(c, link.incarnation) for c, link in self.transports.items()
+                if link.failure is None]
+        if byes:
+            with contextlib.suppress(WeightSyncError):
+                wait_keys(self._store, byes, min(_CLOSE_GRACE_S, self.config.timeout),
+                          "collectors to read the close")
         self.transports.clear()
         if self._latest is not None:
             self._latest.release()
             self._latest = None
+        self._pool.close()
         # The store server stops with its last reference. Collectors normally read the
         # CLOSED signal first (ClosedError); one that reads later sees PeerGone.
         self._store = None  # type: ignore[assignment]

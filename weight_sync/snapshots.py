@@ -8,12 +8,15 @@ sends in flight, and a steady state allocates nothing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from multiprocessing import shared_memory
 
 import torch
 
 from weight_sync.layout import BufferLayout
 from weight_sync.packing import pack, write_header
+from weight_sync.shm import create_segment
 
 __all__ = ["Snapshot", "SnapshotPool"]
 
@@ -26,6 +29,8 @@ class Snapshot:
         self.buffer = buffer
         self.views = pool.layout.views(buffer)
         self.version = -1
+        self.segment: str | None = None
+        """Name of the shared-memory segment holding the buffer, if any."""
         self._refs = 0
 
     def retain(self) -> Snapshot:
@@ -44,24 +49,44 @@ class Snapshot:
 
 
 class SnapshotPool:
-    """Hands out packed snapshots of a layout on one device."""
+    """Hands out packed snapshots of a layout on one device.
 
-    def __init__(self, layout: BufferLayout, device: torch.device) -> None:
+    Args:
+        shared: allocate the buffers in named shared-memory segments (CPU only), so
+            that collectors on this host can read them (``transport="shm"``).
+    """
+
+    def __init__(self, layout: BufferLayout, device: torch.device, shared: bool = False) -> None:
         self.layout = layout
         self.device = device
+        self.shared = shared
         self.lock = threading.Lock()
         self.free: list[Snapshot] = []
         self.allocated = 0
+        self._segments: list[shared_memory.SharedMemory] = []
 
     def take(self, sources: list[torch.Tensor], version: int) -> Snapshot:
         """Pack ``sources`` as ``version`` into a free buffer; the caller holds one ref."""
         with self.lock:
             snap = self.free.pop() if self.free else None
         if snap is None:
-            buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+            segment = None
+            if self.shared:
+                segment, buffer = create_segment(self.layout.nbytes)
+                self._segments.append(segment)
+            else:
+                buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
             snap = Snapshot(self, buffer)
+            snap.segment = None if segment is None else segment.name
             self.allocated += 1
         pack(sources, snap.views)
         write_header(snap.buffer, self.layout, version)
         snap.version = version
         return snap.retain()
+
+    def close(self) -> None:
+        """Unlink the shared-memory segments (the memory goes with the last mapping)."""
+        for segment in self._segments:
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+        self._segments.clear()

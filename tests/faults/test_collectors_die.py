@@ -34,9 +34,11 @@ from weight_sync import (
 )
 
 
-def test_collector_killed_idle_then_rejoins_then_killed_before_ack(cluster: Cluster) -> None:
+@pytest.mark.parametrize("transport", ["distributed", "shm"])
+def test_collector_killed_idle_then_rejoins_then_killed_before_ack(
+        cluster: Cluster, transport: str) -> None:
     weights = make_weights(0)
-    with WeightSender(weights, 3, timeout=RX_TIMEOUT_S) as sender:
+    with WeightSender(weights, 3, timeout=RX_TIMEOUT_S, transport=transport) as sender:
         connect_all(sender, cluster, [0, 1, 2])
 
         # collector 0 SIGKILLed while idle

@@ -20,10 +20,14 @@ from weight_sync.errors import (
 from weight_sync.layout import named_leaves
 from weight_sync.packing import copy_in, read_header
 from weight_sync.protocol import CLOSED
-from weight_sync.store import get_int, wait_get
+from weight_sync.shm import SegmentReader
+from weight_sync.store import wait_get
 from weight_sync.transports.pair import COLLECTOR_RANK, PairLink
 
 __all__ = ["ReceiverLink"]
+
+# The "group" of a shared-memory link, which has none.
+_NO_GROUP = object()
 
 
 class ReceiverLink(PairLink):
@@ -35,14 +39,19 @@ class ReceiverLink(PairLink):
     Args:
         ack_store: a second store client for acks written from another thread than
             the one receiving (a TCPStore client must not be shared between threads).
+        shared_memory: read each message from the learner's shared-memory segment
+            named in its signal (same host; the learner decides at admission).
     """
 
     rank = COLLECTOR_RANK
 
-    def __init__(self, *args: Any, ack_store: dist.Store | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ack_store: dist.Store | None = None,
+                 shared_memory: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if ack_store is not None:
             self._signal_store = ack_store
+        self.shared_memory = shared_memory
+        self._segments = SegmentReader(self.layout.nbytes) if shared_memory else None
         self._garbage: list[str] = []  # spent keys, deleted by collect_garbage()
         self._last_version: int | None = None  # version of the last message received
 
@@ -106,7 +115,7 @@ class ReceiverLink(PairLink):
                     return None
             except (dist.DistError, RuntimeError) as exc:
                 raise PeerGone(f"{self._who()}: store lost while polling: {exc}") from exc
-            version = get_int(self._store, key)
+            value = self._store.get(key)
         else:
             try:
                 value = wait_get(self._store, key,
@@ -115,21 +124,27 @@ class ReceiverLink(PairLink):
                 if timeout is None:
                     raise
                 return None
-            version = int(value)
-        if version == CLOSED:
+        version, _, segment = value.decode().partition(" ")
+        if int(version) == CLOSED:
+            # Tell the learner we read it: it keeps its store up until we did.
+            with contextlib.suppress(dist.DistError, RuntimeError):
+                self._store.set(self._keys.bye(self.collector_id, self.incarnation), "1")
             raise ClosedError(f"{self._who()}: the learner closed the weight stream")
-        self._recv_into(group, weights, version)
+        if segment:
+            self._copy_from(segment, weights, int(version))
+        else:
+            self._recv_into(group, weights, int(version))
         # The learner sent this message after reading the previous one's ack: both
         # keys are spent. Deleted by collect_garbage(), off the latency path.
         self._garbage.append(key)
         if self._last_version is not None:
             self._garbage.append(
                 self._keys.ack(self.collector_id, self.incarnation, self._last_version))
-        self._last_version = version
+        self._last_version = int(version)
         self._seq += 1
         if model is not None:
             copy_in(list(named_leaves(model).values()), self.layout.views(weights))
-        return version
+        return int(version)
 
     def collect_garbage(self) -> None:
         """Delete the store keys of messages already received and acked (best effort:
@@ -146,6 +161,31 @@ class ReceiverLink(PairLink):
                 self._keys.ack(self.collector_id, self.incarnation, version), "1")
         except (dist.DistError, RuntimeError) as exc:
             raise PeerGone(f"{self._who()}: store lost while acking v{version}: {exc}") from exc
+
+    def connect(self, store: Any = None, timeout: float | None = None) -> None:
+        if self.shared_memory:
+            self._group = _NO_GROUP  # nothing to build: the store and the segment suffice
+            return
+        super().connect(store, timeout)
+
+    def close(self) -> None:
+        super().close()
+        if self._segments is not None:
+            self._segments.close()
+
+    def _copy_from(self, segment: str, buffer: torch.Tensor, version: int) -> None:
+        if self._segments is None:
+            raise ProtocolError(f"{self._who()}: message {self._seq} is in shared memory, "
+                                f"but this link was not admitted for shared memory")
+        try:
+            self._segments.copy_into(segment, buffer)
+        except FileNotFoundError as exc:
+            raise PeerGone(f"{self._who()}: version {version}'s segment {segment!r} is "
+                           f"gone (learner gone?)") from exc
+        got = read_header(buffer, self.layout)
+        if got != version:
+            raise ProtocolError(f"{self._who()}: message announced as version {version} "
+                                f"carries version {got}")
 
     def _recv_into(self, group: Any, buffer: torch.Tensor, version: int) -> None:
         start = time.monotonic()

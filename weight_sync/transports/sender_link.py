@@ -15,7 +15,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from weight_sync.errors import CollectorFailed, WeightSyncError, WeightSyncTimeout
+from weight_sync.errors import (
+    CollectorFailed,
+    ProtocolError,
+    WeightSyncError,
+    WeightSyncTimeout,
+)
 from weight_sync.snapshots import Snapshot
 from weight_sync.store import wait_keys
 from weight_sync.transports.pair import LEARNER_RANK, PairLink, process_alive
@@ -23,6 +28,9 @@ from weight_sync.transports.pair import LEARNER_RANK, PairLink, process_alive
 __all__ = ["SenderLink"]
 
 log = logging.getLogger(__name__)
+
+# The "group" of a shared-memory link, which has none.
+_NO_GROUP = object()
 
 # How often progress() checks an unacked collector's pid (a /proc read), seconds.
 _ALIVE_CHECK_S = 0.05
@@ -48,14 +56,17 @@ class SenderLink(PairLink):
     Args:
         liveness_timeout: declare the collector failed when its heartbeat stopped
             for this long while a message waits for its ack (``None``: never).
+        shared_memory: the collector is on this host and reads each message from the
+            snapshot's shared-memory segment: no pair group, no send.
     """
 
     rank = LEARNER_RANK
 
     def __init__(self, *args: Any, liveness_timeout: float | None = None,
-                 **kwargs: Any) -> None:
+                 shared_memory: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.liveness_timeout = liveness_timeout
+        self.shared_memory = shared_memory
         self._beats = -1  # heartbeat counter last read
         self._beat_seen = time.monotonic()  # when it last moved
         self._beat_read = 0.0  # when it was last read
@@ -223,19 +234,31 @@ class SenderLink(PairLink):
                 f"(liveness_timeout {self.liveness_timeout}s) with version {flight.version} "
                 f"unacked", self.collector_id)
 
+    def connect(self, store: Any = None, timeout: float | None = None) -> None:
+        if self.shared_memory:
+            self._group = _NO_GROUP  # nothing to build: the store and the segment suffice
+            return
+        super().connect(store, timeout)
+
     def _start(self, group: Any, snapshot: Snapshot) -> None:
         key = self._keys.update(self.collector_id, self.incarnation, self._seq)
-        self._store.set(key, str(snapshot.version))
-        work = group.send([snapshot.buffer], self._peer, 0)
+        if self.shared_memory:
+            if snapshot.segment is None:
+                raise ProtocolError(f"{self._who()}: a shared-memory link was handed a "
+                                    f"snapshot outside shared memory")
+            self._store.set(key, f"{snapshot.version} {snapshot.segment}")
+            work = None
+        else:
+            self._store.set(key, str(snapshot.version))
+            work = group.send([snapshot.buffer], self._peer, 0)
         self._in_flight = _InFlight(self._seq, snapshot, work)
         self._seq += 1
 
     def _finish_work(self, flight: _InFlight) -> None:
-        if flight.work is None:
-            return
         work, flight.work = flight.work, None
         try:
-            work.wait(timedelta(seconds=self.timeout))
+            if work is not None:
+                work.wait(timedelta(seconds=self.timeout))
         finally:
             if flight.snapshot is not None:
                 flight.snapshot.release()
