@@ -415,15 +415,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--final-timeout", type=float, default=180.0,
                         help="after the loop, how long to wait for every collector's ack")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transport", choices=["distributed", "shm"], default="distributed",
+                        help="the learner's transport (shm: same-host shared memory)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     n = args.collectors
     step_s = args.step_ms / 1000
     weights = make_weights(0)
-    sender = WeightSender(weights, n, timeout=args.ack_timeout)
+    sender = WeightSender(weights, n, timeout=args.ack_timeout, transport=args.transport)
     stats: dict[str, Any] = {
-        "collectors": n, "rounds": 0, "kills": 0, "kills_by_how": {}, "rejoins": 0,
+        "collectors": n, "transport": args.transport, "rounds": 0, "kills": 0,
+        "kills_by_how": {}, "rejoins": 0,
         "rejoins_in_loop": 0, "mismatches": 0, "hangs": 0, "expected_failures": 0,
         "unexpected_failures": 0, "final_acked": 0, "left_alive": 0,
         "slowest_send_s": 0.0, "slowest_send_round": None, "slowest_wait_ack_s": 0.0,
