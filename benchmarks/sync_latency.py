@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=[100_000, 1_000_000, 10_000_000, 100_000_000])
     parser.add_argument("--collectors", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--kind", default="wide", choices=["wide", "deep"])
+    parser.add_argument("--transport", default="distributed", choices=["distributed", "shm"])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=None)
@@ -121,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     for params in args.sizes:
         for n in args.collectors:
             rounds = args.rounds if params < 50_000_000 else max(5, args.rounds // 3)
-            ours = measure_weight_sync(params, args.kind, n, rounds, args.warmup)
+            ours = measure_weight_sync(params, args.kind, n, rounds, args.warmup,
+                                       transport=args.transport)
             raw = measure_raw_gloo(int(ours["nbytes"]), n, rounds, args.warmup)
             row = {
                 "params": params, "kind": args.kind, "num_collectors": n,
+                "transport": args.transport,
                 "nbytes": ours["nbytes"], "leaves": ours["leaves"],
                 "weight_sync": {k: v for k, v in ours.items() if k != "samples_s"},
                 "raw_gloo": {k: v for k, v in raw.items() if k != "samples_s"},
