@@ -206,11 +206,7 @@ def render_plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         _panel(ax, cfgs, things, "params")
         ax.set_xlabel("policy parameters (float32)")
         ax.set_title(f"{kind} policy, N=1")
-    _legend(axes[0][0])
-    fig.tight_layout()
-    written.append(out_dir / SIZE_PLOT)
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, axes, out_dir / SIZE_PLOT))
 
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
@@ -223,12 +219,16 @@ def render_plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         _panel(ax, cfgs, things, "num_collectors")
         ax.set_xlabel("collectors N")
         ax.set_title(f"{kind} policy, {_params(cfgs[0]['params']) if cfgs else '?'} params")
+    written.append(_save(fig, axes, out_dir / N_PLOT))
+    return written
+
+
+def _save(fig: Any, axes: Any, path: Path) -> Path:
     _legend(axes[0][0])
     fig.tight_layout()
-    written.append(out_dir / N_PLOT)
-    fig.savefig(written[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return written
+    return path
 
 
 def display_path(path: Path) -> str:

@@ -1,10 +1,14 @@
-"""Shared fixtures: the policies the tests sync (built by ``models.py``)."""
+"""Shared fixtures: the policies the tests sync (built by ``models.py``), and the
+``cluster`` of spawned children (``faults/harness.py``) that is always reaped."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import models
 import pytest
 import torch
+from faults.harness import CTX, Cluster
 from tensordict import TensorDict
 
 
@@ -41,3 +45,14 @@ def mixed_leaves() -> dict[str, torch.Tensor]:
         "empty": torch.empty(0, 4),
         "expanded": torch.randn(1, 4, generator=gen).expand(3, 4),  # stride 0
     }
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """Children spawned through it are killed and joined after the test, checked gone."""
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.shutdown()
+    assert not [p for p in CTX.active_children() if p in c.all_procs]

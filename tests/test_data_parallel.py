@@ -4,7 +4,6 @@ each rank serves its share, every collector ends bit-exact with the learner."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -68,15 +67,6 @@ def dp_collector(info: ConnectionInfo, global_id: int, out: Connection, cmd_q: A
     finally:
         receiver.close()
         out.send(("exit", global_id, None, None, os.getpid()))
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        c.shutdown()
 
 
 # -- tests ---------------------------------------------------------------------------------

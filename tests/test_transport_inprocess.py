@@ -6,10 +6,12 @@ acks, close, timeouts, misuse) checked deterministically and fast.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import models
 import procs
@@ -204,6 +206,21 @@ def test_torn_message_is_refused(pair: Pair) -> None:
 
 
 # -- WeightSender / WeightReceiver in one process --------------------------------------
+@contextlib.contextmanager
+def connected(policy: Any, collector_policy: Any) -> Iterator[tuple[WeightSender,
+                                                                   WeightReceiver]]:
+    """A sender and one receiver (connected from a thread) at version 0; both closed."""
+    with WeightSender(policy, num_collectors=1, timeout=20) as sender, \
+            ThreadPoolExecutor(1) as pool:
+        receiver = WeightReceiver(collector_policy, sender.connection_info, 0, timeout=20)
+        joined = pool.submit(receiver.connect, 20)
+        sender.connect(timeout=20)
+        assert joined.result(timeout=20) == 0
+        try:
+            yield sender, receiver
+        finally:
+            receiver.close()
+
 
 
 def test_sender_misuse_before_connect_and_after_close(mlp: torch.nn.Module) -> None:
@@ -267,12 +284,7 @@ def test_receiver_rejects_bad_arguments(mlp: torch.nn.Module) -> None:
 
 def test_sync_in_one_process_with_weights_argument(real_policy: TensorDict) -> None:
     collector_policy = models.make_real_policy(seed=9)
-    with WeightSender(real_policy, num_collectors=1, timeout=20) as sender, \
-            ThreadPoolExecutor(1) as pool:
-        receiver = WeightReceiver(collector_policy, sender.connection_info, 0, timeout=20)
-        joined = pool.submit(receiver.connect, 20)
-        sender.connect(timeout=20)
-        assert joined.result(timeout=20) == 0
+    with connected(real_policy, collector_policy) as (sender, receiver):
         assert models.fingerprint(collector_policy) == models.fingerprint(real_policy)
 
         # weights= sends another container of the same layout, not the policy.
@@ -290,18 +302,11 @@ def test_sync_in_one_process_with_weights_argument(real_policy: TensorDict) -> N
         assert "x: only on the" in str(err.value)
         assert sender.version == 1  # refused before a version was spent
         assert receiver.receive_weights(timeout=0) is None
-        receiver.close()
 
 
 def test_store_keys_stay_bounded_over_many_versions(mlp: torch.nn.Module) -> None:
     """Spent update and ack keys are deleted: a long run does not grow the store."""
-    collector_policy = models.make_mlp(seed=3)
-    with WeightSender(mlp, num_collectors=1, timeout=20) as sender, \
-            ThreadPoolExecutor(1) as pool:
-        receiver = WeightReceiver(collector_policy, sender.connection_info, 0, timeout=20)
-        joined = pool.submit(receiver.connect, 20)
-        sender.connect(timeout=20)
-        assert joined.result(timeout=20) == 0
+    with connected(mlp, models.make_mlp(seed=3)) as (sender, receiver):
         counts = []
         for version in range(1, 61):
             assert sender.send_weights_async() == version
@@ -310,4 +315,3 @@ def test_store_keys_stay_bounded_over_many_versions(mlp: torch.nn.Module) -> Non
             if version in (10, 60):
                 counts.append(sender._store.num_keys())
         assert counts[1] <= counts[0] + 2, counts  # the newest few, not one per version
-        receiver.close()

@@ -6,6 +6,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from weight_sync.errors import CollectorFailed, WeightSyncTimeout
+
 __all__ = ["AckResult", "SyncRecord", "SyncStats"]
 
 
@@ -78,3 +80,35 @@ class AckResult:
     @property
     def complete(self) -> bool:
         return not self.failed and not self.lagging
+
+    @classmethod
+    def of(cls, version: int, acked_versions: dict[int, int],
+           failed: dict[int, str]) -> AckResult:
+        """The outcome for ``version``, from each live collector's newest acked version."""
+        return cls(version=version,
+                   acked=tuple(sorted(c for c, v in acked_versions.items() if v >= version)),
+                   failed=failed,
+                   lagging=tuple(sorted(c for c, v in acked_versions.items() if v < version)))
+
+    def raise_if_incomplete(self, waited: float, pids: dict[int, int | None] | None = None,
+                            acked_versions: dict[int, int] | None = None) -> None:
+        """Raise the typed error of an incomplete wait, carrying this result
+        (``acked_versions``, if given, says how far each lagging collector got).
+
+        Raises:
+            CollectorFailed: a collector failed (the lowest id named; ``pids`` attached).
+            WeightSyncTimeout: collectors still lag after ``waited`` seconds.
+        """
+        if self.failed:
+            first = min(self.failed)
+            raise CollectorFailed(
+                f"version {self.version}: collector(s) {sorted(self.failed)} failed "
+                f"({self.failed[first]}); acked by {list(self.acked)}, lagging "
+                f"{list(self.lagging)} after {waited:.2f}s", first, self, pids)
+        if self.lagging:
+            versions = acked_versions or {}
+            detail = ", ".join(f"{c} (acked {versions[c]})" if c in versions else str(c)
+                               for c in self.lagging)
+            raise WeightSyncTimeout(
+                f"version {self.version} not acked after {waited:.2f}s by collector(s) "
+                f"{detail}", self)

@@ -32,7 +32,6 @@ from weight_sync.admission import Admissions
 from weight_sync.config import ConnectionInfo, SenderConfig
 from weight_sync.errors import (
     ClosedError,
-    CollectorFailed,
     ConfigError,
     LayoutMismatchError,
     ProtocolError,
@@ -299,27 +298,9 @@ class WeightSender:
                 acked, admit = set(waiting), False
             except WeightSyncTimeout:  # re-check links, joins and the deadline
                 acked, admit = set(), True
-        result = AckResult(
-            version=target,
-            acked=tuple(sorted(c for c, link in self.transports.items()
-                               if link.acked_version >= target)),
-            failed=newly_failed,
-            lagging=tuple(sorted(c for c, link in self.transports.items()
-                                 if link.acked_version < target)),
-        )
-        waited = time.monotonic() - start
-        if newly_failed:
-            first = min(newly_failed)
-            raise CollectorFailed(
-                f"version {target}: collector(s) {sorted(newly_failed)} failed "
-                f"({newly_failed[first]}); acked by {list(result.acked)}, lagging "
-                f"{list(result.lagging)} after {waited:.2f}s", first, result, failed_pids)
-        if result.lagging:
-            detail = ", ".join(f"{c} (acked {self.transports[c].acked_version})"
-                               for c in result.lagging)
-            raise WeightSyncTimeout(
-                f"version {target} not acked after {waited:.2f}s by collector(s) {detail}",
-                result)
+        acked_versions = {c: link.acked_version for c, link in self.transports.items()}
+        result = AckResult.of(target, acked_versions, newly_failed)
+        result.raise_if_incomplete(time.monotonic() - start, failed_pids, acked_versions)
         self._record(target)
         return result
 

@@ -182,10 +182,7 @@ class ReceiverLink(PairLink):
         except FileNotFoundError as exc:
             raise PeerGone(f"{self._who()}: version {version}'s segment {segment!r} is "
                            f"gone (learner gone?)") from exc
-        got = read_header(buffer, self.layout)
-        if got != version:
-            raise ProtocolError(f"{self._who()}: message announced as version {version} "
-                                f"carries version {got}")
+        self._check_header(buffer, version)
 
     def _recv_into(self, group: Any, buffer: torch.Tensor, version: int) -> None:
         start = time.monotonic()
@@ -195,6 +192,10 @@ class ReceiverLink(PairLink):
             raise PeerGone(
                 f"{self._who()}: transfer of version {version} failed after "
                 f"{time.monotonic() - start:.2f}s (learner gone?): {exc}") from exc
+        self._check_header(buffer, version)
+
+    def _check_header(self, buffer: torch.Tensor, version: int) -> None:
+        """Refuse a message whose header is not ours or names another version (torn)."""
         got = read_header(buffer, self.layout)
         if got != version:
             raise ProtocolError(f"{self._who()}: message announced as version {version} "
