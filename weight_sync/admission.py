@@ -1,88 +1,145 @@
-"""The learner's door: collectors that join or rejoin while the learner runs.
+"""The learner's door: admitting collectors at ``connect()`` and when they (re)join.
 
-A collector joins by bumping its ``join/<cid>`` counter (its incarnation) and the
-``joins`` counter, then writing its ``hello``. :class:`Admissions` notices the
-``joins`` counter move (one store read per look), refuses duplicates and layout
-mismatches, and builds the learner's end of each new link in a background thread:
-the pair-group rendezvous blocks until the collector builds its end, and a
-collector that dies halfway through its handshake must cost the learner's
+A collector joins by bumping its ``join/<cid>`` counter (its incarnation) and writing
+its hello (:mod:`weight_sync.handshake`). :class:`Admissions` judges each incarnation
+by the handshake's rules, builds the link with the chosen transport, and connects the
+transport ends: in the caller's thread at the initial ``connect()``, in a background
+thread for run-time joins, since a rendezvous blocks until the collector builds its end,
+and a collector that dies halfway through its handshake must cost the learner's
 ``send_weights_async``/``wait_ack`` nothing.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
-from typing import Any
 
-import torch.distributed as dist
-
-from weight_sync.protocol import ADMITTED, ADMITTED_SHM, Keys
-from weight_sync.store import connect_client
-from weight_sync.transports.sender_link import SenderLink
+from weight_sync.control import Control
+from weight_sync.errors import WeightSyncError, WeightSyncTimeout
+from weight_sync.handshake import judge, refusal_error
+from weight_sync.protocol import Hello, Verdict
+from weight_sync.sender_link import SenderLink
+from weight_sync.transports.base import Offer
+from weight_sync.transports.registry import TransportSpec
 
 __all__ = ["Admissions"]
 
 log = logging.getLogger(__name__)
 
-LinkFactory = Callable[[int, int, dict[str, Any]], SenderLink]
+#: Builds an unconnected link: ``(collector id, incarnation, hello, transport spec)``.
+LinkFactory = Callable[[int, int, Hello, TransportSpec], SenderLink]
 
 
 class Admissions:
-    """Finds (re)joined collectors and connects their links off the learner's thread.
+    """Judges joining collectors and connects their links.
 
     Args:
-        store: the learner's store client (used from the learner's thread only).
-        keys: the stream's key names.
-        make_link: builds an unconnected link from ``(collector_id, incarnation, hello)``.
+        control: the learner's main-thread store client.
+        make_link: builds an unconnected link.
+        chain: the proposed transport and its fallbacks.
+        offers: the learner's transport offers, by name.
         max_collectors: ids ``0..max_collectors-1`` are looked at.
-        address: ``(host, port)`` of the store, for the background thread's own client.
-        timeout: bound on that client's connect.
+        connect_control: makes a new store client, for a background thread.
     """
 
-    def __init__(self, store: dist.Store, keys: Keys, make_link: LinkFactory,
-                 max_collectors: int, address: tuple[str, int], timeout: float) -> None:
-        self._store = store
-        self._keys = keys
+    def __init__(self, control: Control, make_link: LinkFactory, chain: list[TransportSpec],
+                 offers: Mapping[str, Offer], max_collectors: int,
+                 connect_control: Callable[[], Control]) -> None:
+        self._control = control
         self._make_link = make_link
+        self._chain = chain
+        self._offers = offers
         self._max = max_collectors
-        self._address = address
-        self._timeout = timeout
+        self._connect_control = connect_control
         self.seen: dict[int, int] = {}
-        """Newest incarnation handled, per collector id."""
+        """Newest incarnation judged, per collector id."""
+        self._refused: dict[int, tuple[int, WeightSyncError]] = {}  # id -> (inc, why)
         self._joins_seen = 0
         self._attempts: list[tuple[SenderLink, Future[None]]] = []  # links connecting
 
-    def hello(self, cid: int, inc: int) -> dict[str, Any]:
-        """The handshake a collector incarnation wrote (pid, host, refusal)."""
-        return dict(json.loads(self._store.get(self._keys.hello(cid, inc))))
-
-    def admit_now(self, cid: int, inc: int, hello: dict[str, Any],
-                  timeout: float) -> SenderLink:
-        """Admit and connect in this thread, within ``timeout`` s (the initial connect
-        of collectors 0..N-1)."""
-        link = self._admit(cid, inc, hello)
-        link.connect(timeout=timeout)
-        return link
-
-    def _admit(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
-        link = self._make_link(cid, inc, hello)
+    # -- judging -----------------------------------------------------------------------
+    def _judge(self, cid: int, inc: int, hello: Hello,
+               current: SenderLink | None) -> SenderLink | None:
+        """Judge one incarnation and write the verdict; its link if admitted."""
         self.seen[cid] = inc
-        self._store.set(self._keys.admit(cid, inc),
-                        ADMITTED_SHM if link.shared_memory else ADMITTED)
+        verdict = judge(hello, cid, inc, current, self._chain, self._offers)
+        if not verdict.admitted:
+            who = f"collector {cid} (incarnation {inc})"
+            self._refused[cid] = (inc, refusal_error(verdict, who, hello.refused))
+            log.warning("refused %s: %s", who, verdict.reason)
+            self._control.admit(cid, inc, verdict)
+            return None
+        spec = next(s for s in self._chain if s.name == verdict.transport)
+        link = self._make_link(cid, inc, hello, spec)
+        self._refused.pop(cid, None)
+        self._control.admit(cid, inc, Verdict(transport=spec.name))
+        log.info("admitting collector %d (incarnation %d) over %r", cid, inc, spec.name)
         return link
 
+    def initial(self, ids: Iterable[int], timeout: float) -> dict[int, SenderLink]:
+        """The initial ``connect()``: wait for collectors ``ids``, judge every
+        incarnation each has claimed (in order: a live earlier one wins over a
+        duplicate), and connect the admitted links in this thread.
+
+        Raises:
+            WeightSyncTimeout: naming the collectors that did not join in time.
+            LayoutMismatchError, DuplicateCollectorError: a collector was refused and
+                none of its incarnations admitted.
+        """
+        deadline = time.monotonic() + timeout
+        ids = list(ids)
+        self._control.wait_joined(ids, timeout)
+        newest = {c: self._control.incarnation(c) for c in ids}
+        self._control.wait_hellos(newest.items(), deadline - time.monotonic(),
+                                  "collectors to finish their handshake")
+        links: dict[int, SenderLink] = {}
+        for cid in ids:
+            for inc in range(1, newest[cid] + 1):
+                hello = self._control.hello(cid, inc)
+                if hello is None:  # an earlier incarnation that never said hello
+                    continue
+                link = self._judge(cid, inc, hello, links.get(cid))
+                if link is not None:
+                    superseded = links.pop(cid, None)  # its process is gone
+                    if superseded is not None:
+                        superseded.close()
+                    links[cid] = link
+            if cid not in links:
+                for link in links.values():
+                    link.close()
+                raise self._refused[cid][1]
+        self._joins_seen = self._control.joins()
+        try:
+            for link in links.values():
+                link.connect(self._control, deadline - time.monotonic())
+        except BaseException:
+            for link in links.values():
+                link.close()
+            raise
+        return links
+
+    def refusal(self, cid: int) -> WeightSyncError | None:
+        """Why collector ``cid`` was refused, if its newest incarnation was (and no
+        newer process has claimed the id since)."""
+        entry = self._refused.get(cid)
+        if entry is None or cid in self.connecting:
+            return None
+        inc, error = entry
+        return error if self._control.incarnation(cid) == inc else None
+
+    # -- run-time joins ----------------------------------------------------------------
     @property
     def connecting(self) -> list[int]:
         """Ids whose new link is still being connected."""
         return sorted({link.collector_id for link, _ in self._attempts})
 
-    def poll(self, live: dict[int, SenderLink]) -> tuple[list[SenderLink], dict[int, str]]:
+    def poll(self, live: Mapping[int, SenderLink]) -> tuple[list[SenderLink], dict[int, str]]:
         """Look for joins once; start connecting the admissible ones.
 
         Args:
@@ -112,59 +169,41 @@ class Admissions:
                 log.warning("%s", failed[link.collector_id])
         return ready, failed
 
-    def wait(self, ids: Iterable[int], timeout: float) -> None:
-        """Block up to ``timeout`` s until one of the connects of ``ids`` in progress
-        ends."""
-        wanted = set(ids)
-        futures = [f for link, f in self._attempts if link.collector_id in wanted]
-        if futures:
-            wait_futures(futures, timeout, return_when=FIRST_COMPLETED)
-
-    def _look(self, live: dict[int, SenderLink]) -> None:
-        joins = int(self._store.add(self._keys.joins, 0))
+    def _look(self, live: Mapping[int, SenderLink]) -> None:
+        joins = self._control.joins()
         if joins == self._joins_seen:
             return
         handshaking = False
         for cid in range(self._max):
-            inc = int(self._store.add(self._keys.join(cid), 0))
-            if inc <= self.seen.get(cid, 0):
-                continue
-            if not self._store.check([self._keys.hello(cid, inc)]):
-                handshaking = True  # look again on a later call
-                continue
-            self._consider(cid, inc, self.hello(cid, inc), live.get(cid))
+            newest = self._control.incarnation(cid)
+            current = live.get(cid)
+            for inc in range(self.seen.get(cid, 0) + 1, newest + 1):
+                hello = self._control.hello(cid, inc)
+                if hello is None:
+                    if inc == newest:
+                        handshaking = True  # look again on a later call
+                    continue  # an earlier incarnation that never said hello
+                link = self._judge(cid, inc, hello, current)
+                if link is not None:
+                    current = link
+                    self._connect_in_background(link)
         if not handshaking:
             self._joins_seen = joins
 
-    def _consider(self, cid: int, inc: int, hello: dict[str, Any],
-                  current: SenderLink | None) -> None:
-        if hello.get("refused"):
-            self.seen[cid] = inc
-            log.warning("collector %d (incarnation %d) refused the layout", cid, inc)
-            return
-        if (current is not None and current.failure is None and current.peer_pid is not None
-                and current.peer_alive()):
-            self.seen[cid] = inc
-            reason = (f"duplicate collector id {cid}: incarnation {current.incarnation} "
-                      f"(pid {current.peer_pid}) is alive and served")
-            self._store.set(self._keys.admit(cid, inc), reason)
-            log.warning("refused collector %d incarnation %d: %s", cid, inc, reason)
-            return
-        log.info("admitting collector %d (incarnation %d)", cid, inc)
-        link = self._admit(cid, inc, hello)
+    def _connect_in_background(self, link: SenderLink) -> None:
         future: Future[None] = Future()
         # A daemon thread, not an executor: a rendezvous with a collector that died
         # must not hold up the learner's exit for the link's timeout.
         threading.Thread(target=self._connect, args=(link, future), daemon=True,
-                         name=f"weight-sync-admit-{cid}-{inc}").start()
+                         name=f"weight-sync-admit-{link.collector_id}-{link.incarnation}"
+                         ).start()
         self._attempts.append((link, future))
 
     def _connect(self, link: SenderLink, future: Future[None]) -> None:
         """In a background thread: the rendezvous, on the thread's own store client."""
         start = time.monotonic()
         try:
-            host, port = self._address
-            link.connect(store=connect_client(host, port, self._timeout))
+            link.connect(self._connect_control(), link.spec.timeout)
         except BaseException as exc:
             future.set_exception(exc)
             return
@@ -172,10 +211,28 @@ class Admissions:
                  link.incarnation, time.monotonic() - start)
         future.set_result(None)
 
+    def wait(self, ids: Iterable[int], timeout: float) -> None:
+        """Block up to ``timeout`` s until a join of one of ``ids`` makes progress: a
+        connect in progress ends, or a new incarnation says hello."""
+        wanted = set(ids)
+        futures = [f for link, f in self._attempts if link.collector_id in wanted]
+        if futures:
+            wait_futures(futures, timeout, return_when=FIRST_COMPLETED)
+            return
+        # The store waits for all keys: with several ids, the caller's slice bounds
+        # the wait before the ones that did arrive are admitted.
+        with contextlib.suppress(WeightSyncTimeout):
+            self._control.wait_hellos([(c, self.seen.get(c, 0) + 1) for c in sorted(wanted)],
+                                      timeout, f"collectors {sorted(wanted)} to join")
+
     def close(self) -> None:
         """Stop admitting: links still connecting are closed (their threads end with
         their rendezvous timeout)."""
         for link, _future in self._attempts:
             link.close()
         self._attempts.clear()
-        self._store = None  # type: ignore[assignment]  # the server stops with its last reference
+
+
+def is_local(hello: Hello) -> bool:
+    """Whether the collector that said ``hello`` runs on this host (by name)."""
+    return hello.host == socket.gethostname()

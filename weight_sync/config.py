@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 from weight_sync.errors import ConfigError
 
-__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS", "TRANSPORTS"]
+__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS"]
 
 #: torch.distributed backends a link can use.
 BACKENDS = ("gloo", "nccl")
-#: How messages reach collectors: point-to-point sends, or shared memory for the
-#: collectors on the learner's host (sends for the others).
-TRANSPORTS = ("distributed", "shm")
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -53,8 +50,10 @@ class SenderConfig:
     """A collector whose heartbeat stopped this long while the learner waits for its
     ack is declared failed (``CollectorFailed``). Collectors beat every tenth of it."""
     transport: str = "distributed"
-    """``"distributed"`` (gloo/nccl sends) or ``"shm"``: collectors on the learner's
-    host copy each message from shared memory, the others get sends (gloo only)."""
+    """The registered transport to propose (:mod:`weight_sync.transports.registry`):
+    ``"distributed"`` (gloo/nccl sends) or ``"shm"`` (collectors that share this host's
+    ``/dev/shm`` copy each message from shared memory, the others fall back to sends;
+    gloo only), or one of your own. Checked against the registry by the sender."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -67,12 +66,9 @@ class SenderConfig:
                               f"got {self.backend!r}")
         _positive("SenderConfig", "timeout", self.timeout)
         _positive("SenderConfig", "liveness_timeout", self.liveness_timeout)
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"SenderConfig.transport must be one of {TRANSPORTS}, "
+        if not isinstance(self.transport, str) or not self.transport:
+            raise ConfigError(f"SenderConfig.transport must be a transport name, "
                               f"got {self.transport!r}")
-        if self.transport == "shm" and self.backend != "gloo":
-            raise ConfigError(f"SenderConfig.transport 'shm' needs backend 'gloo' (CPU "
-                              f"weights), got {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -99,10 +95,8 @@ class ConnectionInfo:
     host: str
     port: int
     name: str
-    layout_digest: str
     num_collectors: int
     backend: str = "gloo"
-    nbytes: int = 0
     max_collectors: int = 0
     """Collector ids accepted are ``0..max_collectors-1`` (0 means ``num_collectors``)."""
     heartbeat_s: float = 1.0

@@ -25,9 +25,8 @@ import os
 from collections.abc import Mapping
 
 from weight_sync.config import ConnectionInfo
+from weight_sync.control import Control
 from weight_sync.errors import ConfigError
-from weight_sync.protocol import Keys
-from weight_sync.store import connect_client, wait_keys
 
 __all__ = ["ADDR_VAR", "NAME_VAR", "ID_VAR", "info_from_address", "info_from_env",
            "collector_id_from_env", "env_for_collectors"]
@@ -48,10 +47,7 @@ def info_from_address(host: str, port: int, name: str = "policy",
         ConnectionFailed: no store answered at ``host:port`` within ``timeout``.
         WeightSyncTimeout: the store holds no stream called ``name``.
     """
-    store = connect_client(host, port, timeout)
-    key = Keys(name).info
-    wait_keys(store, [key], timeout, f"the learner's connection info of stream {name!r}")
-    info = ConnectionInfo.from_json(store.get(key).decode())
+    info = ConnectionInfo.from_json(Control.connect(host, port, name, timeout).read_info(timeout))
     # The address that just worked beats the one the learner advertises (its hostname,
     # when it binds every interface).
     return dataclasses.replace(info, host=host, port=port)

@@ -41,7 +41,6 @@ class SyncStats:
     """The recent sync rounds (bounded) with their quantiles."""
 
     records: deque[SyncRecord] = field(default_factory=lambda: deque(maxlen=10_000))
-    pack_s: float = 0.0
 
     def add(self, record: SyncRecord) -> None:
         self.records.append(record)

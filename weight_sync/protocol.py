@@ -1,50 +1,160 @@
-"""Every key weight-sync writes to the TCPStore, defined here and nowhere else.
+"""What weight-sync keeps in the TCPStore: every key, and every structured value.
 
-All keys live under the prefix ``ws/<name>/`` (one namespace per weight stream, so
-one store can carry several). ``<cid>`` is a collector id, ``<inc>`` its incarnation
-(1 for its first connect, +1 each time a process with that id joins again), ``<seq>``
-the per-link message number (0 = the initial sync), ``<v>`` a weight version.
+Only :mod:`weight_sync.control` reads and writes these keys; this module says what
+they are called and how their values are spelled, so a value is formatted and parsed
+in one place (the ``encode``/``decode`` pair of its dataclass).
 
-=============================  =========  =========  ====================================
-key                            written by read by    meaning
-=============================  =========  =========  ====================================
-``layout``                     learner    collector  JSON layout (name, shape, dtype)
-``info``                       learner    collector  JSON ConnectionInfo, for collectors
-                                                     started with only an address
-``join/<cid>``                 collector  learner    counter; ``add(+1)`` = incarnation
-``joins``                      collector  learner    counter of all joins (cheap to poll)
-``hello/<cid>/<inc>``          collector  learner    JSON: pid, host, digest, refusal
-``admit/<cid>/<inc>``          learner    collector  ``ok`` / ``ok shm`` (shared memory), or
-                                                     why the learner refused it
-``pair/<cid>/<inc>/...``       torch      torch      rendezvous of the link's pair group
-``update/<cid>/<inc>/<seq>``   learner    collector  "message seq carries version v":
-                                                     ``v``, or ``v <segment>`` when it
-                                                     waits in shared memory; ``-1`` =
-                                                     the learner closed
-``ack/<cid>/<inc>/<v>``        collector  learner    version v is applied
-``alive/<cid>/<inc>``          collector  learner    heartbeat counter, ``add(+1)`` per beat
-``bye/<cid>/<inc>``            collector  learner    the collector read the learner's close
-=============================  =========  =========  ====================================
+All keys live under the prefix ``ws/<name>/`` (one namespace per weight stream, so one
+store can carry several). ``<cid>`` is a collector id, ``<inc>`` its incarnation (1 for
+its first connect, +1 each time a process with that id joins again), ``<seq>`` the
+per-link message number (0 = the initial sync), ``<v>`` a weight version.
+
+===============================  =========  =========  ==================================
+key                              written by read by    meaning
+===============================  =========  =========  ==================================
+``layout``                       learner    collector  JSON layout (name, shape, dtype)
+``info``                         learner    collector  JSON ConnectionInfo, for collectors
+                                                       started with only an address
+``offers``                       learner    collector  JSON {transport: params}: what a
+                                                       collector must prove to use one
+``join/<cid>``                   collector  learner    counter; ``add(+1)`` = incarnation
+``joins``                        collector  learner    counter of all joins (cheap to poll)
+``hello/<cid>/<inc>``            collector  learner    :class:`Hello` (JSON)
+``admit/<cid>/<inc>``            learner    collector  :class:`Verdict` (JSON)
+``link/<cid>/<inc>/...``         both ends  both ends  the transport's own rendezvous (the
+                                                       gloo pair group's keys, or fields a
+                                                       transport publishes)
+``update/<cid>/<inc>/<seq>``     learner,   collector  :class:`Update`: message seq carries
+                                 collector             version v (and the transport's note);
+                                                       ``-1`` = closed (written by the
+                                                       learner, or by the collector's own
+                                                       ``close()`` to wake its listener)
+``ack/<cid>/<inc>/<v>``          collector  learner    version v is applied
+``alive/<cid>/<inc>``            collector  learner    heartbeat counter, ``add(+1)`` per beat
+``bye/<cid>/<inc>``              collector  learner    the collector read the learner's close
+===============================  =========  =========  ==================================
 
 A collector waits for ``update/.../<seq>`` with a blocking ``get`` (bounded), then
-receives exactly one message on its pair group. The learner sends message ``seq+1``
-only once ``seq`` is acked, so a transfer never waits on a busy collector and a slow
-collector is handed the newest version, never a queue of old ones. It also means that
-when message ``seq+1`` arrives, ``update/<seq>`` and the previous message's ``ack`` have
-been read: the collector deletes them then, off the latency path, so a long run keeps
-a bounded number of keys per collector.
+receives exactly one message through its transport. The learner sends message
+``seq+1`` only once ``seq`` is acked, so a transfer never waits on a busy collector and
+a slow collector is handed the newest version, never a queue of old ones. It also
+means that when message ``seq+1`` arrives, ``update/<seq>`` and the previous message's
+``ack`` have been read: the collector deletes them then, off the latency path, so a
+long run keeps a bounded number of keys per collector.
 """
 
 from __future__ import annotations
 
-__all__ = ["ADMITTED", "ADMITTED_SHM", "CLOSED", "Keys"]
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-#: Value of an ``update`` key telling the collector that the learner closed.
+from weight_sync.errors import ProtocolError
+
+__all__ = ["CLOSED", "Keys", "Hello", "Verdict", "Update", "REFUSED_LAYOUT",
+           "REFUSED_DUPLICATE"]
+
+#: Version carried by an ``update`` that ends the stream.
 CLOSED = -1
-#: Value of an ``admit`` key that lets the collector build its link.
-ADMITTED = "ok"
-#: Value of an ``admit`` key that lets the collector build a shared-memory link.
-ADMITTED_SHM = "ok shm"
+#: :attr:`Verdict.refusal` kinds.
+REFUSED_LAYOUT = "layout"
+REFUSED_DUPLICATE = "duplicate"
+
+
+def _decode_json(what: str, raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {what} in the store: {raw[:200]!r}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"malformed {what} in the store: {raw[:200]!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A collector incarnation introducing itself to the learner.
+
+    Attributes:
+        pid: its process id (checked for liveness when it runs on the learner's host).
+        host: its hostname.
+        refused: the layout differences it found, if it refused the learner's layout.
+        evidence: per offered transport, what it found when probing the offer (e.g.
+            the token it read from the learner's shared memory).
+    """
+
+    pid: int
+    host: str
+    refused: tuple[str, ...] = ()
+    evidence: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def encode(self) -> str:
+        return json.dumps({**asdict(self), "refused": list(self.refused)})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Hello:
+        value = _decode_json("hello", raw)
+        try:
+            return cls(pid=int(value["pid"]), host=str(value["host"]),
+                       refused=tuple(value.get("refused") or ()),
+                       evidence=dict(value.get("evidence") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed hello in the store: {raw[:200]!r}") from exc
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The learner's answer to a :class:`Hello`.
+
+    Attributes:
+        transport: the transport the link uses (empty when refused).
+        refusal: ``""`` when admitted, else :data:`REFUSED_LAYOUT` or
+            :data:`REFUSED_DUPLICATE`.
+        reason: why it was refused, for the collector's error message.
+    """
+
+    transport: str = ""
+    refusal: str = ""
+    reason: str = ""
+
+    @property
+    def admitted(self) -> bool:
+        return not self.refusal
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Verdict:
+        value = _decode_json("admission verdict", raw)
+        try:
+            return cls(**{k: str(v) for k, v in value.items()})
+        except TypeError as exc:
+            raise ProtocolError(f"malformed admission verdict: {raw[:200]!r}") from exc
+
+
+@dataclass(frozen=True)
+class Update:
+    """Message ``seq`` of a link carries ``version``; ``note`` is the transport's own
+    detail (e.g. the shared-memory segment holding it), ``""`` if it needs none."""
+
+    version: int
+    note: str = ""
+
+    @property
+    def closed(self) -> bool:
+        return self.version == CLOSED
+
+    def encode(self) -> str:
+        return f"{self.version} {self.note}" if self.note else str(self.version)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Update:
+        version, _, note = raw.decode(errors="replace").partition(" ")
+        try:
+            return cls(int(version), note)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed update signal in the store: {raw[:200]!r}") from exc
 
 
 class Keys:
@@ -62,6 +172,10 @@ class Keys:
         return self.prefix + "info"
 
     @property
+    def offers(self) -> str:
+        return self.prefix + "offers"
+
+    @property
     def joins(self) -> str:
         return self.prefix + "joins"
 
@@ -74,8 +188,9 @@ class Keys:
     def admit(self, cid: int, inc: int) -> str:
         return f"{self.prefix}admit/{cid}/{inc}"
 
-    def pair_prefix(self, cid: int, inc: int) -> str:
-        return f"{self.prefix}pair/{cid}/{inc}/"
+    def link(self, cid: int, inc: int) -> str:
+        """Prefix of a link's transport-owned keys (ends with ``/``)."""
+        return f"{self.prefix}link/{cid}/{inc}/"
 
     def update(self, cid: int, inc: int, seq: int) -> str:
         return f"{self.prefix}update/{cid}/{inc}/{seq}"

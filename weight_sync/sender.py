@@ -20,7 +20,6 @@ version.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import time
@@ -28,22 +27,23 @@ from typing import Any
 
 import torch
 
-from weight_sync.admission import Admissions
+from weight_sync.admission import Admissions, is_local
 from weight_sync.config import ConnectionInfo, SenderConfig
+from weight_sync.control import Control
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
-    LayoutMismatchError,
     ProtocolError,
-    WeightSyncError,
     WeightSyncTimeout,
 )
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.metrics import AckResult, SyncRecord, SyncStats
-from weight_sync.protocol import Keys
+from weight_sync.protocol import Hello
+from weight_sync.sender_link import SenderLink
 from weight_sync.snapshots import Snapshot, SnapshotPool
-from weight_sync.store import WILDCARDS, create_server, get_int, wait_keys
-from weight_sync.transports.sender_link import SenderLink
+from weight_sync.store import WILDCARDS, StoreServer
+from weight_sync.transports.base import LinkSpec, Offer
+from weight_sync.transports.registry import TransportSpec, fallback_chain
 
 __all__ = ["WeightSender"]
 
@@ -85,31 +85,54 @@ class WeightSender:
         if not isinstance(max_collectors, int) or max_collectors < num_collectors:
             raise ConfigError(f"max_collectors must be an int >= num_collectors "
                               f"({num_collectors}), got {max_collectors!r}")
+        chain = fallback_chain(self.config.transport)
+        if self.config.backend not in chain[0].backends:
+            raise ConfigError(f"SenderConfig.transport {chain[0].name!r} needs backend "
+                              f"{' or '.join(map(repr, chain[0].backends))}, got "
+                              f"{self.config.backend!r}")
         self.num_collectors = num_collectors
         self.max_collectors = max_collectors
         self._sources = list(named_leaves(policy).values())
         self.layout = BufferLayout.from_weights(policy)
-        self._keys = Keys(self.config.name)
-        self._store = create_server(self.config.host, self.config.port, self.config.timeout)
-        self._store.set(self._keys.layout, self.layout.to_json())
-        self._store.set(self._keys.info, self.connection_info.to_json())
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if self.config.backend == "nccl" else torch.device("cpu")
-        self._pool = SnapshotPool(self.layout, device, shared=self.config.transport == "shm")
+        self._server = StoreServer(self.config.host, self.config.port, self.config.timeout)
+        self._offers: dict[str, Offer] = {}
+        try:
+            self._control = self._new_control()
+            for spec in chain:
+                if spec.offer is not None and self.config.backend in spec.backends:
+                    self._offers[spec.name] = spec.offer()
+            self._control.publish_stream(
+                self.layout.to_json(), self.connection_info.to_json(),
+                {name: offer.params for name, offer in self._offers.items()})
+        except BaseException:
+            self._release_offers()
+            self._server.stop()
+            raise
+        self._pool = SnapshotPool(self.layout, self._device(),
+                                  shared=chain[0].shared_snapshots)
         self._latest: Snapshot | None = None
-        self.transports: dict[int, SenderLink] = {}
+        self.links: dict[int, SenderLink] = {}
+        """The live collectors' links, by collector id."""
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
-        self._admissions = Admissions(
-            self._store, self._keys, self._make_link, max_collectors,
-            (WILDCARDS.get(self.config.host, self.config.host), int(self._store.port)),
-            self.config.timeout)
+        self._admissions = Admissions(self._control, self._make_link, chain, self._offers,
+                                      max_collectors, self._new_control)
         self._joins_read = 0.0  # when joins were last looked for
         self.version = 0
         self.stats = SyncStats()
-        self._send_started: dict[int, float] = {}
+        self._sent: dict[int, tuple[float, float]] = {}  # version -> (start, pack seconds)
         self._connected = False
         self._closed = False
+
+    def _new_control(self) -> Control:
+        """A new client of this learner's store (one per thread that uses it)."""
+        return Control.connect(self._server.local_host, self._server.port, self.config.name,
+                               self.config.timeout)
+
+    def _device(self) -> torch.device:
+        if self.config.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @property
     def connection_info(self) -> ConnectionInfo:
@@ -118,12 +141,16 @@ class WeightSender:
         return ConnectionInfo(
             # A wildcard address binds every interface; collectors dial the host's name.
             host=socket.gethostname() if host in WILDCARDS else host,
-            port=int(self._store.port), name=self.config.name,
-            layout_digest=self.layout.digest, num_collectors=self.num_collectors,
-            backend=self.config.backend, nbytes=self.layout.nbytes,
+            port=self._server.port, name=self.config.name,
+            num_collectors=self.num_collectors, backend=self.config.backend,
             max_collectors=self.max_collectors,
             heartbeat_s=self.config.liveness_timeout / 10,
         )
+
+    @property
+    def transports(self) -> dict[int, str]:
+        """The transport each live collector's link uses, by collector id."""
+        return {cid: link.transport for cid, link in self.links.items()}
 
     def __enter__(self) -> WeightSender:
         return self
@@ -143,43 +170,28 @@ class WeightSender:
         Raises:
             WeightSyncTimeout: naming the collectors that did not join in time.
             LayoutMismatchError: a collector's weights differ (the differences listed).
+            DuplicateCollectorError: never for a duplicate alone (the first live
+                process of an id is served; the duplicate is refused and raises).
         """
         self._check_open("connect")
         deadline = time.monotonic() + timeout
-        ids = range(self.num_collectors)
-        wait_keys(self._store, [self._keys.join(c) for c in ids], timeout,
-                  f"collectors {list(ids)} to join")
-        incs = {c: get_int(self._store, self._keys.join(c)) for c in ids}
-        wait_keys(self._store, [self._keys.hello(c, incs[c]) for c in ids],
-                  deadline - time.monotonic(), "collectors to finish their handshake")
-        hellos = {c: self._admissions.hello(c, incs[c]) for c in ids}
-        for c, hello in hellos.items():
-            if hello.get("refused"):
-                raise LayoutMismatchError(
-                    f"collector {c} (pid {hello.get('pid')}) refused the learner's layout:\n  "
-                    + "\n  ".join(hello["refused"]), hello["refused"])
-        for c in ids:
-            self.transports[c] = self._admissions.admit_now(
-                c, incs[c], hellos[c], deadline - time.monotonic())
+        self.links.update(self._admissions.initial(range(self.num_collectors), timeout))
         self._connected = True
         self._publish(self._sources, self.version)
         self.wait_ack(max(deadline - time.monotonic(), 0.001))
-        log.info("connected %d collector(s) on %s:%s, layout %s (%d bytes)",
-                 self.num_collectors, self.config.host, self._store.port, self.layout.digest,
+        log.info("connected %d collector(s) on %s:%s over %s, layout %s (%d bytes)",
+                 self.num_collectors, self.config.host, self._server.port,
+                 sorted(set(self.transports.values())), self.layout.digest,
                  self.layout.nbytes)
 
-    def _make_link(self, cid: int, inc: int, hello: dict[str, Any]) -> SenderLink:
+    def _make_link(self, cid: int, inc: int, hello: Hello, spec: TransportSpec) -> SenderLink:
         host = self.config.host
-        local = hello.get("host") == socket.gethostname()
-        link = SenderLink(
-            self._store, self._keys, cid, inc, layout=self.layout,
-            backend=self.config.backend, timeout=self.config.timeout,
-            bind_host=None if host in WILDCARDS else host,
-            liveness_timeout=self.config.liveness_timeout,
-            shared_memory=local and self.config.transport == "shm")
-        if local:
-            link.peer_pid = int(hello["pid"])
-        return link
+        link_spec = LinkSpec(cid, inc, self.layout, backend=self.config.backend,
+                             timeout=self.config.timeout,
+                             bind_host=None if host in WILDCARDS else host)
+        return SenderLink(link_spec, spec.sender(link_spec), spec.name, self._control,
+                          liveness_timeout=self.config.liveness_timeout,
+                          peer_pid=hello.pid if is_local(hello) else None)
 
     def _admit_joins(self, *, force: bool = False) -> None:
         """Install collectors that (re)joined, catching them up with the newest
@@ -192,16 +204,16 @@ class WeightSender:
         if not force and now - self._joins_read < _JOIN_CHECK_S:
             return
         self._joins_read = now
-        ready, failed = self._admissions.poll(self.transports)
+        ready, failed = self._admissions.poll(self.links)
         self.failed.update(failed)
         for link in ready:
-            old = self.transports.pop(link.collector_id, None)
+            old = self.links.pop(link.collector_id, None)
             if old is not None:
                 old.close()
-            self.transports[link.collector_id] = link
+            self.links[link.collector_id] = link
             self.failed.pop(link.collector_id, None)
-            log.info("collector %d (incarnation %d) joined at version %d",
-                     link.collector_id, link.incarnation, self.version)
+            log.info("collector %d (incarnation %d) joined at version %d over %r",
+                     link.collector_id, link.incarnation, self.version, link.transport)
             if self._latest is not None:
                 link.send_weights_async(self._latest)
 
@@ -211,11 +223,9 @@ class WeightSender:
         if self._latest is not None:
             self._latest.release()
         self._latest = snap  # kept so a collector that (re)joins gets exactly this version
-        for link in self.transports.values():
-            if link.failure is None:  # a broken link is reported and retired by wait_ack
-                link.send_weights_async(snap)
-        self._send_started[version] = start
-        self.stats.pack_s = time.perf_counter() - start
+        for link in self.links.values():
+            link.send_weights_async(snap)  # a broken link is reported and retired by wait_ack
+        self._sent[version] = (start, time.perf_counter() - start)
 
     def send_weights_async(self, weights: Any = None) -> int:
         """Snapshot the weights as a new version and start sending it; never blocks
@@ -246,10 +256,10 @@ class WeightSender:
 
     def _retire_failed(self, pids: dict[int, int | None]) -> dict[int, str]:
         """Drop the broken links; their reasons by id (their pids go into ``pids``)."""
-        newly = {c: str(link.failure) for c, link in self.transports.items()
+        newly = {c: str(link.failure) for c, link in self.links.items()
                  if link.failure is not None}
         for c in newly:
-            link = self.transports.pop(c)
+            link = self.links.pop(c)
             pids[c] = link.peer_pid
             link.close()
         self.failed.update(newly)
@@ -274,31 +284,31 @@ class WeightSender:
         target = self.version
         newly_failed: dict[int, str] = {}
         failed_pids: dict[int, int | None] = {}
-        acked: set[int] = set()  # links whose awaited ack key the last wait saw
+        acked: set[int] = set()  # links whose awaited ack the last wait saw
         admit = True
         while True:
             if admit:
                 self._admit_joins()
-            for cid, link in self.transports.items():
+            for cid, link in self.links.items():
                 link.progress(acked=cid in acked)
             newly_failed.update(self._retire_failed(failed_pids))
-            lagging = [link for link in self.transports.values() if link.acked_version < target]
+            lagging = [link for link in self.links.values() if link.acked_version < target]
             remaining = deadline - time.monotonic()
             if not lagging or remaining <= 0:
                 break
-            waiting = {link.collector_id: k for link in lagging
-                       if (k := link.waiting_key) is not None}
+            waiting = {link.collector_id: a for link in lagging
+                       if (a := link.awaited_ack) is not None}
             if not waiting:  # cannot happen after progress(); never spin
                 break
             # Slices: between them links are checked for failure, so a dead collector
             # costs a slice, not the whole timeout.
             try:
-                wait_keys(self._store, list(waiting.values()), min(remaining, _ACK_SLICE_S),
-                          f"acks of version {target}")
+                self._control.wait_acks(waiting.values(), min(remaining, _ACK_SLICE_S),
+                                        f"acks of version {target}")
                 acked, admit = set(waiting), False
             except WeightSyncTimeout:  # re-check links, joins and the deadline
                 acked, admit = set(), True
-        acked_versions = {c: link.acked_version for c, link in self.transports.items()}
+        acked_versions = {c: link.acked_version for c, link in self.links.items()}
         result = AckResult.of(target, acked_versions, newly_failed)
         result.raise_if_incomplete(time.monotonic() - start, failed_pids, acked_versions)
         self._record(target)
@@ -316,6 +326,8 @@ class WeightSender:
 
         Raises:
             WeightSyncTimeout: naming the ids not connected (or not current) in time.
+            LayoutMismatchError, DuplicateCollectorError: the newest incarnation of one
+                of the ids was refused, and no process serves it.
             ConfigError: an id outside ``0..max_collectors-1``.
             CollectorFailed: a link broke during the wait.
         """
@@ -329,55 +341,54 @@ class WeightSender:
         deadline = start + timeout
         while True:
             self._admit_joins(force=True)
-            absent = [c for c in ids if c not in self.transports]
+            absent = [c for c in ids if c not in self.links]
             if not absent:
                 return self.wait_ack(max(deadline - time.monotonic(), 0.001))
+            for c in absent:
+                refusal = self._admissions.refusal(c)
+                if refusal is not None:
+                    raise refusal
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WeightSyncTimeout(
                     f"collector(s) {absent} not connected after {time.monotonic() - start:.2f}s"
                     f" (version {self.version})")
-            connecting = [c for c in absent if c in self._admissions.connecting]
-            if connecting:
-                self._admissions.wait(connecting, min(remaining, _ACK_SLICE_S))
-                continue
-            # The next incarnation's handshake key appears when it is ready to admit; the
-            # store waits for all keys, so with several absent ids the slice bounds the
-            # wait before the ones that did arrive are admitted.
-            keys = [self._keys.hello(c, self._admissions.seen.get(c, 0) + 1) for c in absent]
-            with contextlib.suppress(WeightSyncTimeout):
-                wait_keys(self._store, keys, min(remaining, _ACK_SLICE_S),
-                          f"collectors {absent} to join")
+            self._admissions.wait(absent, min(remaining, _ACK_SLICE_S))
 
     def _record(self, target: int) -> None:
-        started = self._send_started.pop(target, None)
-        for v in [v for v in self._send_started if v < target]:
-            del self._send_started[v]
-        if started is not None:
-            self.stats.add(SyncRecord(target, self.layout.nbytes, len(self.transports),
-                                      self.stats.pack_s, time.perf_counter() - started))
+        sent = self._sent.pop(target, None)
+        for v in [v for v in self._sent if v < target]:
+            del self._sent[v]
+        if sent is not None:
+            started, pack_s = sent
+            self.stats.add(SyncRecord(target, self.layout.nbytes, len(self.links), pack_s,
+                                      time.perf_counter() - started))
+
+    def _release_offers(self) -> None:
+        for offer in self._offers.values():
+            offer.close()
+        self._offers.clear()
 
     def close(self) -> None:
-        """Tell the collectors the stream ended and release links and the store."""
+        """Tell the collectors the stream ended, release links, memory and the offers,
+        and stop the store server; idempotent."""
         if self._closed:
             return
         self._closed = True
         self._admissions.close()
-        for link in self.transports.values():
+        for link in self.links.values():
             link.close()
         # The store server lives in this process: keep it up until the live collectors
         # read the close (briefly), or a collector would see the store vanish instead.
-        byes = [self._keys.bye(c, link.incarnation) for c, link in self.transports.items()
-                if link.failure is None]
-        if byes:
-            with contextlib.suppress(WeightSyncError):
-                wait_keys(self._store, byes, min(_CLOSE_GRACE_S, self.config.timeout),
-                          "collectors to read the close")
-        self.transports.clear()
+        self._control.wait_byes([(c, link.incarnation) for c, link in self.links.items()
+                                 if link.failure is None],
+                                min(_CLOSE_GRACE_S, self.config.timeout))
+        self.links.clear()
         if self._latest is not None:
             self._latest.release()
             self._latest = None
         self._pool.close()
-        # The store server stops with its last reference. Collectors normally read the
-        # CLOSED signal first (ClosedError); one that reads later sees PeerGone.
-        self._store = None  # type: ignore[assignment]
+        self._release_offers()
+        # Collectors normally read the close first (ClosedError); one that reads later
+        # sees PeerGone.
+        self._server.stop()

@@ -1,10 +1,11 @@
-"""Shared-memory segments for same-host collectors.
+"""POSIX shared memory: the learner's message segments, a collector's mappings of them,
+and the token that proves a collector shares the learner's ``/dev/shm``.
 
-With ``transport="shm"`` the learner's snapshot buffers live in named POSIX
-shared-memory segments. A collector on the learner's host is told the segment of each
-message instead of receiving it over a socket, and copies it into its staging buffer
-(one memcpy, where gloo over loopback costs a socket write plus a read). The segment
-goes back to the learner's pool once that collector acked, as any snapshot does.
+A collector can use the learner's segments only if it sees the same ``/dev/shm``: the
+same hostname is not enough (a container or another mount namespace may share the
+hostname but not the memory). The learner writes a random token into a file of its
+``/dev/shm`` and publishes only the file's name; a collector that can read the token
+back proves it shares the memory.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import contextlib
 import logging
 import mmap
 import os
+import secrets
 from multiprocessing import shared_memory
-from typing import Any
 
 import torch
 
-__all__ = ["create_segment", "SegmentReader"]
+__all__ = ["SHM_DIR", "create_segment", "SegmentReader", "ShmToken", "read_token"]
 
 log = logging.getLogger(__name__)
 
-# Where Linux exposes POSIX shared memory as files.
-_SHM_DIR = "/dev/shm"
+#: Where Linux exposes POSIX shared memory as files.
+SHM_DIR = "/dev/shm"
 
 
 def create_segment(nbytes: int) -> tuple[shared_memory.SharedMemory, torch.Tensor]:
@@ -33,23 +34,22 @@ def create_segment(nbytes: int) -> tuple[shared_memory.SharedMemory, torch.Tenso
     return segment, torch.frombuffer(segment.buf, dtype=torch.uint8, count=nbytes)
 
 
-def _attach(name: str, nbytes: int) -> tuple[Any, torch.Tensor]:
-    """Map segment ``name`` without registering it with this process's resource
-    tracker: on Python < 3.13 ``SharedMemory(name=...)`` does, and the tracker would
-    then unlink the learner's segment when this collector exits (or, shared with a
-    spawning learner, forget the learner's own registration)."""
-    path = os.path.join(_SHM_DIR, name.lstrip("/"))
-    with open(path, "r+b") as file:
-        mapping = mmap.mmap(file.fileno(), 0)
-    return mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
+def _path(name: str) -> str:
+    return os.path.join(SHM_DIR, name.lstrip("/"))
 
 
 class SegmentReader:
-    """A collector's view of the learner's segments, attached on first use."""
+    """A collector's mappings of the learner's segments, made on first use.
+
+    Segments are mapped directly (not with ``SharedMemory(name=...)``, which on Python
+    < 3.13 registers them with this process's resource tracker, which would then unlink
+    the learner's segments when this collector exits). No tensor over a mapping outlives
+    a copy, so :meth:`close` can really unmap them.
+    """
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
-        self._open: dict[str, tuple[Any, torch.Tensor]] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def copy_into(self, name: str, buffer: torch.Tensor) -> None:
         """Copy the message in segment ``name`` into ``buffer``.
@@ -57,14 +57,46 @@ class SegmentReader:
         Raises:
             FileNotFoundError: no such segment (the learner is gone).
         """
-        entry = self._open.get(name)
-        if entry is None:
-            entry = _attach(name, self.nbytes)
-            self._open[name] = entry
-        buffer.copy_(entry[1])
+        mapping = self._maps.get(name)
+        if mapping is None:
+            with open(_path(name), "r+b") as file:
+                mapping = mmap.mmap(file.fileno(), 0)
+            self._maps[name] = mapping
+        source = torch.frombuffer(mapping, dtype=torch.uint8, count=self.nbytes)
+        buffer.copy_(source)
+        del source  # releases the buffer export, so close() can unmap
 
     def close(self) -> None:
-        for mapping, _tensor in self._open.values():
-            with contextlib.suppress(BufferError):  # a view may still be alive
-                mapping.close()
-        self._open.clear()
+        """Unmap every segment; idempotent."""
+        for mapping in self._maps.values():
+            mapping.close()
+        self._maps.clear()
+
+
+class ShmToken:
+    """A random token in a file of this host's ``/dev/shm`` (learner side)."""
+
+    def __init__(self) -> None:
+        self.name = f"ws-token-{os.getpid()}-{secrets.token_hex(8)}"
+        self.value = secrets.token_hex(16)
+        fd = os.open(_path(self.name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(self.value)
+
+    def matches(self, value: str | None) -> bool:
+        return value is not None and secrets.compare_digest(value, self.value)
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_path(self.name))
+
+
+def read_token(name: str) -> str | None:
+    """The token in ``/dev/shm/<name>`` as this process sees it, ``None`` if absent."""
+    if not name or "/" in name:
+        return None
+    try:
+        with open(_path(name)) as file:
+            return file.read(64)
+    except OSError:
+        return None

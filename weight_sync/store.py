@@ -1,8 +1,7 @@
-"""Creating and using the TCPStore, with errors turned into weight-sync's own.
+"""Starting the TCPStore server and connecting clients to it.
 
-torch's store raises ``DistStoreError`` for a timed-out wait and ``DistNetworkError``
-when the peer is unreachable; callers here get :class:`WeightSyncTimeout` and
-:class:`ConnectionFailed` naming the key and the time waited instead.
+Reads and writes go through :mod:`weight_sync.control`; this module only makes the
+server (bound to exactly the address asked for) and the clients.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from weight_sync.errors import ConnectionFailed, PeerGone, WeightSyncTimeout
+from weight_sync.errors import ConnectionFailed
 
-__all__ = ["create_server", "connect_client", "wait_keys", "wait_get", "get_int", "WILDCARDS"]
+__all__ = ["StoreServer", "connect_client", "WILDCARDS"]
 
 #: Addresses that bind every interface, and the loopback address that reaches them.
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
@@ -36,30 +35,41 @@ def _listen(host: str, port: int) -> int:
     return sock.detach()
 
 
-def create_server(host: str, port: int, timeout: float) -> dist.TCPStore:
-    """Start the store server on ``host:port`` (port 0 = any free port; read ``.port``).
+class StoreServer:
+    """The learner's store server on ``host:port`` (port 0 = any free port).
 
     The server listens on ``host`` only: TCPStore on its own binds every interface
-    whatever host it is given, so the socket is bound here and handed over.
+    whatever host it is given, so the socket is bound here and handed over. It runs
+    until :meth:`stop`; the learner talks to it through clients like everyone else.
 
     Raises:
         ConnectionFailed: the address cannot be bound (e.g. the port is in use).
     """
-    try:
-        fd = _listen(host, port)
-    except OSError as exc:
-        raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
-    port = _bound_port(fd)
-    try:
-        # The store owns the descriptor from here on and closes it when it stops (also
-        # when it fails to start). Its own client must reach the server: a wildcard
-        # address is reached through loopback.
-        return dist.TCPStore(
-            WILDCARDS.get(host, host), port, is_master=True, wait_for_workers=False,
-            timeout=timedelta(seconds=timeout), master_listen_fd=fd,
-        )
-    except (dist.DistError, RuntimeError) as exc:
-        raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        try:
+            fd = _listen(host, port)
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
+        self.host = host
+        self.port = _bound_port(fd)
+        #: The address a client on this host dials (a wildcard is reached via loopback).
+        self.local_host = WILDCARDS.get(host, host)
+        try:
+            # The store owns the descriptor from here on and closes it when it stops
+            # (also when it fails to start).
+            self._server: dist.TCPStore | None = dist.TCPStore(
+                self.local_host, self.port, is_master=True, wait_for_workers=False,
+                timeout=timedelta(seconds=timeout), master_listen_fd=fd,
+            )
+        except (dist.DistError, RuntimeError) as exc:
+            raise ConnectionFailed(f"cannot start the store on {host}:{port}: {exc}") from exc
+
+    def stop(self) -> None:
+        """Stop serving; idempotent. Clients see the connection drop (``PeerGone``)."""
+        # torch stops the server when the master object is destroyed, and this is the
+        # only reference to it (clients hold their own objects).
+        self._server = None
 
 
 def _bound_port(fd: int) -> int:
@@ -84,63 +94,3 @@ def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:
             f"no weight-sync store reachable at {host}:{port} after "
             f"{time.monotonic() - start:.1f}s: {exc}"
         ) from exc
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, dist.DistStoreError) and "timeout" in str(exc).lower()
-
-
-def wait_keys(store: dist.Store, keys: list[str], timeout: float, what: str) -> None:
-    """Block until every key exists, at most ``timeout`` seconds.
-
-    Raises:
-        WeightSyncTimeout: naming ``what`` and the keys still missing.
-        PeerGone: the store server went away (the learner's process died).
-    """
-    start = time.monotonic()
-    try:
-        store.wait(keys, timedelta(seconds=max(timeout, 0.001)))
-    except (dist.DistError, RuntimeError) as exc:
-        waited = time.monotonic() - start
-        if _is_timeout(exc):
-            missing = [k for k in keys if not _check(store, k)]
-            raise WeightSyncTimeout(
-                f"timed out after {waited:.2f}s waiting for {what} (missing keys: {missing})"
-            ) from exc
-        raise PeerGone(f"store connection lost while waiting for {what}: {exc}") from exc
-
-
-def wait_get(store: dist.Store, key: str, timeout: float, what: str) -> bytes:
-    """The value of ``key`` once it exists, at most ``timeout`` seconds: one round trip
-    where ``wait`` then ``get`` takes two. Sets the client's timeout, so give it a
-    client of its own.
-
-    Raises:
-        WeightSyncTimeout: naming ``what`` and the key.
-        PeerGone: the store server went away (the learner's process died).
-    """
-    start = time.monotonic()
-    store.set_timeout(timedelta(seconds=max(timeout, 0.001)))
-    try:
-        return bytes(store.get(key))
-    except (dist.DistError, RuntimeError) as exc:
-        waited = time.monotonic() - start
-        if _is_timeout(exc):
-            raise WeightSyncTimeout(
-                f"timed out after {waited:.2f}s waiting for {what} (key {key!r})") from exc
-        raise PeerGone(f"store connection lost while waiting for {what}: {exc}") from exc
-
-
-def _check(store: dist.Store, key: str) -> bool:
-    try:
-        return bool(store.check([key]))
-    except (dist.DistError, RuntimeError):
-        return False
-
-
-def get_int(store: dist.Store, key: str) -> int:
-    """Read an integer key that is known to exist."""
-    try:
-        return int(store.get(key))
-    except (dist.DistError, RuntimeError) as exc:
-        raise PeerGone(f"store connection lost while reading {key!r}: {exc}") from exc

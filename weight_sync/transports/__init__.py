@@ -1,10 +1,24 @@
-"""Transports: how packed weights travel from the learner to one collector."""
+"""Transports: how one packed message travels from the learner to one collector.
 
-from weight_sync.transports.base import ReceiverTransport, SenderTransport, Transport
-from weight_sync.transports.distributed import DistributedTransport
-from weight_sync.transports.pair import COLLECTOR_RANK, LEARNER_RANK
-from weight_sync.transports.receiver_link import ReceiverLink
-from weight_sync.transports.sender_link import SenderLink
+A transport is a pair of classes, the learner's end (:class:`SenderTransport`) and a
+collector's end (:class:`ReceiverTransport`), registered by name. Built in:
+``"distributed"`` (a gloo/nccl pair group per collector) and ``"shm"`` (same-host
+shared memory, falling back to ``"distributed"`` for collectors that do not share it).
+"""
 
-__all__ = ["Transport", "SenderTransport", "ReceiverTransport", "DistributedTransport",
-           "SenderLink", "ReceiverLink", "LEARNER_RANK", "COLLECTOR_RANK"]
+from weight_sync.transports.base import (
+    LinkSpec,
+    Offer,
+    ReceiverTransport,
+    SenderTransport,
+    Sending,
+)
+from weight_sync.transports.registry import (
+    TransportSpec,
+    get_transport,
+    register_transport,
+    transport_names,
+)
+
+__all__ = ["LinkSpec", "Offer", "Sending", "SenderTransport", "ReceiverTransport",
+           "TransportSpec", "register_transport", "get_transport", "transport_names"]

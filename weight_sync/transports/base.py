@@ -1,88 +1,154 @@
-"""The transport interface: one object per end of a learner-collector link.
+"""What a transport is: one end on the learner, one end on each collector.
 
-Method names follow torchrl's ``TransportBackend`` / ``DistributedTransport`` so that a
-torchrl user recognises them. torchrl puts both roles in one class; here each role is
-its own protocol. A :class:`SenderTransport` moves packed snapshots to its collector
-and tracks that collector's acks; a :class:`ReceiverTransport` receives messages into
-a flat buffer. Versions, snapshots and applying weights to a policy
-are the job of :class:`~weight_sync.WeightSender` and
-:class:`~weight_sync.WeightReceiver`, which hold the transports.
+A transport moves one packed message (a flat ``uint8`` buffer laid out by
+:class:`~weight_sync.layout.BufferLayout`) from the learner to one collector. It does
+nothing else: versions, acks, liveness, no-backlog and applying weights are the job of
+the links (:class:`~weight_sync.sender_link.SenderLink`,
+:class:`~weight_sync.receiver_link.ReceiverLink`) that hold a transport end through
+these protocols and never by its class.
+
+The message's arrival is signalled through the store (``update`` keys) by the links;
+a transport may add a *note* to that signal (e.g. which shared-memory segment holds
+the message), and may use its link's :class:`~weight_sync.control.LinkChannel` for its
+own rendezvous.
+
+Writing one::
+
+    class MySender:                         # learner's end, one per collector
+        def __init__(self, spec: LinkSpec) -> None: ...
+        def connect(self, channel: LinkChannel, timeout: float) -> None: ...
+        def send(self, snapshot: Snapshot) -> Sending: ...   # start; never block long
+        def close(self) -> None: ...
+
+    class MyReceiver:                       # collector's end
+        def __init__(self, spec: LinkSpec) -> None: ...
+        def connect(self, channel: LinkChannel, timeout: float) -> None: ...
+        def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None: ...
+        def close(self) -> None: ...
+
+    register_transport(TransportSpec("mine", sender=MySender, receiver=MyReceiver))
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from weight_sync.control import LinkChannel
+from weight_sync.layout import BufferLayout
 from weight_sync.snapshots import Snapshot
 
-__all__ = ["SenderTransport", "ReceiverTransport", "Transport"]
+__all__ = ["LinkSpec", "Sending", "SenderTransport", "ReceiverTransport", "Offer"]
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """What either end of a link is built with.
+
+    Attributes:
+        collector_id: the collector at the other end (or this collector).
+        incarnation: which connect of that collector id the link belongs to.
+        layout: the message layout (``layout.nbytes`` bytes per message).
+        backend: ``"gloo"`` or ``"nccl"``; tells where buffers live.
+        timeout: bound on the rendezvous and on each transfer, seconds.
+        bind_host: local address to listen on or bind (``None``: the transport's
+            default).
+    """
+
+    collector_id: int
+    incarnation: int
+    layout: BufferLayout
+    backend: str = "gloo"
+    timeout: float = 60.0
+    bind_host: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where message buffers live for this backend."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def who(self) -> str:
+        return f"collector {self.collector_id} (incarnation {self.incarnation})"
+
+
+@runtime_checkable
+class Sending(Protocol):
+    """One message on its way (learner side)."""
+
+    note: str
+    """Detail the collector's end needs to fetch it (``""`` if none)."""
+
+    def done(self) -> bool:
+        """Non-blocking: True once the transport no longer needs the snapshot.
+
+        Raises:
+            WeightSyncError: the transfer failed.
+        """
+        ...
+
+    def finish(self, timeout: float) -> None:
+        """Block (at most ``timeout``) until :meth:`done`; raise if the transfer failed."""
+        ...
 
 
 @runtime_checkable
 class SenderTransport(Protocol):
-    """The learner's end of a point-to-point weight link to one collector."""
+    """The learner's end of a transport to one collector."""
 
-    collector_id: int
-
-    def setup_connection_and_weights_on_sender(self, snapshot: Snapshot) -> None:
-        """Rendezvous with the collector and start the initial sync of ``snapshot``."""
+    def connect(self, channel: LinkChannel, timeout: float) -> None:
+        """Rendezvous with the collector's end (bounded); may run on another thread
+        than the sends, with its own ``channel``."""
         ...
 
-    def send_initial_weights(self, snapshot: Snapshot) -> None:
-        """Send ``snapshot`` as the first message and wait until it is applied."""
-        ...
-
-    def send_weights_async(self, snapshot: Snapshot) -> None:
-        """Start sending ``snapshot`` (or queue it as the newest); never blocks."""
-        ...
-
-    def send_weights(self, snapshot: Snapshot) -> None:
-        """Send ``snapshot`` and wait until the collector applied it."""
-        ...
-
-    def wait_ack(self, timeout: float) -> None:
-        """Wait until the newest snapshot handed to this link is applied."""
+    def send(self, snapshot: Snapshot) -> Sending:
+        """Start moving ``snapshot.buffer`` to the collector; must not wait for the
+        collector to receive it. The snapshot stays valid until the returned
+        :class:`Sending` is done."""
         ...
 
     def close(self) -> None:
-        """Release the link and tell the collector the stream ended; idempotent."""
+        """Release what the end holds; idempotent."""
         ...
 
 
 @runtime_checkable
 class ReceiverTransport(Protocol):
-    """A collector's end of a point-to-point weight link from the learner."""
+    """A collector's end of a transport from the learner."""
 
-    collector_id: int
-
-    def setup_connection_and_weights_on_receiver(
-        self, *, worker_idx: int, weights: Any = None, model: Any = None,
-        strategy: Any = None,
-    ) -> int:
-        """Rendezvous with the learner and receive the initial weights."""
+    def connect(self, channel: LinkChannel, timeout: float) -> None:
+        """Rendezvous with the learner's end (bounded)."""
         ...
 
-    def receive_initial_weights(self, weights: torch.Tensor) -> int:
-        """Receive the first message into the flat buffer ``weights``."""
-        ...
+    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
+        """Receive the message the learner just signalled (with ``note``) into the
+        flat ``buffer``, at most ``timeout`` s.
 
-    def receive_weights(
-        self, timeout: float | None = None, *, weights: Any = None, model: Any = None,
-        strategy: Any = None,
-    ) -> int | None:
-        """Receive the next message if one comes within ``timeout``; its version."""
-        ...
-
-    def ack(self, version: int) -> None:
-        """Tell the learner ``version`` is applied."""
+        Raises:
+            PeerGone: the transfer failed or was cut short (``buffer`` then holds
+                garbage; the link never applies it).
+        """
         ...
 
     def close(self) -> None:
-        """Release the link; idempotent."""
+        """Release what the end holds; idempotent."""
         ...
 
 
-#: Either end of a link.
-Transport = SenderTransport | ReceiverTransport
+@runtime_checkable
+class Offer(Protocol):
+    """Learner side of a transport that only some collectors can use: the parameters
+    it publishes, and its judgement of what a collector found probing them."""
+
+    params: dict[str, str]
+
+    def accepts(self, evidence: Mapping[str, str]) -> bool:
+        """True if a collector that found ``evidence`` can use this transport."""
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,122 @@
+"""The handshake, both sides, both moments (the initial ``connect()`` and run-time joins).
+
+A collector claims an incarnation of its id, reads the learner's layout and transport
+offers, probes the offers, and writes a :class:`~weight_sync.protocol.Hello`; the
+learner answers with a :class:`~weight_sync.protocol.Verdict`. The rules are the same
+at every moment:
+
+* a collector whose layout differs is refused (``LayoutMismatchError``, listing the
+  differences) and raises before any weight moves;
+* a collector id already served by a live process on the learner's host is refused
+  (``DuplicateCollectorError``);
+* otherwise the first transport of the learner's proposal (and its fallbacks) that
+  both ends can use is chosen: a transport with an offer only if the collector's
+  evidence satisfies it (shared memory only where it really shares ``/dev/shm``).
+
+The collector raises the refusal; the learner raises it too where it waits for that id
+(``connect()``, ``wait_for``), and otherwise logs it and carries on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+from weight_sync.control import Control
+from weight_sync.errors import (
+    ConnectionFailed,
+    DuplicateCollectorError,
+    LayoutMismatchError,
+    WeightSyncError,
+)
+from weight_sync.layout import BufferLayout
+from weight_sync.protocol import REFUSED_DUPLICATE, REFUSED_LAYOUT, Hello, Verdict
+from weight_sync.sender_link import SenderLink
+from weight_sync.transports.base import Offer
+from weight_sync.transports.registry import TransportSpec, get_transport, transport_names
+
+__all__ = ["join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
+
+#: :attr:`Verdict.refusal` of a collector that can use none of the proposed transports.
+REFUSED_TRANSPORT = "transport"
+
+
+def _layout_error(who: str, diffs: list[str] | tuple[str, ...]) -> LayoutMismatchError:
+    shown = "\n  ".join(diffs[:50])
+    more = f"\n  ... and {len(diffs) - 50} more" if len(diffs) > 50 else ""
+    return LayoutMismatchError(f"{who}: weights differ from the learner's in {len(diffs)} "
+                               f"place(s):\n  {shown}{more}", list(diffs))
+
+
+def refusal_error(verdict: Verdict, who: str, differences: tuple[str, ...] = ()) -> WeightSyncError:
+    """The typed error of a refused collector (the same on both sides)."""
+    if verdict.refusal == REFUSED_LAYOUT:
+        return _layout_error(who, differences)
+    if verdict.refusal == REFUSED_DUPLICATE:
+        return DuplicateCollectorError(f"{who}: refused by the learner: {verdict.reason}")
+    return ConnectionFailed(f"{who}: refused by the learner: {verdict.reason}")
+
+
+def _probe(offers: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """What this process finds probing each offer it knows a transport for."""
+    known = set(transport_names())
+    evidence: dict[str, dict[str, str]] = {}
+    for name, params in offers.items():
+        spec = get_transport(name) if name in known else None
+        if spec is not None and spec.probe is not None:
+            evidence[name] = spec.probe(params)
+    return evidence
+
+
+def join(control: Control, layout: BufferLayout, cid: int,
+         deadline: float) -> tuple[int, Verdict]:
+    """Collector side: join the stream as collector ``cid``; returns the incarnation and
+    the learner's (admitting) verdict.
+
+    Raises:
+        LayoutMismatchError: this collector's layout differs (checked here, and the
+            learner is told, before anything else happens).
+        DuplicateCollectorError: a live process already serves ``cid``.
+        WeightSyncTimeout: the learner did not answer before ``deadline``.
+    """
+    inc = control.join(cid)
+    who = f"collector {cid} (incarnation {inc})"
+    layout_json, offers = control.read_stream(deadline - time.monotonic())
+    diffs = layout.differences(layout_json)
+    control.say_hello(cid, inc, Hello(pid=os.getpid(), host=socket.gethostname(),
+                                      refused=tuple(diffs), evidence=_probe(offers)))
+    if diffs:
+        raise _layout_error(who, diffs)
+    verdict = control.wait_verdict(cid, inc, deadline - time.monotonic())
+    if not verdict.admitted:
+        raise refusal_error(verdict, who)
+    return inc, verdict
+
+
+def judge(hello: Hello, cid: int, inc: int, current: SenderLink | None,
+          chain: list[TransportSpec], offers: Mapping[str, Offer]) -> Verdict:
+    """Learner side: the verdict on collector ``cid``'s incarnation ``inc``.
+
+    Args:
+        current: the link that serves ``cid`` now, if any.
+        chain: the proposed transport and its fallbacks, in order.
+        offers: the learner's offers, by transport name.
+    """
+    who = f"collector {cid} (incarnation {inc}, pid {hello.pid} on {hello.host})"
+    if hello.refused:
+        return Verdict(refusal=REFUSED_LAYOUT,
+                       reason=f"{who} has another layout ({len(hello.refused)} differences)")
+    if (current is not None and current.failure is None and current.peer_pid is not None
+            and current.peer_alive()):
+        return Verdict(refusal=REFUSED_DUPLICATE,
+                       reason=f"duplicate collector id {cid}: incarnation "
+                              f"{current.incarnation} (pid {current.peer_pid}) is alive and "
+                              f"served")
+    for spec in chain:
+        offer = offers.get(spec.name)
+        if offer is None or offer.accepts(hello.evidence.get(spec.name, {})):
+            return Verdict(transport=spec.name)
+    return Verdict(refusal=REFUSED_TRANSPORT,
+                   reason=f"{who} can use none of the transports {[s.name for s in chain]}")

@@ -1,0 +1,46 @@
+"""A collector's end of the ``"shm"`` transport: copy the message from the learner's
+shared-memory segment (one memcpy, where a loopback socket costs a write and a read)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from weight_sync.control import LinkChannel
+from weight_sync.errors import PeerGone, ProtocolError
+from weight_sync.shm import SegmentReader, read_token
+from weight_sync.transports.base import LinkSpec
+
+__all__ = ["ShmReceiver", "probe_shm"]
+
+
+def probe_shm(params: Mapping[str, str]) -> dict[str, str]:
+    """Read the learner's token back from this process's ``/dev/shm`` (empty if this
+    process does not see it: another host, container or mount namespace)."""
+    token = read_token(params.get("token_file", ""))
+    return {} if token is None else {"token": token}
+
+
+class ShmReceiver:
+    """Copies each message from the segment its signal names."""
+
+    def __init__(self, spec: LinkSpec) -> None:
+        self.spec = spec
+        self._segments = SegmentReader(spec.layout.nbytes)
+
+    def connect(self, channel: LinkChannel, timeout: float) -> None:
+        return None
+
+    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
+        if not note:
+            raise ProtocolError(f"{self.spec.who()}: a shared-memory message without its "
+                                f"segment name")
+        try:
+            self._segments.copy_into(note, buffer)
+        except FileNotFoundError as exc:
+            raise PeerGone(f"{self.spec.who()}: segment {note!r} is gone (learner "
+                           f"gone?)") from exc
+
+    def close(self) -> None:
+        self._segments.close()
