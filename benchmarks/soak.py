@@ -253,7 +253,7 @@ class Soak:
     def mark_killed(self, victim: Proc, how: str) -> dict[str, Any]:
         """Record a kill about to happen: the failure the learner may report for it."""
         self.resolve_superseded()
-        link = self.sender.transports.get(victim.cid)
+        link = self.sender.links.get(victim.cid)
         inc = link.incarnation if link is not None and link.peer_pid == victim.proc.pid \
             else None
         event: dict[str, Any] = {
@@ -284,7 +284,7 @@ class Soak:
         """A restart admitted before the old link's failure was seen replaces that
         link silently: no failure will be reported for the killed incarnation."""
         for cid, exp in list(self.expected.items()):
-            link = self.sender.transports.get(cid)
+            link = self.sender.links.get(cid)
             if link is not None and link.peer_pid != exp.pid:
                 exp.event["failure_superseded"] = True
                 del self.expected[cid]
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    f"acked after {args.final_timeout:.0f}s")
         stats["final_version"] = sender.version
         stats["catch_up_s"] = round(time.monotonic() - loop_end, 1)
-        stats["pool_allocated"] = sender._pool.allocated
+        stats["pool_allocated"] = sender.buffers_allocated
     except Exception:  # report it with everything gathered so far
         stats["unexpected_failures"] += 1
         stats["errors"].append(traceback.format_exc())

@@ -13,7 +13,7 @@ from weight_sync import ConfigError, ConnectionInfo, ReceiverConfig, SenderConfi
 
 def _info(**overrides: object) -> ConnectionInfo:
     fields: dict[str, object] = dict(host="127.0.0.1", port=29500, name="policy",
-                                     layout_digest="abcd", num_collectors=2)
+                                     num_collectors=2)
     fields.update(overrides)
     return ConnectionInfo(**fields)  # type: ignore[arg-type]
 
@@ -75,7 +75,7 @@ def test_connection_info_rejects_and_quotes(overrides: dict[str, object], quoted
 
 
 def test_connection_info_pickles_small_and_equal() -> None:
-    info = _info(nbytes=1 << 20)
+    info = _info(max_collectors=4)
     blob = pickle.dumps(info)
     assert pickle.loads(blob) == info
     assert len(blob) < 400  # a handful of fields, never a live object
@@ -95,6 +95,11 @@ def test_connection_info_max_collectors_defaults_and_validates() -> None:
     ({"num_collectors": "2"}, "num_collectors .* got '2'"),
     ({"num_collectors": 2, "max_collectors": 1}, "max_collectors .* got 1"),
     ({"num_collectors": 1, "timeout": -1.0}, "SenderConfig.timeout .* got -1.0"),
+    ({"num_collectors": 1, "transport": "pigeon"},
+     r"unknown transport 'pigeon'; registered: \['distributed', 'shm'"),
+    ({"num_collectors": 1, "transport": "shm", "backend": "nccl"},
+     "transport 'shm' needs backend 'gloo', got 'nccl'"),
+    ({"num_collectors": 1, "transport": ""}, "SenderConfig.transport .* got ''"),
 ])
 def test_sender_arguments_validated_before_binding(kwargs: dict[str, object],
                                                    match: str) -> None:

@@ -55,7 +55,7 @@ def test_address_errors_and_info_round_trip() -> None:
     for bad in ("learner", "learner:", ":29600", "learner:port"):
         with pytest.raises(ConfigError, match=f"got '{bad}'"):
             info_from_env({"WEIGHT_SYNC_ADDR": bad})
-    info = ConnectionInfo(host="::1", port=29600, name="actor", layout_digest="ab",
+    info = ConnectionInfo(host="::1", port=29600, name="actor",
                           num_collectors=2, max_collectors=4)
     assert ConnectionInfo.from_json(info.to_json()) == info
     assert env_for_collectors(info) == {"WEIGHT_SYNC_ADDR": "[::1]:29600",

@@ -21,6 +21,7 @@ from weight_sync.errors import (
     WeightSyncError,
     WeightSyncTimeout,
 )
+from weight_sync.hooks import ReceiverHooks
 from weight_sync.layout import BufferLayout
 from weight_sync.metrics import AckResult, SyncRecord, SyncStats
 from weight_sync.receiver import WeightReceiver
@@ -28,7 +29,7 @@ from weight_sync.sender import WeightSender
 
 __all__ = [
     "WeightSender", "WeightReceiver", "DataParallelSender", "ConnectionInfo", "SenderConfig",
-    "ReceiverConfig",
+    "ReceiverConfig", "ReceiverHooks",
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",

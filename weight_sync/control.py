@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from weight_sync.errors import ConnectionFailed, PeerGone, ProtocolError, WeightSyncTimeout
-from weight_sync.protocol import CLOSED, Hello, Keys, Update, Verdict
+from weight_sync.protocol import CLOSED, LEFT, Hello, Keys, Update, Verdict
 from weight_sync.store import connect_client
 
 __all__ = ["Control", "LinkChannel", "LinkId"]
@@ -240,7 +240,15 @@ class Control:
         self._add(self.keys.alive(cid, inc), 1, f"collector {cid}'s heartbeat")
 
     def heartbeats(self, cid: int, inc: int) -> int:
+        """The heartbeat counter; negative once the collector closed (left)."""
         return self._add(self.keys.alive(cid, inc), 0, f"collector {cid}'s heartbeat")
+
+    def leave(self, cid: int, inc: int) -> None:
+        """Best effort: tell the learner this collector closed (no more reads, no
+        more beats): its heartbeat counter goes negative, and it says goodbye."""
+        with contextlib.suppress(ConnectionFailed):
+            self._add(self.keys.alive(cid, inc), LEFT, f"collector {cid}'s heartbeat")
+        self.bye(cid, inc)
 
     def bye(self, cid: int, inc: int) -> None:
         """Best effort: tell the learner the close was read."""

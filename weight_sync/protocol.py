@@ -30,8 +30,10 @@ key                              written by read by    meaning
                                                        learner, or by the collector's own
                                                        ``close()`` to wake its listener)
 ``ack/<cid>/<inc>/<v>``          collector  learner    version v is applied
-``alive/<cid>/<inc>``            collector  learner    heartbeat counter, ``add(+1)`` per beat
-``bye/<cid>/<inc>``              collector  learner    the collector read the learner's close
+``alive/<cid>/<inc>``            collector  learner    heartbeat counter, ``add(+1)`` per beat;
+                                                       :data:`LEFT` added when it closes
+``bye/<cid>/<inc>``              collector  learner    the collector reads no more (it read
+                                                       the learner's close, or closed)
 ===============================  =========  =========  ==================================
 
 A collector waits for ``update/.../<seq>`` with a blocking ``get`` (bounded), then
@@ -51,11 +53,13 @@ from typing import Any
 
 from weight_sync.errors import ProtocolError
 
-__all__ = ["CLOSED", "Keys", "Hello", "Verdict", "Update", "REFUSED_LAYOUT",
+__all__ = ["CLOSED", "LEFT", "Keys", "Hello", "Verdict", "Update", "REFUSED_LAYOUT",
            "REFUSED_DUPLICATE"]
 
 #: Version carried by an ``update`` that ends the stream.
 CLOSED = -1
+#: Added to a heartbeat counter by a collector that closes: the counter goes negative.
+LEFT = -(1 << 40)
 #: :attr:`Verdict.refusal` kinds.
 REFUSED_LAYOUT = "layout"
 REFUSED_DUPLICATE = "duplicate"

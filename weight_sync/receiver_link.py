@@ -106,5 +106,6 @@ class ReceiverLink:
         if self._closed:
             return
         self._closed = True
+        self._acker.leave(self.collector_id, self.incarnation)
         self._acker.post_closed(self.collector_id, self.incarnation, self._seq)
         self._end.close()

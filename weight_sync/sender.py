@@ -148,6 +148,12 @@ class WeightSender:
         )
 
     @property
+    def buffers_allocated(self) -> int:
+        """Message buffers allocated so far; bounded by N + 2 (one in flight and one
+        pending per collector, shared between collectors, plus the newest)."""
+        return self._pool.allocated
+
+    @property
     def transports(self) -> dict[int, str]:
         """The transport each live collector's link uses, by collector id."""
         return {cid: link.transport for cid, link in self.links.items()}

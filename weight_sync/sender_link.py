@@ -208,6 +208,9 @@ class SenderLink:
             return
         self._beat_read = now
         beats = self._control.heartbeats(self.collector_id, self.incarnation)
+        if beats < 0:
+            raise CollectorFailed(f"{self._who()} closed its receiver with version "
+                                  f"{flight.version} unacked", self.collector_id)
         if beats != self._beats:
             self._beats, self._beat_seen = beats, now
         elif now - self._beat_seen > self.liveness_timeout:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from weight_sync import ConnectionInfo, WeightReceiver, WeightSender, WeightSyncError
-from weight_sync.transports.receiver_link import ReceiverLink
+from weight_sync.hooks import ReceiverHooks
 
 CTX = mp.get_context("spawn")
 MARGIN_S = 15.0  # slack for a loaded 2-core machine: a hang guard, not a speed claim
@@ -94,36 +94,34 @@ def publish(sender: WeightSender, weights: dict[str, torch.Tensor]) -> int:
 
 
 # -- catching a transfer in the middle -------------------------------------------------
-def on_mid_transfer(min_version: int, action: Callable[[int, bool], None]) -> None:
-    """In this (collector) process, call ``action(version, tail_unwritten)`` once a
-    message of ``min_version`` or newer is partly received: its header landed in the
-    buffer, and ``tail_unwritten`` tells whether its last bytes had not yet.
+def mid_transfer_hooks(min_version: int, action: Callable[[int, bool], None]) -> ReceiverHooks:
+    """Hooks that call ``action(version, tail_unwritten)`` once a message of
+    ``min_version`` or newer is partly received: its header landed in the buffer, and
+    ``tail_unwritten`` tells whether its last bytes had not yet.
 
-    The library is not changed: its receive is wrapped so that a thread watches the
-    buffer while the real receive runs.
+    A thread watches the buffer while the real receive runs (``before_receive`` starts
+    it just before the transport fills the buffer).
     """
-    real = ReceiverLink._recv_into
+    def watch_from(version: int, buffer: torch.Tensor) -> None:
+        if version < min_version:
+            return
+        head, tail = buffer[:64].clone(), buffer[-64:].clone()
 
-    def watched(self: ReceiverLink, group: Any, buffer: torch.Tensor, version: int) -> None:
-        if version >= min_version:
-            head, tail = buffer[:64].clone(), buffer[-64:].clone()
+        def watch() -> None:
+            deadline = time.monotonic() + RX_TIMEOUT_S
+            while time.monotonic() < deadline:
+                if not torch.equal(buffer[:64], head):
+                    action(version, torch.equal(buffer[-64:], tail))
+                    return
 
-            def watch() -> None:
-                deadline = time.monotonic() + RX_TIMEOUT_S
-                while time.monotonic() < deadline:
-                    if not torch.equal(buffer[:64], head):
-                        action(version, torch.equal(buffer[-64:], tail))
-                        return
+        threading.Thread(target=watch, daemon=True).start()
 
-            threading.Thread(target=watch, daemon=True).start()
-        real(self, group, buffer, version)
-
-    ReceiverLink._recv_into = watched  # type: ignore[method-assign]
+    return ReceiverHooks(before_receive=watch_from)
 
 
 # -- children (module level: picklable by reference) ---------------------------------
 def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any,
-                   big: bool = False) -> None:
+                   big: bool = False, hooks: ReceiverHooks | None = None) -> None:
     """Connect, then poll; report every apply; obey pause/resume/stop."""
     torch.set_num_threads(1)
     weights = big_weights(-7) if big else make_weights(-7)
@@ -132,7 +130,7 @@ def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any,
     def state() -> str | float | None:
         return big_version(weights) if big else fingerprint(weights)
 
-    rx = WeightReceiver(weights, info, cid, timeout=RX_TIMEOUT_S)
+    rx = WeightReceiver(weights, info, cid, timeout=RX_TIMEOUT_S, hooks=hooks)
     try:
         try:
             version = rx.connect(timeout=60)
@@ -175,8 +173,7 @@ def collector_dies_mid_transfer(info: ConnectionInfo, cid: int, out: Connection,
         out.send(("mid", cid, version, tail_unwritten, os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    on_mid_transfer(1, die)
-    collector_main(info, cid, out, cmd_q, big=True)
+    collector_main(info, cid, out, cmd_q, big=True, hooks=mid_transfer_hooks(1, die))
 
 
 def collector_dies_in_handshake(info: ConnectionInfo, cid: int, out: Connection,
@@ -184,12 +181,11 @@ def collector_dies_in_handshake(info: ConnectionInfo, cid: int, out: Connection,
     """A collector that is admitted, then SIGKILLs itself before building its end of
     the link (the learner's rendezvous then waits for nobody)."""
 
-    def die(self: ReceiverLink, store: Any = None, timeout: Any = None) -> None:
-        out.send(("handshake", cid, self.incarnation, None, os.getpid()))
+    def die(collector_id: int, incarnation: int) -> None:
+        out.send(("handshake", cid, incarnation, None, os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    ReceiverLink.connect = die  # type: ignore[method-assign]
-    collector_main(info, cid, out, cmd_q)
+    collector_main(info, cid, out, cmd_q, hooks=ReceiverHooks(before_connect=die))
 
 
 def collector_kills_learner_mid_transfer(info: ConnectionInfo, cid: int, out: Connection,
@@ -200,8 +196,7 @@ def collector_kills_learner_mid_transfer(info: ConnectionInfo, cid: int, out: Co
         os.kill(learner_pid, signal.SIGKILL)
         out.send(("mid", cid, version, tail_unwritten, os.getpid()))
 
-    on_mid_transfer(1, kill_learner)
-    collector_main(info, cid, out, cmd_q, big=True)
+    collector_main(info, cid, out, cmd_q, big=True, hooks=mid_transfer_hooks(1, kill_learner))
 
 
 def learner_main(out: Connection, go: Connection, num_collectors: int, big: bool) -> None:

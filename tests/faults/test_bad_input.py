@@ -30,6 +30,7 @@ from weight_sync import (
     WeightSender,
 )
 from weight_sync.layout import named_leaves
+from weight_sync.snapshots import SnapshotPool
 
 
 def _connect_in_thread(rx: WeightReceiver, timeout: float = 30) -> dict[str, Any]:
@@ -96,8 +97,9 @@ def test_repeated_or_out_of_order_version_refused_nothing_applied(kind: str) -> 
         # bypass the sender's version counter: hand the link a stale snapshot
         stale = 1 if kind == "repeated" else 0
         set_version(learner_weights, stale)
-        snap = sender._pool.take(list(named_leaves(learner_weights).values()), stale)
-        sender.transports[0].send_weights_async(snap)
+        pool = SnapshotPool(sender.layout, torch.device("cpu"))
+        snap = pool.take(list(named_leaves(learner_weights).values()), stale)
+        sender.links[0].send_weights_async(snap)
         snap.release()
         with pytest.raises(ProtocolError, match=f"received version {stale} after 1"):
             rx.receive_weights(timeout=10)
@@ -136,7 +138,7 @@ def test_noncontiguous_params_duplicate_id_and_misuse() -> None:
         sender.wait_ack(timeout=0.5)  # the learner handles joins inside its calls
         dbox["thread"].join(0.2)
     assert isinstance(dbox.get("error"), DuplicateCollectorError), dbox
-    assert 0 in sender.transports and not sender.failed
+    assert 0 in sender.links and not sender.failed
 
     # send_weights_async(weights=other layout): refused, version unchanged
     version = sender.version

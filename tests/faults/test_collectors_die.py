@@ -57,7 +57,7 @@ def test_collector_killed_idle_then_rejoins_then_killed_before_ack(
         assert isinstance(result, AckResult)
         assert result.version == v and set(result.failed) == {0}
         assert result.acked == (1, 2) and result.lagging == ()
-        assert 0 in sender.failed and 0 not in sender.transports
+        assert 0 in sender.failed and 0 not in sender.links
         for cid in (1, 2):
             assert cluster.applied(cid, v)[3] == expected(v)
         # the next version reaches every live collector with a plain wait_ack
@@ -135,7 +135,7 @@ def test_collector_killed_mid_transfer(cluster: Cluster) -> None:
         ok = sender.wait_ack(timeout=30)
         assert ok.complete and ok.acked == (1,)
         assert cluster.applied(1, v)[3] == float(v)
-        assert sender._pool.allocated <= 4, "snapshots leaked by the broken link"
+        assert sender.buffers_allocated <= 4, "snapshots leaked by the broken link"
         cluster.stop(1)
 
 
@@ -199,7 +199,7 @@ def test_sends_without_waits_after_a_death_keep_serving_the_others(cluster: Clus
         cluster.kill(0)
         for step in range(1, 5):
             assert publish(sender, weights) == step  # never raises
-        assert all(sender.transports[c].target_version == 4 for c in (1, 2))
+        assert all(sender.links[c].target_version == 4 for c in (1, 2))
         with pytest.raises(CollectorFailed) as info:
             sender.wait_ack(timeout=RX_TIMEOUT_S)
         assert info.value.collector_id == 0

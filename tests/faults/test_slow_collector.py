@@ -23,7 +23,7 @@ def test_slow_collector_gets_newest_not_a_queue(cluster: Cluster) -> None:
                 sender.wait_ack(timeout=0.3)  # collector 1 lags: a timeout, by design
             assert cluster.applied(0, v)[3] == expected(v)
         newest = sender.version
-        assert sender._pool.allocated <= 4, sender._pool.allocated
+        assert sender.buffers_allocated <= 4, sender.buffers_allocated
         assert cluster.applies(1) == []  # nothing applied while paused
         cluster.cmds[1].put("resume")
         ok = sender.wait_ack(timeout=30)
@@ -34,5 +34,5 @@ def test_slow_collector_gets_newest_not_a_queue(cluster: Cluster) -> None:
         got = cluster.applies(1)
         # at most the in-flight one, then the newest
         assert len(got) <= 1 and all(g in (first, newest) for g in got), got
-        assert sender._pool.allocated <= 4, sender._pool.allocated
+        assert sender.buffers_allocated <= 4, sender.buffers_allocated
         cluster.stop(0, 1)

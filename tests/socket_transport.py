@@ -1,0 +1,131 @@
+"""A transport written the way a user would write one: a plain TCP socket per link.
+
+Registered as ``"socket"`` when this module is imported (in the learner's process and,
+through the collector entry point below, in every collector process), then run through
+the same contract suite as the built-ins (``test_transport_contract.py``).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import torch
+
+from weight_sync.control import LinkChannel
+from weight_sync.errors import CollectorFailed, PeerGone, WeightSyncTimeout
+from weight_sync.snapshots import Snapshot
+from weight_sync.transports import LinkSpec, TransportSpec, get_transport, register_transport
+
+NAME = "socket"
+
+
+class _Send:
+    """``sendall`` in a thread of its own, so ``send`` returns at once."""
+
+    note = ""
+
+    def __init__(self, spec: LinkSpec, sock: socket.socket, buffer: torch.Tensor) -> None:
+        self._spec = spec
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(sock, buffer), daemon=True)
+        self._thread.start()
+
+    def _run(self, sock: socket.socket, buffer: torch.Tensor) -> None:
+        try:
+            sock.sendall(memoryview(buffer.numpy()))
+        except OSError as exc:
+            self._error = exc
+
+    def done(self) -> bool:
+        if self._thread.is_alive():
+            return False
+        if self._error is not None:
+            raise CollectorFailed(f"socket send to {self._spec.who()} failed: {self._error}",
+                                  self._spec.collector_id)
+        return True
+
+    def finish(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        if not self.done():
+            raise CollectorFailed(f"socket send to {self._spec.who()} still running after "
+                                  f"{timeout:.1f}s", self._spec.collector_id)
+
+
+class SocketSender:
+    """Listens on the bind address, publishes it, accepts the collector's connection."""
+
+    def __init__(self, spec: LinkSpec) -> None:
+        self.spec = spec
+        self._sock: socket.socket | None = None
+
+    def connect(self, channel: LinkChannel, timeout: float) -> None:
+        with socket.create_server((self.spec.bind_host or "127.0.0.1", 0)) as server:
+            server.settimeout(timeout)
+            host, port = server.getsockname()[:2]
+            channel.publish("addr", f"{host} {port}")
+            try:
+                self._sock, _ = server.accept()
+            except OSError as exc:
+                raise WeightSyncTimeout(f"{self.spec.who()} did not connect its socket "
+                                        f"within {timeout:.1f}s") from exc
+
+    def send(self, snapshot: Snapshot) -> _Send:
+        assert self._sock is not None, "send before connect"
+        return _Send(self.spec, self._sock, snapshot.buffer)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class SocketReceiver:
+    """Connects to the address the learner's end published; reads whole messages."""
+
+    def __init__(self, spec: LinkSpec) -> None:
+        self.spec = spec
+        self._sock: socket.socket | None = None
+
+    def connect(self, channel: LinkChannel, timeout: float) -> None:
+        host, port = channel.read("addr", timeout).split()
+        self._sock = socket.create_connection((host, int(port)), timeout=timeout)
+
+    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
+        assert self._sock is not None, "receive before connect"
+        view, got = memoryview(buffer.numpy()), 0
+        self._sock.settimeout(timeout)
+        try:
+            while got < len(view):
+                n = self._sock.recv_into(view[got:])
+                if n == 0:
+                    raise PeerGone(f"{self.spec.who()}: the learner closed the socket after "
+                                   f"{got} of {len(view)} bytes")
+                got += n
+        except OSError as exc:
+            raise PeerGone(f"{self.spec.who()}: socket receive failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def register() -> None:
+    """Register ``"socket"`` once per process."""
+    try:
+        get_transport(NAME)
+    except ValueError:
+        register_transport(TransportSpec(NAME, sender=SocketSender, receiver=SocketReceiver,
+                                         backends=("gloo",)))
+
+
+register()
+
+
+def collector(*args: Any, **kwargs: Any) -> None:
+    """The fault harness's collector, in a process that knows this transport."""
+    from faults.harness import collector_main
+
+    collector_main(*args, **kwargs)
