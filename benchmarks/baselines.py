@@ -29,6 +29,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+__all__ = ["measure_torchrl", "measure_raw_gloo", "measure_memcpy", "summarize",
+           "fingerprint", "collect_results", "reap"]
+
 try:
     from benchmarks import policies
 except ImportError:  # run as a script from inside benchmarks/
@@ -55,7 +58,7 @@ TORCHRL_METHOD = (
 )
 
 
-def _summary(samples: Sequence[float], nbytes: int, n: int) -> dict[str, Any]:
+def summarize(samples: Sequence[float], nbytes: int, n: int) -> dict[str, Any]:
     """Latency statistics and bandwidths of a list of per-round samples."""
     arr = np.asarray(samples, dtype=np.float64)
     median = float(np.median(arr))
@@ -85,7 +88,7 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _fingerprint(module: nn.Module) -> list[int]:
+def fingerprint(module: nn.Module) -> list[int]:
     """Exact, order-independent checksum per leaf: integer sum of the raw bits."""
     named = list(module.named_parameters()) + list(module.named_buffers())
     out = []
@@ -96,7 +99,7 @@ def _fingerprint(module: nn.Module) -> list[int]:
     return out
 
 
-def _collect(q: Any, n: int, timeout: float) -> dict[int, Any]:
+def collect_results(q: Any, n: int, timeout: float) -> dict[int, Any]:
     """Read one ``(status, idx, payload)`` message per worker; raise on error/timeout."""
     deadline = time.monotonic() + timeout
     results: dict[int, Any] = {}
@@ -112,7 +115,7 @@ def _collect(q: Any, n: int, timeout: float) -> dict[int, Any]:
     return results
 
 
-def _reap(procs: Sequence[Any], timeout: float) -> None:
+def reap(procs: Sequence[Any], timeout: float) -> None:
     """Join every process within ``timeout`` seconds; kill the ones still alive."""
     deadline = time.monotonic() + timeout
     for proc in procs:
@@ -160,7 +163,7 @@ def _torchrl_worker(
         if thread.is_alive():
             raise TimeoutError("torchrl background receiver did not stop")
         with torch.no_grad():
-            q.put(("ok", rank, _fingerprint(ctx.policy)))
+            q.put(("ok", rank, fingerprint(ctx.policy)))
     except BaseException:
         q.put(("error", rank, traceback.format_exc()))
     finally:
@@ -232,16 +235,16 @@ def measure_torchrl(
                     dt = time.perf_counter() - t0
                     if r >= warmup:
                         samples.append(dt)
-                expected = _fingerprint(policy)
+                expected = fingerprint(policy)
             scheme._send_instruction("stop")
-            results = _collect(q, num_collectors, timeout)
+            results = collect_results(q, num_collectors, timeout)
             ok = True
         finally:
-            _reap(procs, timeout if ok else 1.0)
+            reap(procs, timeout if ok else 1.0)
             scheme.shutdown()
             if dist.is_initialized():
                 dist.destroy_process_group()
-        out = _summary(samples, policies.count_bytes(policy), num_collectors)
+        out = summarize(samples, policies.count_bytes(policy), num_collectors)
     out.update(
         params=float(policies.count_params(policy)),
         leaves=float(policies.count_leaves(policy)),
@@ -307,10 +310,10 @@ def _raw_gloo_once(
             correct = correct and all(int(a[0]) == r % 256 for a in acks)
             if r >= warmup:
                 samples.append(dt)
-        _collect(q, n, timeout)
+        collect_results(q, n, timeout)
         ok = True
     finally:
-        _reap(procs, timeout if ok else 1.0)
+        reap(procs, timeout if ok else 1.0)
     return samples, correct, setup_s
 
 
@@ -337,7 +340,7 @@ def measure_raw_gloo(
     """
     with _num_threads(threads):
         samples, correct, setup_s = _raw_gloo_once(nbytes, num_collectors, rounds, warmup, timeout)
-        out = _summary(samples, nbytes, num_collectors)
+        out = summarize(samples, nbytes, num_collectors)
         out.update(
             method="ProcessGroupGloo pairs; learner send() to all then waits; "
             "ack = 1-element int32 gloo send back on the same pair",
@@ -346,7 +349,7 @@ def measure_raw_gloo(
         )
         if include_n1 and num_collectors != 1:
             samples1, correct1, _ = _raw_gloo_once(nbytes, 1, rounds, warmup, timeout)
-            out.update({f"n1_{k}": v for k, v in _summary(samples1, nbytes, 1).items()})
+            out.update({f"n1_{k}": v for k, v in summarize(samples1, nbytes, 1).items()})
             out["n1_correct"] = correct1
     return out
 
@@ -365,7 +368,7 @@ def measure_memcpy(
             dt = time.perf_counter() - t0
             if r >= warmup:
                 samples.append(dt)
-        out = _summary(samples, nbytes, 1)
+        out = summarize(samples, nbytes, 1)
     out["correct"] = bool(torch.equal(src, dst))
     return out
 

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.baselines import _collect, _fingerprint, _reap, _summary, measure_raw_gloo
+from benchmarks.baselines import collect_results, fingerprint, measure_raw_gloo, reap, summarize
 from benchmarks.policies import count_leaves, make_policy
 from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver, WeightSender
+from weight_sync.transports import transport_names
 
 __all__ = ["measure_weight_sync", "main"]
 
@@ -45,7 +46,7 @@ def _collector(idx: int, info: ConnectionInfo, spec: tuple[int, str], timeout: f
                 receiver.receive_weights(timeout=timeout)
         except (ClosedError, PeerGone):
             pass
-        q.put(("ok", idx, (receiver.version, _fingerprint(policy))))
+        q.put(("ok", idx, (receiver.version, fingerprint(policy))))
         receiver.close()
     except BaseException:  # report any failure to the parent, which raises it
         import traceback
@@ -61,7 +62,7 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
     ``sender_options`` go to :class:`WeightSender` (e.g. ``chunk_bytes``).
 
     Returns:
-        ``_summary`` figures plus ``async_median_s`` (learner time inside
+        ``summarize`` figures plus ``async_median_s`` (learner time inside
         ``send_weights_async``), ``leaves`` and ``correct``.
     """
     ctx = mp.get_context("spawn")
@@ -90,15 +91,15 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
             if r >= warmup:
                 samples.append(t2 - t0)
                 in_async.append(t1 - t0)
-        expected = _fingerprint(policy)
+        expected = fingerprint(policy)
         final_version = sender.version
         sender.close()
-        results = _collect(q, num_collectors, timeout)
+        results = collect_results(q, num_collectors, timeout)
     finally:
         sender.close()
-        _reap(procs, 30.0)
+        reap(procs, 30.0)
         torch.set_num_threads(previous)
-    out = _summary(samples, sender.layout.nbytes, num_collectors)
+    out = summarize(samples, sender.layout.nbytes, num_collectors)
     out.update(
         async_median_s=float(sorted(in_async)[len(in_async) // 2]),
         leaves=count_leaves(policy),
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=[100_000, 1_000_000, 10_000_000, 100_000_000])
     parser.add_argument("--collectors", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--kind", default="wide", choices=["wide", "deep"])
-    parser.add_argument("--transport", default="distributed", choices=["distributed", "shm"])
+    parser.add_argument("--transport", default="distributed", choices=transport_names())
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=None)

@@ -148,7 +148,7 @@ def test_store_keys_stay_bounded_over_many_versions(mlp: torch.nn.Module) -> Non
 
 
 def test_poll_never_blocks_and_bounded_waits_return_or_raise(mlp: torch.nn.Module) -> None:
-    with connected(mlp, models.make_mlp(seed=3), rx_timeout=0.3) as (sender, receiver):
+    with connected(mlp, models.make_mlp(seed=3), rx_timeout=0.3) as (_sender, receiver):
         start = time.monotonic()
         for _ in range(50):
             assert receiver.receive_weights(timeout=0) is None
@@ -157,13 +157,13 @@ def test_poll_never_blocks_and_bounded_waits_return_or_raise(mlp: torch.nn.Modul
         assert receiver.receive_weights(timeout=0.2) is None
         assert 0.15 < time.monotonic() - start < 5
         # timeout=None waits up to the receiver's timeout, then raises naming the version
-        with pytest.raises(WeightSyncTimeout, match="collector 0: no new weights after "
-                                                    "version 0 within 0.30s"):
+        with pytest.raises(WeightSyncTimeout, match=r"collector 0: no new weights after "
+                                                    r"version 0 within 0\.30s"):
             receiver.receive_weights(timeout=None)
 
 
 def test_wait_ack_timeout_names_collector_and_version(mlp: torch.nn.Module) -> None:
-    with connected(mlp, models.make_mlp(seed=3)) as (sender, receiver):
+    with connected(mlp, models.make_mlp(seed=3)) as (sender, _receiver):
         sender.send_weights_async()  # received in the background, never applied nor acked
         start = time.monotonic()
         with pytest.raises(WeightSyncTimeout, match=r"version 1 not acked after .* by "
@@ -212,19 +212,36 @@ def _socket_fds() -> int:
                for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
 
 
-def test_close_releases_sockets_and_stops_the_store(mlp: torch.nn.Module) -> None:
-    """close() shuts the pair groups down and stops the store server: no socket of the
-    run is left open in this process, and the port no longer answers."""
+def _sync_and_close() -> tuple[int, int, int, bool]:
+    """In a fresh process: sockets before, during and after a sender + receiver run,
+    and whether the store port still answers after close."""
+    import gc
+
     before = _socket_fds()
-    with connected(mlp, models.make_mlp(seed=3)) as (sender, receiver):
+    with connected(models.make_mlp(seed=0), models.make_mlp(seed=3)) as (sender, receiver):
         port = sender.connection_info.port
         sender.send_weights_async()
         assert receiver.receive_weights(timeout=20) == 1
         sender.wait_ack(20)
-        assert _socket_fds() > before
+        during = _socket_fds()
+    del sender, receiver
+    gc.collect()
     deadline = time.monotonic() + 10
     while _socket_fds() > before and time.monotonic() < deadline:
-        time.sleep(0.05)  # the server thread closes its sockets as it stops
-    assert _socket_fds() <= before
-    with pytest.raises(ConnectionFailed):
+        time.sleep(0.05)  # the store's server thread closes its sockets as it stops
+    try:
         connect_client("127.0.0.1", port, timeout=0.5)
+        answers = True
+    except ConnectionFailed:
+        answers = False
+    return before, during, _socket_fds(), answers
+
+
+def test_close_releases_sockets_and_stops_the_store() -> None:
+    """close() shuts the pair groups down, releases every store client and stops the
+    store server: no socket of the run is left open, and the port no longer answers."""
+    ((before, during, after, answers),) = procs.run_processes([(_sync_and_close, ())],
+                                                              timeout=60)
+    assert during > before
+    assert after <= before, f"{after - before} socket(s) left open after close"
+    assert not answers

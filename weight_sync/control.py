@@ -22,7 +22,13 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from weight_sync.errors import ConnectionFailed, PeerGone, ProtocolError, WeightSyncTimeout
+from weight_sync.errors import (
+    ClosedError,
+    ConnectionFailed,
+    PeerGone,
+    ProtocolError,
+    WeightSyncTimeout,
+)
 from weight_sync.protocol import CLOSED, LEFT, Hello, Keys, Update, Verdict
 from weight_sync.store import connect_client
 
@@ -36,6 +42,15 @@ LinkId = tuple[int, int]
 
 class _Timeout(Exception):
     """A store wait ran out (internal: each caller words its own error)."""
+
+
+class _ClosedClient:
+    """Stands in for a released store client: every operation is refused."""
+
+    def __getattr__(self, name: str) -> Any:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise ClosedError(f"store operation {name!r} on a closed control client")
+        return refuse
 
 
 def _call(what: str, op: Callable[[], T]) -> T:
@@ -64,7 +79,7 @@ class Control:
     """
 
     def __init__(self, store: dist.Store, name: str, timeout: float) -> None:
-        self._store = store
+        self._store: Any = store
         self.keys = Keys(name)
         self.name = name
         self.timeout = timeout
@@ -77,6 +92,11 @@ class Control:
             ConnectionFailed: no store answered in time.
         """
         return cls(connect_client(host, port, timeout), name, timeout)
+
+    def close(self) -> None:
+        """Release the store client (its socket closes once no call is using it);
+        later calls raise :class:`ClosedError`. Idempotent."""
+        self._store = _ClosedClient()
 
     # -- waits ---------------------------------------------------------------------------
     def _wait(self, keys: list[str], timeout: float, what: str) -> None:

@@ -109,3 +109,7 @@ class ReceiverLink:
         self._acker.leave(self.collector_id, self.incarnation)
         self._acker.post_closed(self.collector_id, self.incarnation, self._seq)
         self._end.close()
+        # The listener may still be inside a call on its client: the client's socket
+        # closes when that call returns.
+        self._listener.close()
+        self._acker.close()

@@ -395,6 +395,7 @@ class WeightSender:
             self._latest = None
         self._pool.close()
         self._release_offers()
+        self._control.close()
         # Collectors normally read the close first (ClosedError); one that reads later
         # sees PeerGone.
         self._server.stop()
