@@ -8,7 +8,10 @@ in-process memcpy of the same bytes (``benchmarks.baselines``). All processes ar
 real (spawn), learner and collectors run ``torch.set_num_threads(1)``, ports come
 from port 0, every child is reaped. Results go to JSON (``--results-dir``:
 ``bench-<stamp>.json`` and ``latest.json``), then ``benchmarks.report`` renders
-``RESULTS.md`` and plots unless ``--no-report``. A global ``--budget-s`` skips the
+``RESULTS.md`` and plots (``--report-dir``) unless ``--no-report``. By default a full
+run writes ``benchmarks/results/`` and the committed ``benchmarks/RESULTS.md`` and plots;
+a ``--quick`` run writes all of it under ``benchmarks/results/quick/`` instead (ignored
+by git), so it never overwrites the full results. A global ``--budget-s`` skips the
 configurations that would overrun it, with the reason recorded.
 
     weight-sync bench                      # full sweep (~15 min on 2 cores)
@@ -38,9 +41,12 @@ import torch
 from benchmarks import baselines, policies
 from benchmarks.sync_latency import measure_weight_sync
 
-__all__ = ["TRANSPORTS", "main", "machine_info", "run_sweep"]
+__all__ = ["QUICK_DIR", "TRANSPORTS", "default_dirs", "machine_info", "main",
+           "run_sweep"]
 
 BENCH_DIR = Path(__file__).resolve().parent
+QUICK_DIR = BENCH_DIR / "results" / "quick"
+"""Default results and report directory of ``--quick`` runs (under the ignored results/)."""
 SIZES = (100_000, 1_000_000, 10_000_000, 100_000_000)
 QUICK_SIZES = (100_000, 1_000_000)
 TRANSPORTS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -53,6 +59,14 @@ BUILD_S_PER_PARAM = 1e-8
 """Rough cost of building one parameter in a process (for the budget estimate only)."""
 ASSUMED_GBPS = 1.0
 """Conservative per-collector transfer rate for the budget estimate (loopback gloo)."""
+
+
+def default_dirs(quick: bool) -> tuple[Path, Path]:
+    """``(results_dir, report_dir)`` when not given: a quick run keeps to :data:`QUICK_DIR`,
+    away from the full run's ``latest.json``, ``RESULTS.md`` and plots."""
+    if quick:
+        return QUICK_DIR, QUICK_DIR
+    return BENCH_DIR / "results", BENCH_DIR
 
 
 def default_rounds(params: int, quick: bool) -> tuple[int, int]:
@@ -319,12 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-torchrl", nargs="*", default=[], metavar="KIND:PARAMS",
                         help="skip torchrl for KIND at sizes >= PARAMS, e.g. deep:1e8")
     parser.add_argument("--samples", action="store_true", help="keep per-round samples in JSON")
-    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results",
-                        help="where bench-<stamp>.json and latest.json go")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="where bench-<stamp>.json and latest.json go (default "
+                             "benchmarks/results/; with --quick benchmarks/results/quick/)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="dated JSON path (default RESULTS_DIR/bench-<stamp>.json)")
-    parser.add_argument("--report-dir", type=Path, default=BENCH_DIR,
-                        help="where RESULTS.md and the plots go (default benchmarks/)")
+    parser.add_argument("--report-dir", type=Path, default=None,
+                        help="where RESULTS.md and the plots go (default benchmarks/; "
+                             "with --quick benchmarks/results/quick/)")
     parser.add_argument("--no-report", action="store_true", help="do not render RESULTS.md")
     return parser
 
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.collectors is None:
         top = 2 if args.quick else args.max_collectors
         args.collectors = [n for n in (1, 2, 4, 8, 16) if n <= top]
+    results_default, report_default = default_dirs(args.quick)
+    args.results_dir = args.results_dir or results_default
+    args.report_dir = args.report_dir or report_default
     for key in ("results_dir", "json_out", "report_dir"):
         value = getattr(args, key)
         setattr(args, key, None if value is None else str(value))

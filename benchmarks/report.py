@@ -118,7 +118,8 @@ def render_markdown(data: dict[str, Any], json_path: str | None = None) -> str:
         "", "## How to rerun", "", "```",
         "weight-sync bench                      # full sweep, writes benchmarks/results/ "
         "and this file",
-        "weight-sync bench --quick              # 100K and 1M params, N=1,2",
+        "weight-sync bench --quick              # 100K and 1M params, N=1,2; writes "
+        "benchmarks/results/quick/",
         "weight-sync bench --max-collectors 8   # adds N=8",
         "python -m benchmarks.report benchmarks/results/latest.json   # re-render only",
         "```", "",

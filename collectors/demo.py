@@ -36,6 +36,7 @@ from collectors.task import (
     ENV_NAME,
     PPOLearner,
     TaskConfig,
+    collect,
     episode_returns,
     make_env,
     make_policy,
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
-                            frames_per_batch=args.frames_per_batch, seed=args.seed) as group, \
+                            frames_per_batch=args.frames_per_batch, seed=args.seed,
+                            collect_fn=collect) as group, \
                 Progress(*columns, console=console, disable=args.quiet) as progress:
             rows = _iterate(args, group, learner, progress)
             summary = _summary(rows, group, time.perf_counter() - start, args)

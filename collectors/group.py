@@ -95,7 +95,9 @@ class CollectorGroup:
         connect_timeout: bound on start-up (processes up, rendezvous, initial sync).
         batch_timeout: bound on waiting for the next batch when iterating.
         shutdown_timeout: how long :meth:`close` lets collectors stop before killing them.
-        collect_fn: the rollout function collectors use (the task's ``collect``).
+        collect_fn: module-level rollout ``(env, policy, frames, state) -> (batch, state)``
+            the collectors run; passed on to every :class:`WorkerSpec` (which has no
+            default). Defaults to the CartPole task's ``collectors.task.collect``.
         max_restarts: how many collector failures (in all) are answered by restarting
             that collector instead of raising; 0 fails fast.
     """

@@ -9,7 +9,7 @@ initial sync: the policy never acts with its own random initialisation), then lo
 
 1. wait for a *credit* (at most ``max_inflight`` batches not yet taken by the learner,
    so a slow learner gets fresh batches, not a backlog), applying new weights meanwhile;
-2. roll out ``frames_per_batch`` steps with the task's ``collect``; the policy is wrapped
+2. roll out ``frames_per_batch`` steps with the spec's ``collect_fn``; the policy is wrapped
    by :class:`VersionTagger`, which polls ``receive_weights(timeout=0)`` before every
    step (or only between batches) and writes into every step the version (and, on
    request, a checksum) of the weights that chose its action;
@@ -45,7 +45,6 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from collectors.task import collect
 from collectors.transport import encode_message
 from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver
 from weight_sync.layout import named_leaves
@@ -94,6 +93,10 @@ class WorkerSpec:
     """Module-level function ``seed -> env`` (e.g. ``collectors.task.make_env``)."""
     policy_factory: Callable[[], Any]
     """Module-level function building the policy (same layout as the learner's)."""
+    collect_fn: Callable[..., Any]
+    """Module-level rollout ``(env, policy, frames, state) -> (batch, state)`` (e.g.
+    ``collectors.task.collect``); ``state`` is ``None`` on the first batch. Required: the
+    worker is task-agnostic and has no default rollout."""
     frames_per_batch: int = 256
     """Environment steps per batch."""
     seed: int = 0
@@ -106,8 +109,6 @@ class WorkerSpec:
     """Bound on the receiver's connect (rendezvous + initial sync), in seconds."""
     receiver_timeout: float = 60.0
     """Bound on each store operation and transfer of the receiver, in seconds."""
-    collect_fn: Callable[..., Any] = collect
-    """``(env, policy, frames, state) -> (batch, state)``; the task's ``collect``."""
 
     @property
     def env_seed(self) -> int:

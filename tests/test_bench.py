@@ -6,15 +6,16 @@ Structure and correctness only: no assertion here depends on how fast anything i
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
+from weight_sync.cli import import_benchmarks
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # torchrl's wheel ships a namespace "benchmarks" package
-    sys.path.insert(0, str(ROOT))
+# torchrl's wheel ships a "benchmarks" folder too: import ours the way `weight-sync bench` does.
+assert import_benchmarks(ROOT) is not None
 
 from benchmarks import bench, report  # noqa: E402
 
@@ -22,22 +23,57 @@ THINGS = {"weight_sync/distributed", "weight_sync/shm", "torchrl", "raw_gloo", "
 STATS = {"median_s", "p90_s", "mean_s", "min_s", "nbytes", "gbps_payload", "wall_s", "correct"}
 
 
+# The full run's committed (or kept) outputs, which a quick run must leave alone.
+FULL_OUTPUTS = [bench.BENCH_DIR / name for name in (
+    "RESULTS.md", "latency_vs_size.png", "latency_vs_n.png", "results/latest.json")]
+
+
+def _snapshot() -> dict[Path, bytes | None]:
+    return {p: p.read_bytes() if p.exists() else None for p in FULL_OUTPUTS}
+
+
+class QuickRun(NamedTuple):
+    rc: int
+    out: Path
+    """Where the run's JSON, RESULTS.md and plots went (its QUICK_DIR)."""
+    full_before: dict[Path, bytes | None]
+    full_after: dict[Path, bytes | None]
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
-    """One ``--quick`` sweep cut down to 100K params and 3 rounds (both kinds, N=1,2)."""
-    out = tmp_path_factory.mktemp("bench")
-    rc = bench.main(["--quick", "--sizes", "100000", "--rounds", "3", "--warmup", "1",
-                     "--timeout", "60", "--results-dir", str(out / "results"),
-                     "--report-dir", str(out / "report")])
-    return rc, out
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """One ``--quick`` sweep cut down to 100K params and 3 rounds (both kinds, N=1,2),
+    with the default output directories (only ``QUICK_DIR`` moved to a temporary folder)."""
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    before = _snapshot()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "QUICK_DIR", out)
+        rc = bench.main(["--quick", "--sizes", "100000", "--rounds", "3", "--warmup", "1",
+                         "--timeout", "60"])
+    return QuickRun(rc, out, before, _snapshot())
 
 
-def test_quick_sweep_json(quick_run: tuple[int, Path]) -> None:
-    rc, out = quick_run
+def test_quick_run_leaves_the_full_results(quick_run: QuickRun) -> None:
+    changed = [p for p in FULL_OUTPUTS if quick_run.full_after[p] != quick_run.full_before[p]]
+    assert changed == []
+    assert {p.name for p in quick_run.out.iterdir()} >= {
+        "latest.json", "RESULTS.md", report.SIZE_PLOT, report.N_PLOT}
+
+
+def test_quick_defaults_keep_off_the_full_results() -> None:
+    assert bench.default_dirs(quick=False) == (bench.BENCH_DIR / "results", bench.BENCH_DIR)
+    results, report_dir = bench.default_dirs(quick=True)
+    assert results == report_dir == bench.QUICK_DIR == bench.BENCH_DIR / "results" / "quick"
+    assert report_dir / "RESULTS.md" not in FULL_OUTPUTS
+    assert "results/" in (ROOT / ".gitignore").read_text().split()  # quick runs stay untracked
+
+
+def test_quick_sweep_json(quick_run: QuickRun) -> None:
+    rc, out = quick_run.rc, quick_run.out
     assert rc == 0
-    dated = sorted((out / "results").glob("bench-*.json"))
+    dated = sorted(out.glob("bench-*.json"))
     assert len(dated) == 1
-    data: dict[str, Any] = json.loads((out / "results" / "latest.json").read_text())
+    data: dict[str, Any] = json.loads((out / "latest.json").read_text())
     assert data == json.loads(dated[0].read_text())
     assert data["schema"] == 1 and data["all_correct"] is True
     assert data["errors"] == 0 and data["skipped"] == 0
@@ -71,20 +107,19 @@ def test_quick_sweep_json(quick_run: tuple[int, Path]) -> None:
     assert len(orders) == len(configs)  # the order of the compared things rotates
 
 
-def test_quick_sweep_report(quick_run: tuple[int, Path]) -> None:
-    _, out = quick_run
-    text = (out / "report" / "RESULTS.md").read_text()
+def test_quick_sweep_report(quick_run: QuickRun) -> None:
+    out = quick_run.out
+    text = (out / "RESULTS.md").read_text()
     assert "## wide policy (8 leaves)" in text and "## deep policy (298 leaves)" in text
     assert "AMD" in text or "cores" in text
     assert "## How to rerun" in text and "weight-sync bench --quick" in text
     for name in (report.SIZE_PLOT, report.N_PLOT):
-        png = out / "report" / name
+        png = out / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_renders_from_json_with_skips(quick_run: tuple[int, Path], tmp_path: Path) -> None:
-    _, out = quick_run
-    data = json.loads((out / "results" / "latest.json").read_text())
+def test_report_renders_from_json_with_skips(quick_run: QuickRun, tmp_path: Path) -> None:
+    data = json.loads((quick_run.out / "latest.json").read_text())
     data["configs"][1]["skipped"] = {"torchrl": "--skip-torchrl wide:100000"}
     del data["configs"][1]["results"]["torchrl"]
     data["configs"].append({**data["configs"][0], "status": "skipped", "results": {},

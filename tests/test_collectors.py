@@ -91,7 +91,8 @@ def _perturb(policy: torch.nn.Module, step: int) -> None:
 
 
 def _group(policy: torch.nn.Module, **kwargs: Any) -> CollectorGroup:
-    opts: dict[str, Any] = dict(num_collectors=2, frames_per_batch=FRAMES, seed=0, **TIMEOUTS)
+    opts: dict[str, Any] = dict(num_collectors=2, frames_per_batch=FRAMES, seed=0,
+                                collect_fn=collect, **TIMEOUTS)
     opts.update(kwargs)
     return CollectorGroup(policy, opts.pop("env_factory", make_env),
                           opts.pop("policy_factory", make_policy), **opts)
