@@ -4,10 +4,10 @@ learner-side group that drives them.
 Example::
 
     from collectors import CollectorGroup
-    from collectors.task import make_env, make_policy
+    from collectors.task import collect, make_env, make_policy
 
     policy = make_policy()
-    with CollectorGroup(policy, make_env, make_policy, num_collectors=2) as group:
+    with CollectorGroup(policy, make_env, make_policy, collect, num_collectors=2) as group:
         for batch in group:                  # each step tagged "policy_version"
             ...                              # train `policy`
             group.update_weights(timeout=30)

@@ -3,7 +3,7 @@
 Example::
 
     policy = make_policy()
-    with CollectorGroup(policy, make_env, make_policy, num_collectors=2) as group:
+    with CollectorGroup(policy, make_env, make_policy, collect, num_collectors=2) as group:
         for i, batch in enumerate(group):      # TensorDicts tagged "policy_version"
             train_on(batch)                    # updates `policy` in place
             group.update_weights(timeout=30)   # send_weights_async + wait_ack
@@ -36,7 +36,6 @@ from tensordict import TensorDictBase
 from collectors.errors import CollectorDied, CollectorError, CollectorTimeout
 from collectors.inbox import Inbox
 from collectors.launcher import Launcher, LocalLauncher, WorkerHandle
-from collectors.task import collect
 from collectors.worker import WorkerSpec
 from weight_sync import CollectorFailed, SenderConfig, SyncStats, WeightSender, WeightSyncTimeout
 from weight_sync.metrics import AckResult
@@ -96,20 +95,20 @@ class CollectorGroup:
         batch_timeout: bound on waiting for the next batch when iterating.
         shutdown_timeout: how long :meth:`close` lets collectors stop before killing them.
         collect_fn: module-level rollout ``(env, policy, frames, state) -> (batch, state)``
-            the collectors run; passed on to every :class:`WorkerSpec` (which has no
-            default). Defaults to the CartPole task's ``collectors.task.collect``.
+            the collectors run (e.g. the CartPole task's ``collectors.task.collect``);
+            passed on to every :class:`WorkerSpec`.
         max_restarts: how many collector failures (in all) are answered by restarting
             that collector instead of raising; 0 fails fast.
     """
 
     def __init__(self, policy: Any, env_factory: Callable[[int], Any],
-                 policy_factory: Callable[[], Any], *, num_collectors: int = 2,
+                 policy_factory: Callable[[], Any], collect_fn: Callable[..., Any], *,
+                 num_collectors: int = 2,
                  frames_per_batch: int = 256, seed: int = 0, max_inflight: int = 2,
                  poll_every_step: bool = True, record_checksum: bool = False,
                  launcher: Launcher | None = None, sender_config: SenderConfig | None = None,
                  connect_timeout: float = 60.0, batch_timeout: float = 60.0,
-                 shutdown_timeout: float = 10.0, collect_fn: Callable[..., Any] = collect,
-                 max_restarts: int = 0) -> None:
+                 shutdown_timeout: float = 10.0, max_restarts: int = 0) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight!r}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
