@@ -296,9 +296,11 @@ class CollectorGroup:
                 failed = self.workers[cid]
                 if exc.pid is not None and exc.pid != failed.pid:
                     return exc.result  # type: ignore[return-value]  # a replaced process
-                # Give the collector's own report (traceback, exit code) a moment to
-                # come: it is the better error, and it may restart the collector.
-                until = time.monotonic() + 2.0
+                # Wait for the collector's own report (traceback, exit code) or the end
+                # of its process, whichever comes first: it is the better error, and it
+                # may restart the collector. A collector closes its receiver before it
+                # reports, so the learner may see the link break first.
+                until = time.monotonic() + self.shutdown_timeout
                 while (time.monotonic() < until and self.workers[cid] is failed
                        and cid not in self._inbox.ended):
                     self._inbox.pump(until - time.monotonic())

@@ -70,9 +70,9 @@ class Admissions:
         self.seen[cid] = inc
         verdict = judge(hello, cid, inc, current, self._chain, self._offers)
         if not verdict.admitted:
-            who = f"collector {cid} (incarnation {inc})"
+            who = f"collector {cid} (pid {hello.pid})"
             self._refused[cid] = (inc, refusal_error(verdict, who, hello.refused))
-            log.warning("refused %s: %s", who, verdict.reason)
+            log.warning("refused %s, incarnation %d: %s", who, inc, verdict.reason)
             self._control.admit(cid, inc, verdict)
             return None
         spec = next(s for s in self._chain if s.name == verdict.transport)

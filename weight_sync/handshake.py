@@ -82,7 +82,7 @@ def join(control: Control, layout: BufferLayout, cid: int,
         WeightSyncTimeout: the learner did not answer before ``deadline``.
     """
     inc = control.join(cid)
-    who = f"collector {cid} (incarnation {inc})"
+    who = f"collector {cid}"
     layout_json, offers = control.read_stream(deadline - time.monotonic())
     diffs = layout.differences(layout_json)
     control.say_hello(cid, inc, Hello(pid=os.getpid(), host=socket.gethostname(),
