@@ -92,8 +92,9 @@ class SocketReceiver:
         host, port = channel.read("addr", timeout).split()
         self._sock = socket.create_connection((host, int(port)), timeout=timeout)
 
-    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
-        assert self._sock is not None, "receive before connect"
+    def receive(self, note: str, buffer: torch.Tensor | None,
+                timeout: float) -> torch.Tensor:
+        assert self._sock is not None and buffer is not None, "receive before connect"
         view, got = memoryview(buffer.numpy()), 0
         self._sock.settimeout(timeout)
         try:
@@ -105,6 +106,7 @@ class SocketReceiver:
                 got += n
         except OSError as exc:
             raise PeerGone(f"{self.spec.who()}: socket receive failed: {exc}") from exc
+        return buffer
 
     def close(self) -> None:
         if self._sock is not None:

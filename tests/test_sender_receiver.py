@@ -191,7 +191,7 @@ def test_torn_message_is_refused(mlp: torch.nn.Module) -> None:
 def test_background_failure_is_the_streams_error_not_a_timeout(mlp: torch.nn.Module) -> None:
     """Any exception in the receiver's background thread, not only weight-sync's own,
     is raised by the next receive_weights, at once."""
-    def explode(version: int, buffer: torch.Tensor) -> None:
+    def explode(version: int, buffer: torch.Tensor | None) -> None:
         if version >= 1:
             raise RuntimeError("disk on fire")
 

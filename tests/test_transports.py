@@ -10,15 +10,31 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import procs
 import pytest
 import socket_transport
 import torch
-from faults.harness import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
+from faults.harness import (
+    RX_TIMEOUT_S,
+    Cluster,
+    connect_all,
+    expected,
+    fingerprint,
+    make_weights,
+    publish,
+)
+from test_transport_contract import group
 
-from weight_sync import ConfigError, ConnectionInfo, WeightReceiver, WeightSender
+from weight_sync import (
+    CollectorFailed,
+    ConfigError,
+    ConnectionInfo,
+    WeightReceiver,
+    WeightSender,
+)
 from weight_sync.layout import BufferLayout
 from weight_sync.transports import (
     ReceiverTransport,
@@ -164,3 +180,80 @@ def test_shm_token_is_removed_with_the_sender() -> None:
     assert len(tokens) == 1
     sender.close()
     assert not tokens & set(os.listdir("/dev/shm"))
+
+
+# -- zero-copy collectors ("shm" lends the learner's snapshot) ------------------------
+def test_zero_copy_collector_holding_a_snapshot_sees_it_unchanged() -> None:
+    """A collector that stops applying keeps using the learner's snapshot of the
+    version it holds while the learner publishes many newer ones (the others keep up):
+    it is never rewritten under it. When it resumes: the in-flight version, then the
+    newest, bit-exact; the learner's buffers stay bounded throughout."""
+    with group("shm", 2) as (sender, (slow, fast), (slow_policy, fast_policy), weights):
+        v = publish(sender, weights)
+        for rx in (slow, fast):
+            assert rx.receive_weights(timeout=30) == v
+        sender.wait_ack(timeout=30)
+        held = v
+        in_flight = None
+        for _ in range(30):
+            v = publish(sender, weights)
+            in_flight = in_flight or v
+            assert fast.receive_weights(timeout=30) == v
+            assert fingerprint(fast_policy) == expected(v)
+            assert fingerprint(slow_policy) == expected(held), "a lent snapshot changed"
+            assert sender.buffers_in_use <= 2 * 2 + 2
+        assert slow.receive_weights(timeout=30) == in_flight
+        assert fingerprint(slow_policy) == expected(in_flight)
+        done = threading.Thread(target=lambda: slow.receive_weights(timeout=30))
+        done.start()
+        assert sender.wait_ack(timeout=30).complete
+        done.join(30)
+        assert slow.version == v and fingerprint(slow_policy) == expected(v)
+
+
+def test_zero_copy_memory_bounded_over_a_thousand_versions() -> None:
+    with group("shm", 2) as (sender, receivers, policies, weights):
+        for _ in range(1000):
+            v = publish(sender, weights)
+            for rx in receivers:
+                assert rx.receive_weights(timeout=30) == v
+            sender.wait_ack(timeout=30)
+        assert all(fingerprint(p) == expected(v) for p in policies)
+        assert sender.buffers_allocated <= 2 * 2 + 2, sender.buffers_allocated
+        assert sender.buffers_in_use <= 3  # each collector's one (shared) + the newest
+
+
+def test_zero_copy_policy_writing_its_weights_changes_only_its_own_pages() -> None:
+    with group("shm", 2) as (sender, (writer, reader), (written, read), weights):
+        v = publish(sender, weights)
+        for rx in (writer, reader):
+            assert rx.receive_weights(timeout=30) == v
+        sender.wait_ack(timeout=30)
+        with torch.no_grad():
+            written["w"].add_(1.0)  # e.g. a policy updating running statistics in place
+        assert fingerprint(read) == expected(v)  # the other collector: untouched
+        v = publish(sender, weights)
+        for rx in (writer, reader):
+            assert rx.receive_weights(timeout=30) == v
+        assert fingerprint(written) == expected(v) == fingerprint(read)
+        sender.wait_ack(timeout=30)
+
+
+def test_zero_copy_collector_killed_while_holding_a_snapshot_frees_it(
+        cluster: Cluster) -> None:
+    weights = make_weights(0)
+    with WeightSender(weights, 2, timeout=RX_TIMEOUT_S, transport="shm") as sender:
+        connect_all(sender, cluster, [0, 1])
+        v = publish(sender, weights)
+        sender.wait_ack(timeout=30)
+        for cid in (0, 1):
+            assert cluster.applied(cid, v)[3] == expected(v)
+        cluster.kill(0)  # it held version v's snapshot
+        publish(sender, weights)
+        with pytest.raises(CollectorFailed):
+            sender.wait_ack(timeout=30)
+        v = publish(sender, weights)
+        assert sender.wait_ack(timeout=30).acked == (1,)
+        assert cluster.applied(1, v)[3] == expected(v)
+        assert sender.buffers_in_use <= 2  # collector 1's version (the newest) only
+        cluster.stop(1)

@@ -25,9 +25,10 @@ class ReceiverHooks:
 
     before_connect: Callable[[int, int], None] | None = None
     """``(collector_id, incarnation)``: admitted, before the transport's rendezvous."""
-    before_receive: Callable[[int, torch.Tensor], None] | None = None
+    before_receive: Callable[[int, torch.Tensor | None], None] | None = None
     """``(version, buffer)``: the message was signalled, before the transport fills
-    ``buffer``."""
+    ``buffer`` (``None`` for a transport that lends its messages, e.g. ``"shm"``)."""
     after_receive: Callable[[int, torch.Tensor], None] | None = None
-    """``(version, buffer)``: the transport filled ``buffer``, before its header is
-    checked (a hook may corrupt it here to test the check)."""
+    """``(version, message)``: the transport delivered the message, before its header
+    is checked (a hook may corrupt it here to test the check; for a lending transport
+    this is the collector's copy-on-write view, the learner's memory stays intact)."""

@@ -54,6 +54,7 @@ __all__ = ["WeightReceiver"]
 log = logging.getLogger(__name__)
 
 
+
 class WeightReceiver:
     """Receives versions of the learner's weights into ``policy``.
 
@@ -85,9 +86,11 @@ class WeightReceiver:
         self.transport = ""
         """The transport the learner chose for this collector (set by :meth:`connect`)."""
         self._link: ReceiverLink | None = None
-        self._active: torch.Tensor | None = None  # the buffer the policy points at
-        self._staging: torch.Tensor | None = None  # the buffer the listener fills
-        self._views: dict[int, list[torch.Tensor]] = {}
+        self._device = torch.device("cpu")
+        self._private: list[torch.Tensor] = []  # buffers a copying transport fills
+        self._active: torch.Tensor | None = None  # the message the policy points at
+        self._ready: torch.Tensor | None = None  # received, handed over, not applied yet
+        self._views: dict[int, list[torch.Tensor]] = {}  # private buffer -> leaf views
         self._can_swap = True
         self._inbox: queue.SimpleQueue[int | WeightSyncError] = queue.SimpleQueue()
         self._applied = threading.Event()  # staging may be refilled
@@ -134,9 +137,10 @@ class WeightReceiver:
         self._start_thread(self._heartbeat, (self._control(deadline - time.monotonic()), inc),
                            "beat")
         try:
-            link = ReceiverLink(spec, get_transport(verdict.transport).receiver(spec),
+            transport = get_transport(verdict.transport)
+            link = ReceiverLink(spec, transport.receiver(spec),
                                 self._control(deadline - time.monotonic()), control,
-                                self._hooks)
+                                self._hooks, lends=transport.lends)
             self._link = link
             link.connect(deadline - time.monotonic())
             version = self._initial_sync(link, spec, deadline)
@@ -150,20 +154,62 @@ class WeightReceiver:
 
     def _initial_sync(self, link: ReceiverLink, spec: LinkSpec, deadline: float) -> int:
         """Receive the first message, apply it and ack it; its version."""
-        self._active = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=spec.device)
-        self._staging = torch.empty_like(self._active)
-        # Per-leaf views of both buffers, made once: a 300-leaf policy's views cost
-        # more to build than a small message costs to receive.
-        self._views = {id(b): self.layout.views(b) for b in (self._active, self._staging)}
+        self._device = spec.device
         self._can_swap = all(t.device == spec.device for t in self._targets)
-        version = link.receive(self._active, max(deadline - time.monotonic(), 0.001))
-        if version is None:
+        message = link.receive(self._staging(), max(deadline - time.monotonic(), 0.001))
+        if message is None:
             raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
                                     f"in time")
-        self._apply(self._active)
+        version, data = message
+        self._apply(data)
         self.version = version
         link.ack(version)
         return version
+
+    def _staging(self) -> torch.Tensor | None:
+        """The private buffer the next message goes into (``None`` when the transport
+        lends its messages): one the policy does not point at, made on first use."""
+        if self._link is None or self._link.lends:
+            return None
+        free = [b for b in self._private if b is not self._active]
+        if free:
+            return free[0]
+        buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self._device)
+        self._private.append(buffer)
+        return buffer
+
+    def _views_of(self, data: torch.Tensor) -> list[torch.Tensor]:
+        # Per-leaf views made once per private buffer: a 300-leaf policy's views cost
+        # more to build than a small message costs to receive. A lent message is used
+        # once; keeping its views would keep its mapping alive.
+        private = any(data is b for b in self._private)
+        views = self._views.get(data.data_ptr()) if private else None
+        if views is None:
+            views = self.layout.views(data)
+            if private:
+                self._views[data.data_ptr()] = views
+        return views
+
+    def _apply(self, data: torch.Tensor) -> None:
+        """Switch the policy to ``data`` in one step (or copy it in, when the policy's
+        tensors live on another device than the messages)."""
+        views = self._views_of(data)
+        if self._can_swap:
+            swap_in(self._targets, views)
+            self._active = data
+        else:
+            copy_in(self._targets, views)
+
+    def _keep_private(self) -> None:
+        """Move the policy off a lent message (the learner's memory) onto a private
+        copy, so it stays valid once the link is gone."""
+        active = self._active
+        if active is None or any(active is b for b in self._private):
+            return
+        own = active.clone()
+        self._private = [own]
+        self._views.clear()
+        self._apply(own)
 
     def _start_thread(self, body: Any, arg: Any, role: str) -> None:
         def run() -> None:
@@ -200,28 +246,19 @@ class WeightReceiver:
                 return
 
     def _listen(self, link: ReceiverLink) -> None:
-        """Receive each next message into staging, hand it over, wait for its apply."""
+        """Receive each next message, hand it over, wait for its apply."""
         while not self._stop.is_set():
-            assert self._staging is not None
-            version = link.receive(self._staging, self.config.idle_slice)
-            if version is None:
+            message = link.receive(self._staging(), self.config.idle_slice)
+            if message is None:
                 continue
+            version, self._ready = message
+            del message  # no reference of this thread may outlive the apply
             self._applied.clear()
             self._inbox.put(version)
             link.collect_garbage()  # while the collector applies
             while not self._applied.wait(self.config.idle_slice):
                 if self._stop.is_set():
                     return
-
-    def _apply(self, buffer: torch.Tensor) -> None:
-        views = self._views[id(buffer)]
-        if self._can_swap:
-            swap_in(self._targets, views)
-            # The policy now lives in `buffer`; the other buffer is free for the next one.
-            if buffer is self._staging:
-                self._active, self._staging = self._staging, self._active
-        else:
-            copy_in(self._targets, views)
 
     def receive_weights(self, timeout: float | None = 0) -> int | None:
         """Apply the newest received weights, if any.
@@ -260,25 +297,34 @@ class WeightReceiver:
             self._error = ProtocolError(f"{self._who()}: received version {item} after "
                                         f"{self.version}; refused, nothing applied")
             raise self._error
-        assert self._staging is not None
-        self._apply(self._staging)
+        ready, self._ready = self._ready, None
+        assert ready is not None
+        self._apply(ready)
+        del ready
         self.version = item
         self._applied.set()
         self._link.ack(item)
         return item
 
     def close(self) -> None:
-        """Stop the background threads and release the link; idempotent."""
+        """Stop the background threads and release the link; idempotent. The policy
+        keeps the last applied weights (in its own memory, also after a zero-copy
+        transport)."""
         if self._closed:
             return
         self._closed = True
+        self._keep_private()
+        self._ready = None
         self._stop.set()
         self._applied.set()
         if self._link is not None:
-            self._link.close()  # wakes the listener's wait for the next message
+            self._link.stop()  # wakes the listener's wait for the next message
         for thread in self._threads:
             # After the learner's death the listener may sit in a cut-short transfer
             # until the transport's timeout; it is a daemon thread, so do not wait long.
             thread.join(1.0 if self._error is not None else self.config.timeout)
             if thread.is_alive():
                 log.warning("%s: %s still busy after close", self._who(), thread.name)
+        self._views.clear()
+        if self._link is not None:
+            self._link.close()

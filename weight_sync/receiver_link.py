@@ -28,11 +28,14 @@ class ReceiverLink:
         acker: the store client of the thread that calls :meth:`ack` and :meth:`close`
             (a TCPStore client must not be shared between threads).
         hooks: fault-injection and instrumentation hooks.
+        lends: the transport lends its messages (zero-copy) instead of filling buffers.
     """
 
     def __init__(self, spec: LinkSpec, end: ReceiverTransport, listener: Control,
-                 acker: Control, hooks: ReceiverHooks | None = None) -> None:
+                 acker: Control, hooks: ReceiverHooks | None = None, *,
+                 lends: bool = False) -> None:
         self.spec = spec
+        self.lends = lends
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self._end = end
@@ -42,6 +45,7 @@ class ReceiverLink:
         self._seq = 0  # next message number
         self._spent: list[tuple[int, int | None]] = []  # (seq, previous version) to delete
         self._last_version: int | None = None
+        self._stopped = False
         self._closed = False
 
     def connect(self, timeout: float) -> None:
@@ -50,9 +54,11 @@ class ReceiverLink:
             self._hooks.before_connect(self.collector_id, self.incarnation)
         self._end.connect(self._listener.link(self.collector_id, self.incarnation), timeout)
 
-    def receive(self, buffer: torch.Tensor, timeout: float) -> int | None:
-        """Receive the next message into ``buffer`` if the learner signals one within
-        ``timeout`` (``0`` polls); its version, or ``None``.
+    def receive(self, buffer: torch.Tensor | None,
+                timeout: float) -> tuple[int, torch.Tensor] | None:
+        """Receive the next message if the learner signals one within ``timeout``
+        (``0`` polls): its version and the tensor holding it (``buffer``, filled, or the
+        transport's own when it lends; ``buffer`` is ``None`` then), or ``None``.
 
         The acknowledgement is separate (:meth:`ack`), sent once the weights are used.
 
@@ -71,11 +77,12 @@ class ReceiverLink:
             self._listener.bye(cid, inc)  # the learner keeps its store up until we did
             raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
         if self._hooks.before_receive is not None:
-            self._hooks.before_receive(update.version, buffer)
-        self._end.receive(update.note, buffer, self.spec.timeout)
+            self._hooks.before_receive(update.version, None if self.lends else buffer)
+        data = self._end.receive(update.note, None if self.lends else buffer,
+                                 self.spec.timeout)
         if self._hooks.after_receive is not None:
-            self._hooks.after_receive(update.version, buffer)
-        got = read_header(buffer, self.spec.layout)
+            self._hooks.after_receive(update.version, data)
+        got = read_header(data, self.spec.layout)
         if got != update.version:
             raise ProtocolError(f"{self.spec.who()}: message announced as version "
                                 f"{update.version} carries version {got}")
@@ -84,7 +91,7 @@ class ReceiverLink:
         self._spent.append((self._seq, self._last_version))
         self._last_version = update.version
         self._seq += 1
-        return update.version
+        return update.version, data
 
     def collect_garbage(self) -> None:
         """Delete the store keys of messages already received and acked (listener)."""
@@ -100,14 +107,22 @@ class ReceiverLink:
         """
         self._acker.ack(self.collector_id, self.incarnation, version)
 
+    def stop(self) -> None:
+        """Tell the learner this collector leaves, and wake a :meth:`receive` waiting
+        for the next message (it raises ``ClosedError``); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._acker.leave(self.collector_id, self.incarnation)
+        self._acker.post_closed(self.collector_id, self.incarnation, self._seq)
+
     def close(self) -> None:
-        """Release the link and wake a :meth:`receive` waiting for the next message;
-        idempotent."""
+        """:meth:`stop`, then release the transport end and the store clients;
+        idempotent. Call it once no thread uses the link's messages any more."""
         if self._closed:
             return
         self._closed = True
-        self._acker.leave(self.collector_id, self.incarnation)
-        self._acker.post_closed(self.collector_id, self.incarnation, self._seq)
+        self.stop()
         self._end.close()
         # The listener may still be inside a call on its client: the client's socket
         # closes when that call returns.

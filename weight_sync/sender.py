@@ -149,9 +149,16 @@ class WeightSender:
 
     @property
     def buffers_allocated(self) -> int:
-        """Message buffers allocated so far; bounded by N + 2 (one in flight and one
-        pending per collector, shared between collectors, plus the newest)."""
+        """Message buffers allocated so far. Bounded: per collector at most one in
+        flight and one pending, shared between collectors, plus the newest (N + 2), and
+        with a zero-copy transport the one each collector uses (2N + 2 at worst; as
+        collectors usually share versions, a few in practice)."""
         return self._pool.allocated
+
+    @property
+    def buffers_in_use(self) -> int:
+        """Message buffers held now (in flight, pending, lent to a collector, newest)."""
+        return self._pool.allocated - len(self._pool.free)
 
     @property
     def transports(self) -> dict[int, str]:
@@ -197,7 +204,7 @@ class WeightSender:
                              bind_host=None if host in WILDCARDS else host)
         return SenderLink(link_spec, spec.sender(link_spec), spec.name, self._control,
                           liveness_timeout=self.config.liveness_timeout,
-                          peer_pid=hello.pid if is_local(hello) else None)
+                          peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends)
 
     def _admit_joins(self, *, force: bool = False) -> None:
         """Install collectors that (re)joined, catching them up with the newest

@@ -65,17 +65,20 @@ class SenderLink:
         liveness_timeout: declare the collector failed when its heartbeat stopped
             for this long while a message waits for its ack (``None``: never).
         peer_pid: the collector's pid when it runs on this host (checked for liveness).
+        lends: the collector uses each snapshot in place until it acks a newer one (a
+            zero-copy transport): the link holds the acked snapshot until then.
     """
 
     def __init__(self, spec: LinkSpec, end: SenderTransport, transport: str,
                  control: Control, *, liveness_timeout: float | None = None,
-                 peer_pid: int | None = None) -> None:
+                 peer_pid: int | None = None, lends: bool = False) -> None:
         self.spec = spec
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self.transport = transport
         self.liveness_timeout = liveness_timeout
         self.peer_pid = peer_pid
+        self.lends = lends
         self._end = end
         self._control = control
         self._seq = 0  # next message number
@@ -85,6 +88,7 @@ class SenderLink:
         self._alive_read = 0.0  # when the pid was last checked
         self._in_flight: _InFlight | None = None
         self._pending: Snapshot | None = None
+        self._in_use: Snapshot | None = None  # lent to the collector, acked
         self._closed = False
         self.acked_version = -1
         """Newest version the collector applied."""
@@ -170,14 +174,22 @@ class SenderLink:
         self._seq += 1
 
     def _finish(self, flight: _InFlight) -> None:
+        """The collector acked ``flight``: the transfer is over, and the snapshot it
+        used before is no longer in use (it switched to this one before acking)."""
         sending, flight.sending = flight.sending, None
+        snapshot, flight.snapshot = flight.snapshot, None
         try:
             if sending is not None:
                 sending.finish(self.spec.timeout)
         finally:
-            if flight.snapshot is not None:
-                flight.snapshot.release()
-                flight.snapshot = None
+            if self._in_use is not None:
+                self._in_use.release()
+                self._in_use = None
+            if snapshot is not None:
+                if self.lends:
+                    self._in_use = snapshot
+                else:
+                    snapshot.release()
 
     def _check_alive(self, flight: _InFlight) -> None:
         """Raise if the unacked ``flight`` cannot be acked any more: its transfer
@@ -225,11 +237,11 @@ class SenderLink:
         self._drop_snapshots()
 
     def _drop_snapshots(self) -> None:
-        if self._in_flight is not None and self._in_flight.snapshot is not None:
-            self._in_flight.snapshot.release()
-        if self._pending is not None:
-            self._pending.release()
-        self._in_flight, self._pending = None, None
+        for snapshot in (None if self._in_flight is None else self._in_flight.snapshot,
+                         self._pending, self._in_use):
+            if snapshot is not None:
+                snapshot.release()
+        self._in_flight, self._pending, self._in_use = None, None, None
 
     def close(self) -> None:
         """Tell the collector the stream ended (best effort) and release the link;

@@ -19,7 +19,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-__all__ = ["SHM_DIR", "create_segment", "SegmentReader", "ShmToken", "read_token"]
+__all__ = ["SHM_DIR", "create_segment", "map_segment", "ShmToken", "read_token"]
 
 log = logging.getLogger(__name__)
 
@@ -38,39 +38,24 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name.lstrip("/"))
 
 
-class SegmentReader:
-    """A collector's mappings of the learner's segments, made on first use.
+def map_segment(name: str, nbytes: int) -> torch.Tensor:
+    """A fresh private (copy-on-write) mapping of the learner's segment ``name``, as a
+    ``uint8`` tensor of ``nbytes``; unmapped when the last tensor over it goes.
 
-    Segments are mapped directly (not with ``SharedMemory(name=...)``, which on Python
-    < 3.13 registers them with this process's resource tracker, which would then unlink
-    the learner's segments when this collector exits). No tensor over a mapping outlives
-    a copy, so :meth:`close` can really unmap them.
+    Reads share the learner's pages; a write (a policy updating its own weights) makes
+    a private page and never reaches the learner. A fresh mapping per message means
+    such private pages never hide what the learner writes into the segment later.
+    Mapped directly, not with ``SharedMemory(name=...)``, which on Python < 3.13
+    registers the segment with this process's resource tracker, which would then
+    unlink the learner's segment when this collector exits.
+
+    Raises:
+        FileNotFoundError: no such segment (the learner is gone).
     """
-
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
-        self._maps: dict[str, mmap.mmap] = {}
-
-    def copy_into(self, name: str, buffer: torch.Tensor) -> None:
-        """Copy the message in segment ``name`` into ``buffer``.
-
-        Raises:
-            FileNotFoundError: no such segment (the learner is gone).
-        """
-        mapping = self._maps.get(name)
-        if mapping is None:
-            with open(_path(name), "r+b") as file:
-                mapping = mmap.mmap(file.fileno(), 0)
-            self._maps[name] = mapping
-        source = torch.frombuffer(mapping, dtype=torch.uint8, count=self.nbytes)
-        buffer.copy_(source)
-        del source  # releases the buffer export, so close() can unmap
-
-    def close(self) -> None:
-        """Unmap every segment; idempotent."""
-        for mapping in self._maps.values():
-            mapping.close()
-        self._maps.clear()
+    with open(_path(name), "r+b") as file:
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    # The tensor holds the mapping (buffer protocol): no other reference is kept.
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
 
 
 class ShmToken:

@@ -102,8 +102,8 @@ def mid_transfer_hooks(min_version: int, action: Callable[[int, bool], None]) ->
     A thread watches the buffer while the real receive runs (``before_receive`` starts
     it just before the transport fills the buffer).
     """
-    def watch_from(version: int, buffer: torch.Tensor) -> None:
-        if version < min_version:
+    def watch_from(version: int, buffer: torch.Tensor | None) -> None:
+        if version < min_version or buffer is None:
             return
         head, tail = buffer[:64].clone(), buffer[-64:].clone()
 

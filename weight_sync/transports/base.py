@@ -23,7 +23,8 @@ Writing one::
     class MyReceiver:                       # collector's end
         def __init__(self, spec: LinkSpec) -> None: ...
         def connect(self, channel: LinkChannel, timeout: float) -> None: ...
-        def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None: ...
+        def receive(self, note: str, buffer: torch.Tensor | None,
+                    timeout: float) -> torch.Tensor: ...   # fills and returns buffer
         def close(self) -> None: ...
 
     register_transport(TransportSpec("mine", sender=MySender, receiver=MyReceiver))
@@ -124,12 +125,19 @@ class ReceiverTransport(Protocol):
         """Rendezvous with the learner's end (bounded)."""
         ...
 
-    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
-        """Receive the message the learner just signalled (with ``note``) into the
-        flat ``buffer``, at most ``timeout`` s.
+    def receive(self, note: str, buffer: torch.Tensor | None,
+                timeout: float) -> torch.Tensor:
+        """Receive the message the learner just signalled (with ``note``), at most
+        ``timeout`` s, and return the flat tensor that holds it.
+
+        A transport registered with ``lends=False`` fills ``buffer`` (a private
+        ``uint8`` buffer of ``layout.nbytes`` bytes) and returns it. One registered with
+        ``lends=True`` gets ``buffer=None`` and returns a tensor over the learner's own
+        memory (zero-copy); the learner keeps that memory unchanged until this
+        collector acks a newer version.
 
         Raises:
-            PeerGone: the transfer failed or was cut short (``buffer`` then holds
+            PeerGone: the transfer failed or was cut short (the message then holds
                 garbage; the link never applies it).
         """
         ...

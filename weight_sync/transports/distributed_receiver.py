@@ -26,9 +26,10 @@ class DistributedReceiver:
     def connect(self, channel: LinkChannel, timeout: float) -> None:
         self._pair.connect(channel, timeout)
 
-    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
+    def receive(self, note: str, buffer: torch.Tensor | None,
+                timeout: float) -> torch.Tensor:
         group = self._pair.group
-        if group is None:
+        if group is None or buffer is None:
             raise ProtocolError(f"{self.spec.who()}: receive on a link that is not connected")
         start = time.monotonic()
         try:
@@ -36,6 +37,7 @@ class DistributedReceiver:
         except (dist.DistError, RuntimeError) as exc:
             raise PeerGone(f"{self.spec.who()}: transfer failed after "
                            f"{time.monotonic() - start:.2f}s (learner gone?): {exc}") from exc
+        return buffer
 
     def close(self) -> None:
         self._pair.close()

@@ -42,6 +42,9 @@ class TransportSpec:
         fallback: the transport used for a collector that cannot use this one
             (``None``: such a collector is refused).
         shared_snapshots: the learner's snapshots must live in shared memory.
+        lends: collectors use the learner's snapshot in place (zero-copy): the learner
+            holds each snapshot until the collector acks a newer one, and the
+            collector's end returns its own tensor instead of filling a buffer.
         offer: learner side, for a transport only some collectors can use: makes the
             :class:`Offer` published to collectors (``None``: every collector can).
         probe: collector side: what it finds probing the offer's parameters.
@@ -53,6 +56,7 @@ class TransportSpec:
     backends: tuple[str, ...] = ("gloo", "nccl")
     fallback: str | None = None
     shared_snapshots: bool = False
+    lends: bool = False
     offer: Callable[[], Offer] | None = None
     probe: Callable[[Mapping[str, str]], dict[str, str]] | None = None
 
@@ -113,4 +117,5 @@ register_transport(TransportSpec("distributed", sender=DistributedSender,
                                  receiver=DistributedReceiver))
 register_transport(TransportSpec("shm", sender=ShmSender, receiver=ShmReceiver,
                                  backends=("gloo",), fallback="distributed",
-                                 shared_snapshots=True, offer=ShmOffer, probe=probe_shm))
+                                 shared_snapshots=True, lends=True, offer=ShmOffer,
+                                 probe=probe_shm))

@@ -1,5 +1,6 @@
-"""A collector's end of the ``"shm"`` transport: copy the message from the learner's
-shared-memory segment (one memcpy, where a loopback socket costs a write and a read)."""
+"""A collector's end of the ``"shm"`` transport: the message is the learner's own
+shared-memory segment, mapped here and used in place (zero-copy), where a loopback
+socket costs a write and a read and a private copy of the weights per collector."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from weight_sync.control import LinkChannel
 from weight_sync.errors import PeerGone, ProtocolError
-from weight_sync.shm import SegmentReader, read_token
+from weight_sync.shm import map_segment, read_token
 from weight_sync.transports.base import LinkSpec
 
 __all__ = ["ShmReceiver", "probe_shm"]
@@ -23,24 +24,26 @@ def probe_shm(params: Mapping[str, str]) -> dict[str, str]:
 
 
 class ShmReceiver:
-    """Copies each message from the segment its signal names."""
+    """Returns a fresh mapping of the segment each signal names (copy-on-write: a
+    policy that writes to its own weights changes private pages, never the learner's).
+    A mapping lives as long as tensors over it: the policy's, until the next apply."""
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
-        self._segments = SegmentReader(spec.layout.nbytes)
 
     def connect(self, channel: LinkChannel, timeout: float) -> None:
         return None
 
-    def receive(self, note: str, buffer: torch.Tensor, timeout: float) -> None:
+    def receive(self, note: str, buffer: torch.Tensor | None,
+                timeout: float) -> torch.Tensor:
         if not note:
             raise ProtocolError(f"{self.spec.who()}: a shared-memory message without its "
                                 f"segment name")
         try:
-            self._segments.copy_into(note, buffer)
+            return map_segment(note, self.spec.layout.nbytes)
         except FileNotFoundError as exc:
             raise PeerGone(f"{self.spec.who()}: segment {note!r} is gone (learner "
                            f"gone?)") from exc
 
     def close(self) -> None:
-        self._segments.close()
+        return None  # mappings go with the tensors over them

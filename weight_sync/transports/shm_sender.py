@@ -43,9 +43,9 @@ class _Named:
 
 
 class ShmSender:
-    """Tells the collector which segment holds each message. The snapshot stays out of
-    the pool until the collector's ack (the link holds it), so it is never rewritten
-    while the collector copies it."""
+    """Tells the collector which segment holds each message. The collector uses the
+    segment in place; the link keeps the snapshot out of the pool until the collector
+    acks a newer version, so it is never rewritten while the collector uses it."""
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
