@@ -90,7 +90,7 @@ class WeightReceiver:
         self._private: list[torch.Tensor] = []  # buffers a copying transport fills
         self._active: torch.Tensor | None = None  # the message the policy points at
         self._ready: torch.Tensor | None = None  # received, handed over, not applied yet
-        self._views: dict[int, list[torch.Tensor]] = {}  # private buffer -> leaf views
+        self._views: dict[int, list[torch.Tensor]] = {}  # data_ptr -> per-leaf views
         self._can_swap = True
         self._inbox: queue.SimpleQueue[int | WeightSyncError] = queue.SimpleQueue()
         self._applied = threading.Event()  # staging may be refilled
@@ -179,15 +179,12 @@ class WeightReceiver:
         return buffer
 
     def _views_of(self, data: torch.Tensor) -> list[torch.Tensor]:
-        # Per-leaf views made once per private buffer: a 300-leaf policy's views cost
-        # more to build than a small message costs to receive. A lent message is used
-        # once; keeping its views would keep its mapping alive.
-        private = any(data is b for b in self._private)
-        views = self._views.get(data.data_ptr()) if private else None
+        # Per-leaf views made once per buffer or segment (both are few and reused): a
+        # 300-leaf policy's views cost more to build than a small message to receive.
+        key = data.data_ptr()
+        views = self._views.get(key)
         if views is None:
-            views = self.layout.views(data)
-            if private:
-                self._views[data.data_ptr()] = views
+            views = self._views[key] = self.layout.views(data)
         return views
 
     def _apply(self, data: torch.Tensor) -> None:

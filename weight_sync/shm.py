@@ -19,7 +19,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-__all__ = ["SHM_DIR", "create_segment", "map_segment", "ShmToken", "read_token"]
+__all__ = ["SHM_DIR", "create_segment", "SegmentReader", "ShmToken", "read_token"]
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,54 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name.lstrip("/"))
 
 
-def map_segment(name: str, nbytes: int) -> torch.Tensor:
-    """A fresh private (copy-on-write) mapping of the learner's segment ``name``, as a
-    ``uint8`` tensor of ``nbytes``; unmapped when the last tensor over it goes.
+class SegmentReader:
+    """A collector's mappings of the learner's segments, one per segment, made on first
+    use and kept (the learner's pool reuses a bounded set of segments).
 
-    Reads share the learner's pages; a write (a policy updating its own weights) makes
-    a private page and never reaches the learner. A fresh mapping per message means
-    such private pages never hide what the learner writes into the segment later.
-    Mapped directly, not with ``SharedMemory(name=...)``, which on Python < 3.13
-    registers the segment with this process's resource tracker, which would then
-    unlink the learner's segment when this collector exits.
-
-    Raises:
-        FileNotFoundError: no such segment (the learner is gone).
+    Mappings are private (copy-on-write): reads share the learner's pages; a write (a
+    policy updating its own weights) makes a private page and never reaches the
+    learner. Before a mapping serves a new message its private pages are dropped
+    (``MADV_DONTNEED``: the next reads come from the segment again), so they never
+    hide what the learner wrote since. Segments are mapped directly, not with
+    ``SharedMemory(name=...)``, which on Python < 3.13 registers them with this
+    process's resource tracker, which would then unlink the learner's segments when
+    this collector exits.
     """
-    with open(_path(name), "r+b") as file:
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-    # The tensor holds the mapping (buffer protocol): no other reference is kept.
-    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._maps: dict[str, mmap.mmap] = {}
+        self._views: dict[str, torch.Tensor] = {}
+
+    def view(self, name: str) -> torch.Tensor:
+        """A ``uint8`` tensor over segment ``name``, as the learner last wrote it (the
+        same tensor every time for the same segment). Call it only when the collector
+        no longer uses that segment's previous message.
+
+        Raises:
+            FileNotFoundError: no such segment (the learner is gone).
+        """
+        tensor = self._views.get(name)
+        if tensor is not None:
+            self._maps[name].madvise(mmap.MADV_DONTNEED)
+            return tensor
+        with open(_path(name), "r+b") as file:
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._maps[name] = mapping
+        tensor = self._views[name] = torch.frombuffer(mapping, dtype=torch.uint8,
+                                                      count=self.nbytes)
+        return tensor
+
+    def close(self) -> None:
+        """Unmap every segment; idempotent. Callers must hold no tensor over one by
+        then (a mapping still in use is unmapped when its last user goes)."""
+        self._views.clear()
+        for name, mapping in self._maps.items():
+            try:
+                mapping.close()
+            except BufferError:
+                log.warning("segment %s still in use at close; unmapped when released", name)
+        self._maps.clear()
 
 
 class ShmToken:

@@ -10,7 +10,7 @@ import torch
 
 from weight_sync.control import LinkChannel
 from weight_sync.errors import PeerGone, ProtocolError
-from weight_sync.shm import map_segment, read_token
+from weight_sync.shm import SegmentReader, read_token
 from weight_sync.transports.base import LinkSpec
 
 __all__ = ["ShmReceiver", "probe_shm"]
@@ -24,12 +24,14 @@ def probe_shm(params: Mapping[str, str]) -> dict[str, str]:
 
 
 class ShmReceiver:
-    """Returns a fresh mapping of the segment each signal names (copy-on-write: a
-    policy that writes to its own weights changes private pages, never the learner's).
-    A mapping lives as long as tensors over it: the policy's, until the next apply."""
+    """Returns the collector's mapping of the segment each signal names (copy-on-write:
+    a policy that writes to its own weights changes private pages, never the
+    learner's). The learner signals a segment again only once this collector acked a
+    newer version, so the policy never uses a mapping while it is refreshed."""
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
+        self._segments = SegmentReader(spec.layout.nbytes)
 
     def connect(self, channel: LinkChannel, timeout: float) -> None:
         return None
@@ -40,10 +42,10 @@ class ShmReceiver:
             raise ProtocolError(f"{self.spec.who()}: a shared-memory message without its "
                                 f"segment name")
         try:
-            return map_segment(note, self.spec.layout.nbytes)
+            return self._segments.view(note)
         except FileNotFoundError as exc:
             raise PeerGone(f"{self.spec.who()}: segment {note!r} is gone (learner "
                            f"gone?)") from exc
 
     def close(self) -> None:
-        return None  # mappings go with the tensors over them
+        self._segments.close()
