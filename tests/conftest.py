@@ -1,5 +1,6 @@
 """Shared fixtures: the policies the tests sync (built by ``models.py``), and the
-``cluster`` of spawned children (``faults/harness.py``) that is always reaped."""
+``cluster`` of spawned children (``harness.py``, running the collectors and learner of
+``versioned.py``) that is always reaped."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Iterator
 import models
 import pytest
 import torch
-from faults.harness import CTX, Cluster
+import versioned
+from harness import CTX, Cluster
 from tensordict import TensorDict
 
 
@@ -49,10 +51,12 @@ def mixed_leaves() -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    """Children spawned through it are killed and joined after the test, checked gone."""
-    c = Cluster()
+    """Children spawned through it are killed and joined after the test, checked gone.
+    Its default collector and learner are :func:`versioned.collector_main` and
+    :func:`versioned.learner_main`."""
+    c = Cluster(collector=versioned.collector_main, learner=versioned.learner_main)
     try:
         yield c
     finally:
         c.shutdown()
-    assert not [p for p in CTX.active_children() if p in c.all_procs]
+    assert not [p for p in CTX.active_children() if p in c.processes]

@@ -127,7 +127,7 @@ register()
 
 
 def collector(*args: Any, **kwargs: Any) -> None:
-    """The fault harness's collector, in a process that knows this transport."""
-    from faults.harness import collector_main
+    """``versioned.collector_main``, in a process that knows this transport."""
+    from versioned import collector_main
 
     collector_main(*args, **kwargs)

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-import procs
+import harness
 import pytest
 import torch.distributed as dist
 
@@ -150,7 +150,7 @@ def test_a_stopped_server_is_peer_gone_at_once_and_stops_listening() -> None:
 
 
 def test_connect_without_server_fails() -> None:
-    port = procs.free_port()
+    port = harness.free_port()
     start = time.monotonic()
     with pytest.raises(ConnectionFailed, match=f"127.0.0.1:{port}"):
         connect_client("127.0.0.1", port, timeout=1.0)

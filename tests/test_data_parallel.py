@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from typing import Any
 
-import procs
 import pytest
 import torch
 import torch.distributed as dist
-from faults.harness import Cluster, expected, fingerprint, make_weights, set_version
+from harness import Cluster, free_port
+from versioned import expected, fingerprint, make_weights, set_version
 
 from weight_sync import (
     ClosedError,
@@ -50,7 +49,7 @@ def dp_learner(rank: int, port: int, out: Connection) -> None:
     out.send(("done", rank))
 
 
-def dp_collector(info: ConnectionInfo, global_id: int, out: Connection, cmd_q: Any,
+def dp_collector(info: ConnectionInfo, global_id: int, out: Connection, cmds: Connection,
                  local_id: int) -> None:
     torch.set_num_threads(1)
     weights = make_weights(-1)
@@ -93,7 +92,7 @@ def test_single_rank_and_misuse() -> None:
 
 
 def test_two_ranks_share_five_collectors(cluster: Cluster) -> None:
-    port = procs.free_port()
+    port = free_port()
     learners = [cluster.start_process(dp_learner, (rank, port, cluster.pipe()), f"rank-{rank}")
                 for rank in (0, 1)]
     assignments = cluster.take(lambda m: m[0] == "assign", 120, "the assignments")[1]

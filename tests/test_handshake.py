@@ -8,7 +8,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
-from faults.harness import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
+from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
 from weight_sync import (
     DuplicateCollectorError,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 from multiprocessing.connection import Connection
-from typing import Any
 
 import pytest
 import torch
-from faults.harness import Cluster
+from harness import Cluster
 
 from weight_sync import ConnectionInfo, WeightReceiver, WeightSender
 
@@ -30,7 +29,7 @@ def _weights(version: int, device: str) -> dict[str, torch.Tensor]:
             "n": torch.tensor(version).to(device)}
 
 
-def gpu_collector(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any) -> None:
+def gpu_collector(info: ConnectionInfo, cid: int, out: Connection, cmds: Connection) -> None:
     torch.cuda.set_device(1)
     weights = _weights(-1, "cuda:1")
     receiver = WeightReceiver(weights, info, cid, timeout=60)

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import harness
 import models
-import procs
 import pytest
 import torch
 from tensordict import TensorDict
@@ -85,7 +85,7 @@ def test_sender_connect_timeout_names_missing_collector(mlp: torch.nn.Module) ->
 
 
 def test_receiver_connect_without_store_fails(mlp: torch.nn.Module) -> None:
-    port = procs.free_port()
+    port = harness.free_port()
     info = ConnectionInfo(host="127.0.0.1", port=port, name="policy", num_collectors=1)
     receiver = WeightReceiver(mlp, info, collector_id=0)
     start = time.monotonic()
@@ -240,8 +240,8 @@ def _sync_and_close() -> tuple[int, int, int, bool]:
 def test_close_releases_sockets_and_stops_the_store() -> None:
     """close() shuts the pair groups down, releases every store client and stops the
     store server: no socket of the run is left open, and the port no longer answers."""
-    ((before, during, after, answers),) = procs.run_processes([(_sync_and_close, ())],
-                                                              timeout=60)
+    ((before, during, after, answers),) = harness.run_processes([(_sync_and_close, ())],
+                                                                timeout=60)
     assert during > before
     assert after <= before, f"{after - before} socket(s) left open after close"
     assert not answers

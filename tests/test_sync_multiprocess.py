@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import harness
 import models
-import procs
 import pytest
 import torch
 
@@ -36,7 +36,7 @@ def recording_collector(info: Any, cid: int, policy: str, seed: int, quiet_at: i
     """Apply every version it gets, recording its fingerprint; probe polls at ``quiet_at``.
 
     At version ``quiet_at`` the learner sends nothing until every collector reported
-    (on ``out``) that its polls returned None promptly.
+    (on its pipe ``out``) that its polls returned None promptly.
     """
     weights = models.build(policy, seed)
     before = models.fingerprint(weights)
@@ -67,7 +67,7 @@ def recording_collector(info: Any, cid: int, policy: str, seed: int, quiet_at: i
                 slowest = max(slowest, time.monotonic() - start)
             start = time.monotonic()
             bounded = receiver.receive_weights(timeout=0.2)
-            out.put((cid, nones, slowest, bounded, time.monotonic() - start))
+            out.send((cid, nones, slowest, bounded, time.monotonic() - start))
     same_objects = ids == [id(t) for t in named_leaves(weights).values()]
     receiver.close()
     return {"before": before, "first": first, "seen": seen, "max_poll_s": max_poll_s,
@@ -75,12 +75,13 @@ def recording_collector(info: Any, cid: int, policy: str, seed: int, quiet_at: i
 
 
 def commanded_collector(info: Any, cid: int, ctl: Any, out: Any) -> dict[str, Any]:
-    """Receives only when told: ``("drain", v)`` polls until it applied ``v``."""
+    """Receives only when told on ``ctl``: ``("drain", v)`` polls until it applied ``v``;
+    reports on ``out``."""
     weights = models.make_mlp(seed=50 + cid)
     receiver = WeightReceiver(weights, info, cid, timeout=30)
-    out.put(("connected", cid, receiver.connect(timeout=60)))
+    out.send(("connected", cid, receiver.connect(timeout=60)))
     while True:
-        command = ctl.get(timeout=90)
+        command = harness.recv(ctl, 90, "a command")
         if command[0] == "end":
             break
         got: list[tuple[int, str]] = []
@@ -88,7 +89,7 @@ def commanded_collector(info: Any, cid: int, ctl: Any, out: Any) -> dict[str, An
             version = receiver.receive_weights(timeout=30)
             assert version is not None, f"no version after {got}"
             got.append((version, models.fingerprint(weights)))
-        out.put(("drained", cid, got))
+        out.send(("drained", cid, got))
     errors = {}
     try:
         receiver.receive_weights(timeout=30)
@@ -138,14 +139,14 @@ def test_four_collectors_every_version_bit_exact_with_snapshots(transport: str) 
     """
     n, versions = 4, 16
     policy = models.make_real_policy(seed=0)
-    out = procs.CTX.Queue()
+    pipes = [harness.pipe() for _ in range(n)]  # (reader, writer): one per collector
     expected: dict[int, str] = {}
     waited: list[int] = [0]
     with WeightSender(policy, num_collectors=n, timeout=30, transport=transport) as sender:
         info = sender.connection_info
-        targets = [(recording_collector, (info, c, "real", 100 + c, versions, out))
+        targets = [(recording_collector, (info, c, "real", 100 + c, versions, pipes[c][1]))
                    for c in range(n)]
-        with procs.spawn_collectors(targets, timeout=90) as children:
+        with harness.spawn_collectors(targets, timeout=90) as children:
             sender.connect(timeout=90)
             assert set(sender.transports.values()) == {transport}
             expected[0] = models.fingerprint(policy)
@@ -161,7 +162,8 @@ def test_four_collectors_every_version_bit_exact_with_snapshots(transport: str) 
                 assert result.complete and result.acked == tuple(range(n))
                 assert result.version == version
                 waited.append(version)
-            probes = sorted(children.get(out, 60, "poll probes") for _ in range(n))
+            probes = [children.get(reader, 60, f"collector {c}'s poll probes")
+                      for c, (reader, _) in enumerate(pipes)]
             final = sender.send_weights_async()
             expected[final] = models.fingerprint(policy)
             sender.wait_ack(timeout=60)
@@ -201,19 +203,21 @@ def test_slow_collector_gets_newest_and_wait_ack_names_it() -> None:
     one stale version. Collector 1 keeps up meanwhile.
     """
     mlp = models.make_mlp(seed=0)
-    ctl, out = procs.CTX.Queue(), procs.CTX.Queue()
+    ctl_reader, ctl = harness.pipe()
+    out, out_writer = harness.pipe()
+    _quiet, quiet_writer = harness.pipe()  # collector 1 probes no version: never sends
     expected: dict[int, str] = {}
     with WeightSender(mlp, num_collectors=2, timeout=30) as sender:
         info = sender.connection_info
-        targets = [(commanded_collector, (info, 0, ctl, out)),
-                   (recording_collector, (info, 1, "mlp", 7, -1, out))]
-        with procs.spawn_collectors(targets, timeout=90) as children:
+        targets = [(commanded_collector, (info, 0, ctl_reader, out_writer)),
+                   (recording_collector, (info, 1, "mlp", 7, -1, quiet_writer))]
+        with harness.spawn_collectors(targets, timeout=90) as children:
             sender.connect(timeout=90)
             assert children.get(out, 30, "collector 0 connected") == ("connected", 0, 0)
             for step in range(1, 6):
                 models.mutate(mlp, step)
                 expected[sender.send_weights_async()] = models.fingerprint(mlp)
-            ctl.put(("drain", 5))
+            ctl.send(("drain", 5))
             result = sender.wait_ack(timeout=60)
             assert result.complete and result.version == 5
             kind, cid, got = children.get(out, 60, "collector 0's drain")
@@ -234,11 +238,11 @@ def test_slow_collector_gets_newest_and_wait_ack_names_it() -> None:
             assert err.value.result.lagging == (0,) and err.value.result.acked == (1,)
 
             # It resumes: the same version completes, nothing was lost.
-            ctl.put(("drain", 6))
+            ctl.send(("drain", 6))
             assert sender.wait_ack(timeout=60).complete
             kind, cid, got = children.get(out, 60, "collector 0's second drain")
             assert [v for v, _ in got] == [6] and got[0][1] == expected[6]
-            ctl.put(("end",))
+            ctl.send(("end",))
             sender.close()
             for call in (sender.send_weights_async, lambda: sender.wait_ack(1),
                          lambda: sender.connect(1)):
@@ -258,7 +262,7 @@ def test_layout_mismatch_refused_on_both_sides() -> None:
     mlp = models.make_mlp(seed=0)
     with WeightSender(mlp, num_collectors=1, timeout=30) as sender:
         targets = [(mismatched_collector, (sender.connection_info, 0))]
-        with procs.spawn_collectors(targets, timeout=60) as children, \
+        with harness.spawn_collectors(targets, timeout=60) as children, \
                 pytest.raises(LayoutMismatchError) as err:
             sender.connect(timeout=60)
         (report,) = children.results

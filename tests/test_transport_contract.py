@@ -22,17 +22,17 @@ from typing import Any
 import pytest
 import socket_transport
 import torch
-from faults.harness import (
+from harness import Cluster
+from versioned import (
     MARGIN_S,
     RX_TIMEOUT_S,
-    Cluster,
+    collector_main,
     expected,
     fingerprint,
     make_weights,
     publish,
     set_version,
 )
-from faults.harness import collector_main as harness_collector
 
 from weight_sync import (
     ClosedError,
@@ -159,7 +159,7 @@ def test_close_in_both_directions(transport: str) -> None:
 
 
 # -- a collector killed mid-transfer (real processes) -------------------------------
-def collector_dies_receiving(info: Any, cid: int, out: Any, cmd_q: Any) -> None:
+def collector_dies_receiving(info: Any, cid: int, out: Any, cmds: Any) -> None:
     """A collector that SIGKILLs itself once the transfer of version 1 has begun."""
 
     def die(version: int, buffer: torch.Tensor | None) -> None:
@@ -167,7 +167,7 @@ def collector_dies_receiving(info: Any, cid: int, out: Any, cmd_q: Any) -> None:
             out.send(("mid", cid, version, None, os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    harness_collector(info, cid, out, cmd_q, hooks=ReceiverHooks(before_receive=die))
+    collector_main(info, cid, out, cmds, hooks=ReceiverHooks(before_receive=die))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -13,20 +13,20 @@ import textwrap
 import threading
 from pathlib import Path
 
-import procs
+import harness
 import pytest
 import socket_transport
 import torch
-from faults.harness import (
+from harness import Cluster
+from test_transport_contract import group
+from versioned import (
     RX_TIMEOUT_S,
-    Cluster,
     connect_all,
     expected,
     fingerprint,
     make_weights,
     publish,
 )
-from test_transport_contract import group
 
 from weight_sync import (
     CollectorFailed,
@@ -84,7 +84,7 @@ def test_each_end_satisfies_its_protocol(name: str) -> None:
 _COLLECTOR = textwrap.dedent("""
     import json, sys
     sys.path[:0] = [{tests!r}, {root!r}]
-    from faults.harness import make_weights, fingerprint
+    from versioned import make_weights, fingerprint
     from weight_sync import ConnectionInfo, WeightReceiver
     info = ConnectionInfo.from_json(sys.argv[1])
     weights = make_weights(-7)
@@ -143,7 +143,7 @@ def test_shm_is_chosen_only_for_a_collector_that_shares_dev_shm(tmp_path: Path) 
 
 def _mapped_segments() -> int:
     """Message segments mapped here (``SharedMemory`` names them ``psm_*``; the
-    harness's own semaphores live in ``/dev/shm/sem.*``)."""
+    semaphores of multiprocessing live in ``/dev/shm/sem.*``)."""
     with open("/proc/self/maps") as maps:
         return sum("/dev/shm/psm_" in line for line in maps)
 
@@ -162,8 +162,8 @@ def shm_collector(info: ConnectionInfo) -> tuple[str, int, int, int, str]:
 def test_shm_collector_unmaps_every_segment_on_close() -> None:
     weights = make_weights(0)
     with WeightSender(weights, 1, timeout=RX_TIMEOUT_S, transport="shm") as sender, \
-            procs.spawn_collectors([(shm_collector, (sender.connection_info,))],
-                                   timeout=60) as children:
+            harness.spawn_collectors([(shm_collector, (sender.connection_info,))],
+                                     timeout=60) as children:
         sender.connect(timeout=60)
         v = publish(sender, weights)
         sender.wait_ack(timeout=30)

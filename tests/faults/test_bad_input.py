@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from versioned import MARGIN_S, fingerprint, make_weights, set_version
 
-from faults.harness import MARGIN_S, fingerprint, make_weights, set_version
 from weight_sync import (
     ClosedError,
     ConnectionFailed,

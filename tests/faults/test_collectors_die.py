@@ -10,11 +10,10 @@ import time
 
 import pytest
 import torch
-
-from faults.harness import (
+from harness import Cluster
+from versioned import (
     MARGIN_S,
     RX_TIMEOUT_S,
-    Cluster,
     big_weights,
     collector_dies_in_handshake,
     collector_dies_mid_transfer,
@@ -24,6 +23,7 @@ from faults.harness import (
     make_weights,
     publish,
 )
+
 from weight_sync import (
     AckResult,
     CollectorFailed,
@@ -83,7 +83,7 @@ def test_collector_killed_idle_then_rejoins_then_killed_before_ack(
 
         # collector 1 receives but never applies (stops polling); killed while the
         # learner waits for its ack
-        cluster.cmds[1].put("pause")
+        cluster.cmds[1].send("pause")
         cluster.take(lambda m: m[0] == "paused" and m[1] == 1, 30, "collector 1 to pause")
         v = publish(sender, weights)
         killer = threading.Timer(1.0, cluster.kill, args=(1,))

@@ -7,10 +7,10 @@ import os
 import signal
 import time
 
-from faults.harness import (
+from harness import Cluster
+from versioned import (
     MARGIN_S,
     RX_TIMEOUT_S,
-    Cluster,
     collector_kills_learner_mid_transfer,
     expected,
 )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 
-from faults.harness import RX_TIMEOUT_S, Cluster, connect_all, expected, make_weights, publish
+from harness import Cluster
+from versioned import RX_TIMEOUT_S, connect_all, expected, make_weights, publish
+
 from weight_sync import WeightSender, WeightSyncError
 
 
@@ -13,7 +15,7 @@ def test_slow_collector_gets_newest_not_a_queue(cluster: Cluster) -> None:
     weights = make_weights(0)
     with WeightSender(weights, 2, timeout=RX_TIMEOUT_S) as sender:
         connect_all(sender, cluster, [0, 1])
-        cluster.cmds[1].put("pause")
+        cluster.cmds[1].send("pause")
         cluster.take(lambda m: m[0] == "paused" and m[1] == 1, 30, "collector 1 to pause")
         first = None
         for _ in range(12):
@@ -25,7 +27,7 @@ def test_slow_collector_gets_newest_not_a_queue(cluster: Cluster) -> None:
         newest = sender.version
         assert sender.buffers_allocated <= 4, sender.buffers_allocated
         assert cluster.applies(1) == []  # nothing applied while paused
-        cluster.cmds[1].put("resume")
+        cluster.cmds[1].send("resume")
         ok = sender.wait_ack(timeout=30)
         assert ok.complete and ok.acked == (0, 1)
         msg = cluster.applied(1, newest)

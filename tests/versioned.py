@@ -1,41 +1,37 @@
-"""What the fault tests share: weights that are a function of the version, the child
-processes (collectors and learners, some of which die on purpose), and the
-:class:`Cluster` that spawns, watches and always reaps them.
-
-Children report over a one-way pipe each (``Connection.send`` is synchronous, so a
-report written just before a SIGKILL is not lost, and a child killed mid-write cannot
-wedge the others as a shared queue's lock could). The test process waits on all the
-pipes at once with ``multiprocessing.connection.wait``: nothing here sleeps.
+"""Test weights that are a pure function of the version, and the child processes
+(collectors and learners, some of which die on purpose) that sync them and report
+what they applied.
 
 Weights are a pure function of the version (:func:`make_weights`), so a fingerprint
 can be checked against the expected one for the version alone (bit-exact).
+
+The children are module-level (picklable by reference) and run under the process
+harness (``harness.py``): a :class:`harness.Cluster` starts them as
+``collector_main(info, cid, out, cmds, ...)`` and ``learner_main(out, go, ...)``,
+watches their reports on ``out`` and reaps them. Nothing here starts, waits on or
+kills a process of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import signal
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.connection import Connection
 
 import torch
+from harness import Cluster
 
 from weight_sync import ConnectionInfo, WeightReceiver, WeightSender, WeightSyncError
 from weight_sync.hooks import ReceiverHooks
 
-CTX = mp.get_context("spawn")
 MARGIN_S = 15.0  # slack for a loaded 2-core machine: a hang guard, not a speed claim
 RX_TIMEOUT_S = 20.0
 #: Elements of the large policy used to catch a transfer in the middle (128 MB).
 BIG_NUMEL = 32 * 2**20
-
-Msg = tuple[Any, ...]
 
 
 # -- weights that are a function of the version --------------------------------------
@@ -119,11 +115,21 @@ def mid_transfer_hooks(min_version: int, action: Callable[[int, bool], None]) ->
     return ReceiverHooks(before_receive=watch_from)
 
 
-# -- children (module level: picklable by reference) ---------------------------------
-def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any,
+# -- children (module level: picklable by reference; run under harness.Cluster) -----
+def _command(cmds: Connection, timeout: float) -> str | None:
+    """The test's next command within ``timeout`` s, if any; ``"stop"`` once the test
+    closed its end."""
+    if not cmds.poll(timeout):
+        return None
+    try:
+        return str(cmds.recv())
+    except EOFError:
+        return "stop"
+
+
+def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmds: Connection,
                    big: bool = False, hooks: ReceiverHooks | None = None) -> None:
     """Connect, then poll; report every apply; obey pause/resume/stop."""
-    torch.set_num_threads(1)
     weights = big_weights(-7) if big else make_weights(-7)
     pid = os.getpid()
 
@@ -140,10 +146,8 @@ def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any,
         out.send(("applied", cid, version, state(), pid))
         paused = False
         while True:
-            try:  # while paused, block on the command queue instead of polling weights
-                cmd = cmd_q.get(timeout=RX_TIMEOUT_S) if paused else cmd_q.get_nowait()
-            except queue_mod.Empty:
-                cmd = None
+            # while paused, block on the commands instead of polling weights
+            cmd = _command(cmds, RX_TIMEOUT_S if paused else 0)
             if cmd == "pause":
                 paused = True
                 out.send(("paused", cid, None, None, pid))
@@ -166,18 +170,18 @@ def collector_main(info: ConnectionInfo, cid: int, out: Connection, cmd_q: Any,
 
 
 def collector_dies_mid_transfer(info: ConnectionInfo, cid: int, out: Connection,
-                                cmd_q: Any) -> None:
+                                cmds: Connection) -> None:
     """A big-policy collector that SIGKILLs itself halfway through receiving v1."""
 
     def die(version: int, tail_unwritten: bool) -> None:
         out.send(("mid", cid, version, tail_unwritten, os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    collector_main(info, cid, out, cmd_q, big=True, hooks=mid_transfer_hooks(1, die))
+    collector_main(info, cid, out, cmds, big=True, hooks=mid_transfer_hooks(1, die))
 
 
 def collector_dies_in_handshake(info: ConnectionInfo, cid: int, out: Connection,
-                                cmd_q: Any) -> None:
+                                cmds: Connection) -> None:
     """A collector that is admitted, then SIGKILLs itself before building its end of
     the link (the learner's rendezvous then waits for nobody)."""
 
@@ -185,23 +189,23 @@ def collector_dies_in_handshake(info: ConnectionInfo, cid: int, out: Connection,
         out.send(("handshake", cid, incarnation, None, os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    collector_main(info, cid, out, cmd_q, hooks=ReceiverHooks(before_connect=die))
+    collector_main(info, cid, out, cmds, hooks=ReceiverHooks(before_connect=die))
 
 
 def collector_kills_learner_mid_transfer(info: ConnectionInfo, cid: int, out: Connection,
-                                         cmd_q: Any, learner_pid: int) -> None:
+                                         cmds: Connection, learner_pid: int) -> None:
     """A big-policy collector that SIGKILLs the learner halfway through receiving v1."""
 
     def kill_learner(version: int, tail_unwritten: bool) -> None:
         os.kill(learner_pid, signal.SIGKILL)
         out.send(("mid", cid, version, tail_unwritten, os.getpid()))
 
-    collector_main(info, cid, out, cmd_q, big=True, hooks=mid_transfer_hooks(1, kill_learner))
+    collector_main(info, cid, out, cmds, big=True, hooks=mid_transfer_hooks(1, kill_learner))
 
 
-def learner_main(out: Connection, go: Connection, num_collectors: int, big: bool) -> None:
+def learner_main(out: Connection, go: Connection, num_collectors: int,
+                 big: bool = False) -> None:
     """A learner that connects, publishes version 1 when told, then waits to be killed."""
-    torch.set_num_threads(1)
     weights = big_weights(0) if big else make_weights(0)
     sender = WeightSender(weights, num_collectors, timeout=RX_TIMEOUT_S)
     out.send(("info", sender.connection_info, os.getpid()))
@@ -217,136 +221,12 @@ def learner_main(out: Connection, go: Connection, num_collectors: int, big: bool
     go.poll(600)  # parked: the test kills this process
 
 
-# -- harness ---------------------------------------------------------------------------
-class Cluster:
-    """Spawned children, the pipes they report on, and their reaping."""
-
-    def __init__(self) -> None:
-        self.readers: list[Connection] = []
-        self.procs: dict[int, Any] = {}
-        self.cmds: dict[int, Any] = {}
-        self.all_procs: list[Any] = []
-        self.backlog: list[Msg] = []
-
-    def pipe(self) -> Connection:
-        """A new report pipe: the read end is watched, the write end is returned."""
-        reader, writer = CTX.Pipe(duplex=False)
-        self.readers.append(reader)
-        return writer
-
-    def start(self, info: ConnectionInfo, cid: int, target: Any = collector_main,
-              extra: tuple[Any, ...] = ()) -> Any:
-        cmd_q = CTX.Queue()
-        writer = self.pipe()
-        proc = self.start_process(target, (info, cid, writer, cmd_q, *extra), f"collector-{cid}")
-        writer.close()  # the child holds its own copy; EOF then means the child is gone
-        old = self.cmds.get(cid)
-        if old is not None:  # a restart: the previous process's commands are moot
-            old.cancel_join_thread()
-            old.close()
-        self.procs[cid], self.cmds[cid] = proc, cmd_q
-        return proc
-
-    def start_learner(self, num_collectors: int, big: bool = False) -> tuple[Any, Connection]:
-        """A :func:`learner_main` child and the pipe that tells it to publish."""
-        writer = self.pipe()
-        go_reader, go_writer = CTX.Pipe(duplex=False)
-        proc = self.start_process(learner_main, (writer, go_reader, num_collectors, big),
-                                  "learner")
-        writer.close()
-        go_reader.close()
-        return proc, go_writer
-
-    def start_process(self, target: Any, args: tuple[Any, ...], name: str) -> Any:
-        proc = CTX.Process(target=target, args=args, name=name, daemon=True)
-        proc.start()
-        self.all_procs.append(proc)
-        return proc
-
-    def kill(self, cid: int) -> None:
-        proc = self.procs[cid]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(10)
-        assert not proc.is_alive()
-
-    def _pull(self, timeout: float) -> None:
-        """Move every report that arrives within ``timeout`` s into the backlog."""
-        for reader in wait(self.readers, max(timeout, 0)):
-            assert isinstance(reader, Connection)
-            try:
-                self.backlog.append(reader.recv())
-            except (EOFError, OSError):  # the child is gone (or died mid-write)
-                self.readers.remove(reader)
-                reader.close()
-
-    def take(self, pred: Callable[[Msg], bool], timeout: float, what: str,
-             pump: Callable[[], Any] | None = None) -> Msg:
-        """The first report matching ``pred`` (others kept for later).
-
-        ``pump`` (e.g. the sender's ``wait_ack`` with a short timeout) runs between
-        waits when the learner must act for the report to come.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, msg in enumerate(self.backlog):
-                if pred(msg):
-                    return self.backlog.pop(i)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                     f"backlog: {self.backlog}")
-            if pump is not None:
-                pump()
-                self._pull(min(remaining, 0.5))
-            else:
-                self._pull(remaining)
-
-    def applied(self, cid: int, version: int, timeout: float = 30.0) -> Msg:
-        msg = self.take(lambda m: m[0] in ("applied", "error") and m[1] == cid
-                        and (m[0] == "error" or m[2] >= version), timeout,
-                        f"collector {cid} to apply version {version}")
-        assert msg[0] == "applied", msg
-        return msg
-
-    def applies(self, cid: int) -> list[int]:
-        """Versions collector ``cid`` reported applied so far (drains the backlog)."""
-        got = [m[2] for m in self.backlog if m[0] == "applied" and m[1] == cid]
-        self.backlog = [m for m in self.backlog if not (m[0] == "applied" and m[1] == cid)]
-        return got
-
-    def collect_for(self, seconds: float) -> None:
-        """Gather every report sent in the next ``seconds`` (to check what did *not*
-        arrive, e.g. no stale version)."""
-        end = time.monotonic() + seconds
-        while (remaining := end - time.monotonic()) > 0:
-            self._pull(remaining)
-
-    def stop(self, *cids: int) -> None:
-        """Ask collectors to stop and wait for each one's exit report."""
-        for cid in cids:
-            self.cmds[cid].put("stop")
-        for cid in cids:
-            self.take(lambda m, c=cid: m[0] == "exit" and m[1] == c, 30, f"{cid} to exit")
-
-    def shutdown(self) -> None:
-        for proc in self.all_procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self.all_procs:
-            proc.join(10)
-        alive = [p.pid for p in self.all_procs if p.is_alive()]
-        for q in self.cmds.values():
-            q.cancel_join_thread()
-            q.close()
-        for reader in self.readers:
-            reader.close()
-        assert not alive, f"processes left alive: {alive}"
-
-
+# -- used with a Cluster ----------------------------------------------------------------
 def connect_all(sender: WeightSender, cluster: Cluster, ids: list[int]) -> None:
+    """Start a :func:`collector_main` per id, connect, check everyone is at version 0."""
     info = sender.connection_info
     for cid in ids:
-        cluster.start(info, cid)
+        cluster.start(info, cid, collector_main)
     sender.connect(timeout=90)
     for cid in ids:
         msg = cluster.applied(cid, 0)
