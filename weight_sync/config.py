@@ -11,12 +11,22 @@ import json
 import math
 from dataclasses import dataclass
 
+import torch
+
 from weight_sync.errors import ConfigError
 
-__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS"]
+__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS", "WIRE_DTYPES",
+           "wire_dtype"]
+
+
+def wire_dtype(name: str) -> torch.dtype | None:
+    """The dtype a ``wire_dtype`` setting names (``""``: none, leaves travel as is)."""
+    return WIRE_DTYPES[name] if name else None
 
 #: torch.distributed backends a link can use.
 BACKENDS = ("gloo", "nccl")
+#: Narrower dtypes float32 leaves may travel as (``SenderConfig.wire_dtype``).
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -54,6 +64,14 @@ class SenderConfig:
     ``"distributed"`` (gloo/nccl sends) or ``"shm"`` (collectors that share this host's
     ``/dev/shm`` copy each message from shared memory, the others fall back to sends;
     gloo only), or one of your own. Checked against the registry by the sender."""
+    wire_dtype: str = ""
+    """``"bfloat16"`` or ``"float16"``: float32 leaves travel in that dtype (half the
+    bytes) and are widened on arrival; other leaves travel untouched. Rounding is to
+    nearest: a received value is within a relative ``2**-8`` (bfloat16) or ``2**-11``
+    (float16) of the learner's, for normal numbers of the wire dtype (bfloat16 has
+    float32's range; float16's normal range is 6.1e-5 to 65504: larger values become
+    inf, smaller ones lose relative precision).
+    Collectors then copy each message into their policy (no zero-copy). ``""``: off."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -69,6 +87,9 @@ class SenderConfig:
         if not isinstance(self.transport, str) or not self.transport:
             raise ConfigError(f"SenderConfig.transport must be a transport name, "
                               f"got {self.transport!r}")
+        if self.wire_dtype != "" and self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"SenderConfig.wire_dtype must be '' or one of "
+                              f"{sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,8 @@ class ConnectionInfo:
     """Collector ids accepted are ``0..max_collectors-1`` (0 means ``num_collectors``)."""
     heartbeat_s: float = 1.0
     """How often a collector beats (the learner's ``liveness_timeout`` / 10)."""
+    wire_dtype: str = ""
+    """The dtype float32 leaves travel as (``SenderConfig.wire_dtype``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port <= 65535:
@@ -113,6 +136,9 @@ class ConnectionInfo:
             raise ConfigError(f"ConnectionInfo.num_collectors must be >= 1, "
                               f"got {self.num_collectors!r}")
         _positive("ConnectionInfo", "heartbeat_s", self.heartbeat_s)
+        if self.wire_dtype != "" and self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"ConnectionInfo.wire_dtype must be '' or one of "
+                              f"{sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.max_collectors == 0:
             object.__setattr__(self, "max_collectors", self.num_collectors)
         if not isinstance(self.max_collectors, int) or self.max_collectors < self.num_collectors:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,13 +107,25 @@ class BufferLayout:
 
     @classmethod
     def from_tensors(cls, leaves: Mapping[str, torch.Tensor]) -> BufferLayout:
+        return cls._place((name, tuple(t.shape), t.dtype) for name, t in leaves.items())
+
+    @classmethod
+    def _place(cls, leaves: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> BufferLayout:
         entries = []
         offset = HEADER_BYTES
-        for name, tensor in leaves.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            entries.append(LayoutEntry(name, tuple(tensor.shape), tensor.dtype, offset, nbytes))
+        for name, shape, dtype in leaves:
+            nbytes = math.prod(shape) * dtype.itemsize
+            entries.append(LayoutEntry(name, shape, dtype, offset, nbytes))
             offset = _align(offset + nbytes)
         return cls(tuple(entries), offset)
+
+    def on_wire(self, wire_dtype: torch.dtype | None) -> BufferLayout:
+        """The layout of the message when ``float32`` leaves travel as ``wire_dtype``
+        (other leaves unchanged); this layout itself for ``None``."""
+        if wire_dtype is None:
+            return self
+        return self._place((e.name, e.shape, wire_dtype if e.dtype == torch.float32
+                            else e.dtype) for e in self.entries)
 
     def describe(self) -> list[list[Any]]:
         """A JSON-able description (name, shape, dtype): what the handshake compares."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from weight_sync.config import ConnectionInfo, ReceiverConfig
+from weight_sync.config import ConnectionInfo, ReceiverConfig, wire_dtype
 from weight_sync.control import Control
 from weight_sync.errors import (
     ClosedError,
@@ -82,6 +82,8 @@ class WeightReceiver:
         self._hooks = hooks
         self._targets = list(named_leaves(policy).values())
         self.layout = BufferLayout.from_weights(policy)
+        self.wire_layout = self.layout.on_wire(wire_dtype(info.wire_dtype))
+        """The layout of each message (``layout`` unless the learner narrows floats)."""
         self.version = -1
         self.transport = ""
         """The transport the learner chose for this collector (set by :meth:`connect`)."""
@@ -131,7 +133,7 @@ class WeightReceiver:
         control = self._control(timeout)
         inc, verdict = join(control, self.layout, self.collector_id, deadline)
         self.transport = verdict.transport
-        spec = LinkSpec(self.collector_id, inc, self.layout, backend=self.info.backend,
+        spec = LinkSpec(self.collector_id, inc, self.wire_layout, backend=self.info.backend,
                         timeout=self.config.timeout,
                         bind_host=address_towards(self.info.host, self.info.port))
         self._start_thread(self._heartbeat, (self._control(deadline - time.monotonic()), inc),
@@ -155,7 +157,10 @@ class WeightReceiver:
     def _initial_sync(self, link: ReceiverLink, spec: LinkSpec, deadline: float) -> int:
         """Receive the first message, apply it and ack it; its version."""
         self._device = spec.device
-        self._can_swap = all(t.device == spec.device for t in self._targets)
+        # Swapping needs messages in the policy's own dtypes, on its device; otherwise
+        # each message is copied in (and widened, with a wire dtype).
+        self._can_swap = self.wire_layout == self.layout and all(
+            t.device == spec.device for t in self._targets)
         message = link.receive(self._staging(), max(deadline - time.monotonic(), 0.001))
         if message is None:
             raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
@@ -174,7 +179,7 @@ class WeightReceiver:
         free = [b for b in self._private if b is not self._active]
         if free:
             return free[0]
-        buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self._device)
+        buffer = torch.empty(self.wire_layout.nbytes, dtype=torch.uint8, device=self._device)
         self._private.append(buffer)
         return buffer
 
@@ -184,7 +189,7 @@ class WeightReceiver:
         key = data.data_ptr()
         views = self._views.get(key)
         if views is None:
-            views = self._views[key] = self.layout.views(data)
+            views = self._views[key] = self.wire_layout.views(data)
         return views
 
     def _apply(self, data: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from weight_sync.admission import Admissions, is_local
-from weight_sync.config import ConnectionInfo, SenderConfig
+from weight_sync.config import ConnectionInfo, SenderConfig, wire_dtype
 from weight_sync.control import Control
 from weight_sync.errors import (
     ClosedError,
@@ -94,6 +94,8 @@ class WeightSender:
         self.max_collectors = max_collectors
         self._sources = list(named_leaves(policy).values())
         self.layout = BufferLayout.from_weights(policy)
+        self.wire_layout = self.layout.on_wire(wire_dtype(self.config.wire_dtype))
+        """The layout of each message (``layout`` unless ``wire_dtype`` narrows it)."""
         self._server = StoreServer(self.config.host, self.config.port, self.config.timeout)
         self._offers: dict[str, Offer] = {}
         try:
@@ -108,7 +110,7 @@ class WeightSender:
             self._release_offers()
             self._server.stop()
             raise
-        self._pool = SnapshotPool(self.layout, self._device(),
+        self._pool = SnapshotPool(self.wire_layout, self._device(),
                                   shared=chain[0].shared_snapshots)
         self._latest: Snapshot | None = None
         self.links: dict[int, SenderLink] = {}
@@ -145,6 +147,7 @@ class WeightSender:
             num_collectors=self.num_collectors, backend=self.config.backend,
             max_collectors=self.max_collectors,
             heartbeat_s=self.config.liveness_timeout / 10,
+            wire_dtype=self.config.wire_dtype,
         )
 
     @property
@@ -195,11 +198,11 @@ class WeightSender:
         log.info("connected %d collector(s) on %s:%s over %s, layout %s (%d bytes)",
                  self.num_collectors, self.config.host, self._server.port,
                  sorted(set(self.transports.values())), self.layout.digest,
-                 self.layout.nbytes)
+                 self.wire_layout.nbytes)
 
     def _make_link(self, cid: int, inc: int, hello: Hello, spec: TransportSpec) -> SenderLink:
         host = self.config.host
-        link_spec = LinkSpec(cid, inc, self.layout, backend=self.config.backend,
+        link_spec = LinkSpec(cid, inc, self.wire_layout, backend=self.config.backend,
                              timeout=self.config.timeout,
                              bind_host=None if host in WILDCARDS else host)
         return SenderLink(link_spec, spec.sender(link_spec), spec.name, self._control,
@@ -374,7 +377,7 @@ class WeightSender:
             del self._sent[v]
         if sent is not None:
             started, pack_s = sent
-            self.stats.add(SyncRecord(target, self.layout.nbytes, len(self.links), pack_s,
+            self.stats.add(SyncRecord(target, self.wire_layout.nbytes, len(self.links), pack_s,
                                       time.perf_counter() - started))
 
     def _release_offers(self) -> None:
