@@ -70,13 +70,14 @@ from weight_sync.errors import (
     WeightSyncError,
     WeightSyncTimeout,
 )
+from weight_sync.hooks import ReceiverHooks
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.metrics import AckResult
 from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
 from weight_sync.transports.registry import get_transport
 
-__all__ = ["LearnerEnd", "WeightSyncTorchRLScheme", "WorkerEnd"]
+__all__ = ["LearnerEnd", "PolicyGate", "WeightSyncTorchRLScheme", "WorkerEnd"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.1
 # While the learner connects, the worker processes are checked this often.
 _WATCH_S = 0.05
+# Once a version has arrived, it is in the receiver's hand-off queue within this long.
+_ARRIVAL_S = 0.5
 
 
 # -- the torchrl-named ends ------------------------------------------------------------
@@ -225,6 +228,54 @@ class WorkerEnd:
         self.receiver.close()
 
 
+class PolicyGate:
+    """Keeps applies out of the worker's policy calls.
+
+    torchrl's worker loop never hands control to the scheme, so versions are applied
+    from a background thread while the worker rolls out. Without a gate an apply could
+    land in the middle of a policy call (some layers old, some new: an action from a
+    policy that never existed). The policy's forward pre/post hooks hold :attr:`lock`
+    for each call, the background thread holds it for each apply, and a worker idle
+    between rollouts holds nothing, so ``send()`` never waits on the rollout loop.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.arrived = threading.Event()
+        """Set when a version was received (a :class:`ReceiverHooks` ``after_receive``)."""
+        self._depth = threading.local()
+        self._handles: list[Any] = []
+        self._guarded: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    def guard(self, model: Any) -> None:
+        """Hook ``model``'s forward (once per module; other policies are not gated)."""
+        if not isinstance(model, nn.Module) or model in self._guarded:
+            return
+        self._guarded.add(model)
+        self._handles.append(model.register_forward_pre_hook(self._enter))
+        self._handles.append(model.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self.lock.acquire()
+        self._depth.n = getattr(self._depth, "n", 0) + 1
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        # A hook registered during a call has its post hook run without the pre hook.
+        if getattr(self._depth, "n", 0) > 0:
+            self._depth.n -= 1
+            self.lock.release()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PolicyGate:
+        # torchrl deep-copies the policy for a device cast after connect: the copy
+        # (the model then really used) shares this gate.
+        return self
+
+
 def _ref(obj: Any) -> Callable[[], Any]:
     try:
         return weakref.ref(obj)
@@ -294,12 +345,17 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         self._worker_end: WorkerEnd | None = None
         self._rx_thread: threading.Thread | None = None
         self._rx_stop: threading.Event | None = None
+        self._gate: PolicyGate | None = None
+        # Per worker, the newest version its collector finished update_policy_weights_
+        # for (shared memory, from torchrl's multiprocessing context; None without one).
+        self._bumped: list[Any] | None = None
         self._shut_down = False
 
     # -- pickling: only what a worker needs to connect --------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_ends", "_worker_end", "_rx_thread", "_rx_stop", "_sender_transports",
+        for key in ("_ends", "_worker_end", "_rx_thread", "_rx_stop", "_gate",
+                    "_sender_transports",
                     "_receiver_transport", "_shared_transport", "error"):
             state[key] = None
         state["last_acks"] = {}
@@ -338,6 +394,8 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             raise
         self._ends = ends
         self.infos = [end.connection_info for end in ends]
+        if ctx is not None:  # pickled into the workers by torchrl as they are spawned
+            self._bumped = [ctx.Value("q", -1, lock=False) for _ in range(num_workers)]
         for end in ends:
             for w in end.workers:
                 self._register_worker_sender(worker_idx=w, transport=end)
@@ -509,14 +567,53 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             end.send_weights_async(self._resolve_weights(chosen))
         deadline = time.monotonic() + self.ack_timeout
         first: WeightSyncError | None = None
+        applied: dict[int, int] = {}  # worker -> version it acked
         for end in targets:  # every end is waited for, even after one failed
+            result: Any
             try:
-                self.last_acks[end.workers[0]] = end.wait_ack(
-                    max(deadline - time.monotonic(), 0.001))
+                result = end.wait_ack(max(deadline - time.monotonic(), 0.001))
             except WeightSyncError as exc:
                 first = first or exc
+                result = getattr(exc, "result", None)
+            if isinstance(result, AckResult):
+                self.last_acks[end.workers[0]] = result
+                applied.update({end.workers[c]: result.version for c in result.acked
+                                if end.workers[c] in workers})
+        try:
+            self._wait_bumped(applied, deadline)
+        except WeightSyncError as exc:
+            first = first or exc
         if first is not None:
             raise first
+
+    def _wait_bumped(self, applied: dict[int, int], deadline: float) -> None:
+        """Wait until each worker's collector counted the version it acked.
+
+        A worker acks as it applies, then its background thread calls torchrl's
+        ``update_policy_weights_`` (which bumps ``policy_version``): without this wait a
+        MultiSync worker could start its next rollout, with the new weights, before
+        its frames are tagged with the new version.
+        """
+        if self._bumped is None:
+            return
+        start = time.monotonic()
+        pending = dict(applied)
+        while pending:
+            for w, v in list(pending.items()):
+                if self._bumped[w].value >= v:
+                    del pending[w]
+            if not pending:
+                return
+            dead = self._dead_worker(pending)
+            if dead is not None:
+                raise CollectorFailed(f"torchrl worker {dead[0]} {dead[1]} after applying "
+                                      f"version {pending[dead[0]]}", dead[0])
+            if time.monotonic() >= deadline:
+                raise WeightSyncTimeout(
+                    f"torchrl worker(s) {sorted(pending)} applied their version but their "
+                    f"collector's update_policy_weights_ did not finish within "
+                    f"{time.monotonic() - start:.2f}s")
+            time.sleep(0.0002)
 
     def _resolve_weights(self, weights: Any) -> Any:
         if isinstance(weights, str):  # torchrl allows a model's attribute path
@@ -568,7 +665,10 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
                               f"{self.model_id!r} to apply weights to")
         _materialize(model, torch.device("cuda", torch.cuda.current_device())
                      if info.backend == "nccl" else torch.device("cpu"))
-        receiver = WeightReceiver(model, info, collector_id, timeout=self._config.timeout)
+        gate = PolicyGate()
+        receiver = WeightReceiver(
+            model, info, collector_id, timeout=self._config.timeout,
+            hooks=ReceiverHooks(after_receive=lambda version, buffer: gate.arrived.set()))
         end = WorkerEnd(receiver, model, worker)
         self._worker_end = end
         try:
@@ -578,9 +678,13 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             self._worker_end = None
             end.close()
             raise
+        self._mark_bumped(worker, version)  # torchrl does not count the initial sync
+        gate.arrived.clear()  # the initial version is applied already
+        gate.guard(model)
+        self._gate = gate
         stop = threading.Event()
         self._rx_stop = stop
-        self._rx_thread = threading.Thread(target=self._receive_loop, args=(end, stop),
+        self._rx_thread = threading.Thread(target=self._receive_loop, args=(end, gate, stop),
                                            daemon=True,
                                            name=f"weight-sync-torchrl-rx-{worker}")
         self._rx_thread.start()
@@ -590,19 +694,48 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         log.info("torchrl worker %d connected at version %d over %r", worker, version,
                  receiver.transport)
 
+    @property
+    def model(self) -> Any:
+        return WeightSyncScheme.model.fget(self)
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        # torchrl re-points the model after a device cast (in the worker's main thread,
+        # before its first rollout): gate that one's calls too.
+        WeightSyncScheme.model.fset(self, value)
+        gate = getattr(self, "_gate", None)
+        if gate is not None:
+            gate.guard(value)
+
     def _current_model(self) -> Any:
         try:
             return self.model
         except (AttributeError, KeyError):
             return None
 
-    def _receive_loop(self, end: WorkerEnd, stop: threading.Event) -> None:
+    def _apply(self, end: WorkerEnd, gate: PolicyGate, wait: float) -> int | None:
+        """Apply the next version (waiting up to ``wait``), between two policy calls;
+        then torchrl's bookkeeping. The version applied, or ``None``."""
+        with gate.lock:
+            version = end.receive_weights(wait)
+            if version is None:
+                return None
+            model = self._current_model()  # read now: torchrl may have re-pointed it
+            if model is not None:
+                gate.guard(model)
+                end.follow(model)
+            self._cascade(version)
+        self._mark_bumped(end.worker, version)
+        return version
+
+    def _receive_loop(self, end: WorkerEnd, gate: PolicyGate, stop: threading.Event) -> None:
         """Apply every new version as it arrives, then tell the worker's collector."""
         while not stop.is_set():
             try:
-                version = end.receive_weights(_POLL_S, model=self._current_model())
-                if version is not None:
-                    self._cascade(version)
+                arrived = gate.arrived.wait(_POLL_S)
+                gate.arrived.clear()
+                # Polled too without an arrival: errors reach the queue without one.
+                self._apply(end, gate, _ARRIVAL_S if arrived else 0)
             except ClosedError:
                 log.info("torchrl worker %d: the learner closed the weight stream",
                          end.worker)
@@ -639,6 +772,10 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
                 and not isinstance(current, bool) and current != version):
             tracker.version = version
 
+    def _mark_bumped(self, worker: int, version: int) -> None:
+        if self._bumped is not None:
+            self._bumped[worker].value = version
+
     def receive(self, timeout: float | None = None) -> int | None:
         """Apply new weights now (for loops that call it); ``None`` while the background
         thread applies them (it always runs after ``connect``). Returns the version."""
@@ -649,11 +786,8 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             return None
         if self.error is not None:
             raise self.error
-        version = self._worker_end.receive_weights(
-            0 if timeout is None else timeout, model=self._current_model())
-        if version is not None:
-            self._cascade(version)
-        return version
+        assert self._gate is not None
+        return self._apply(self._worker_end, self._gate, 0 if timeout is None else timeout)
 
     def create_transport(self, **kwargs: Any) -> LearnerEnd | WorkerEnd:
         """The end built by ``init_on_sender`` / ``connect`` (torchrl's abstract hook)."""
@@ -676,6 +810,9 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(2.0)
+        gate = getattr(self, "_gate", None)
+        if gate is not None:
+            gate.remove()
         end = getattr(self, "_worker_end", None)
         if end is not None:
             try:
