@@ -17,12 +17,14 @@ check is that every frame's logits are the ones the learner's weights of that fr
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +33,7 @@ import torch
 from tensordict import TensorDict
 from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector
 
+from collectors.demo import main as demo_main
 from collectors.task import make_env, make_policy
 from weight_sync import (
     ClosedError,
@@ -461,3 +464,24 @@ def test_async_updates_while_collecting_and_a_worker_killed_mid_run() -> None:
         assert_no_process_left(collector)
     finally:
         reap(collector, scheme)
+
+
+# -- the main job on torchrl's collectors ------------------------------------------------------
+@pytest.mark.timeout(180)
+def test_demo_with_torchrl_collector_writes_the_same_json(tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    code = demo_main(["--collector", "torchrl", "--iterations", "3", "--frames-per-batch",
+                      "64", "--quiet", "--json-out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    rows = data["iterations"]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        for key in ("avg_return", "sync_latency_s", "staleness_mean", "frames", "fps",
+                    "version"):
+            assert key in row
+        assert row["frames"] == 2 * 64 and row["version"] == row["iteration"]
+        assert row["staleness_max"] == 0  # updated between batches
+    summary = data["summary"]
+    assert summary["collector"] == "torchrl" and summary["iterations"] == 3
+    assert summary["sync_rounds"] >= 3

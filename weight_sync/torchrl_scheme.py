@@ -621,6 +621,12 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         return weights
 
     @property
+    def senders(self) -> list[WeightSender]:
+        """Learner side: the :class:`WeightSender` (one per worker with
+        ``per_worker_senders``), e.g. for their ``stats``."""
+        return [end.sender for end in self._ends or []]
+
+    @property
     def versions(self) -> dict[int, int]:
         """The version each worker holds: learner side, the last sent to it (applied
         once ``send`` returned); worker side, ``{worker: version applied}``."""
