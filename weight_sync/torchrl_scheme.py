@@ -770,8 +770,13 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         if not callable(update):
             return
         model = self._current_model()
-        weights = TensorDict.from_module(model) if isinstance(model, nn.Module) else model
-        update(model_id=self.model_id or "policy", policy_or_weights=weights)
+        if _is_leaf_collector_of(context, model):
+            # torchrl's Collector.update_policy_weights_ would copy `model` onto itself
+            # (7 ms for 300 leaves), then call increment_version(): only the latter.
+            context.increment_version()
+        else:  # e.g. a MultiSyncCollector node of a DistributedCollector: cascade
+            weights = TensorDict.from_module(model) if isinstance(model, nn.Module) else model
+            update(model_id=self.model_id or "policy", policy_or_weights=weights)
         tracker = getattr(context, "policy_version_tracker", None)
         current = getattr(tracker, "version", None)
         if (tracker is not None and isinstance(current, int)
@@ -865,6 +870,20 @@ def _materialize(model: Any, device: torch.device) -> None:
         for key, tensor in leaves.items():
             if tensor.is_meta:
                 model[key] = torch.empty_like(tensor, device=device)
+
+
+def _is_leaf_collector_of(context: Any, model: Any) -> bool:
+    """``context`` is a single-process torchrl ``Collector`` acting with ``model`` and
+    syncing no sub-collectors: its ``update_policy_weights_(model)`` is a self-copy
+    followed by ``increment_version()``."""
+    try:
+        from torchrl.collectors import Collector
+    except ImportError:
+        return False
+    return (type(context) is Collector and model is not None
+            and getattr(context, "_policy_w_state_dict", None) is model
+            and not getattr(context, "_weight_sync_schemes", None)
+            and callable(getattr(context, "increment_version", None)))
 
 
 def _is_distributed_collector(context: Any) -> bool:
