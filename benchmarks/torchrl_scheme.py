@@ -11,7 +11,12 @@ a benchmark policy (``benchmarks.policies``: 8-leaf "wide" or 298-leaf "deep"; t
 4-dim observation is tiled to its 64 inputs). A round: the learner perturbs one leaf
 (untimed), then ``collector.update_policy_weights_()`` is timed with
 ``time.perf_counter``. After the last round every worker's policy (read back with
-``collector.state_dict()``) is compared bit for bit with the learner's: ``correct``.
+``collector.state_dict()``) is compared bit for bit with the learner's: ``correct``;
+then the learner changes a leaf *without* an update, and ``aliased`` records whether a
+worker sees it anyway (its policy reads the learner's own tensors: on CPU,
+``SharedMemWeightSyncScheme`` moves the learner's weights into shared memory and maps
+them into the workers, so an update moves no bytes, and workers see every optimizer
+step as it happens, also in the middle of a policy call).
 The learner runs ``torch.set_num_threads(1)``, as do torchrl's workers.
 
     python -m benchmarks.torchrl_scheme            # 1M and 10M params, N=2,4, both kinds
@@ -113,13 +118,10 @@ def measure(thing: str, params: int, kind: str, workers: int, rounds: int, warmu
             dt = time.perf_counter() - t0
             if r >= warmup:
                 samples.append(dt)
-        learner = actor.state_dict()
-        sd = collector.state_dict()
-        correct = all(
-            sd[f"worker{w}"]["policy_state_dict"].keys() == learner.keys()
-            and all(torch.equal(sd[f"worker{w}"]["policy_state_dict"][k], v)
-                    for k, v in learner.items())
-            for w in range(workers))
+        correct = _workers_hold(collector, actor, workers)
+        with torch.no_grad():
+            leaf.add_(1.0)  # not sent: a worker that sees it reads the learner's tensors
+        aliased = _workers_hold(collector, actor, workers, every=False)
     finally:
         t0 = time.monotonic()
         collector.shutdown(timeout=30.0, raise_on_error=False)
@@ -131,8 +133,20 @@ def measure(thing: str, params: int, kind: str, workers: int, rounds: int, warmu
         "median_s": statistics.median(samples),
         "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
         "min_s": ordered[0], "mean_s": statistics.fmean(samples), "samples_s": samples,
-        "correct": bool(correct), "setup_s": setup_s, "shutdown_s": shutdown_s,
+        "correct": bool(correct), "aliased": bool(aliased), "setup_s": setup_s,
+        "shutdown_s": shutdown_s,
     }
+
+
+def _workers_hold(collector: Any, actor: nn.Module, workers: int, every: bool = True) -> bool:
+    """Whether every (or any) worker's policy equals the learner's, bit for bit."""
+    learner = actor.state_dict()
+    sd = collector.state_dict()
+    same = [sd[f"worker{w}"]["policy_state_dict"].keys() == learner.keys()
+            and all(torch.equal(sd[f"worker{w}"]["policy_state_dict"][k], v)
+                    for k, v in learner.items())
+            for w in range(workers)]
+    return all(same) if every else any(same)
 
 
 def _shape(params: int, kind: str) -> dict[str, int]:
@@ -194,23 +208,28 @@ def _ms(res: dict[str, Any], thing: str) -> str:
 def _line(cfg: dict[str, Any]) -> str:
     res = cfg["results"]
     parts = " | ".join(f"{t} {_ms(res, t)} ms" for t in THINGS)
+    aliased = [t for t, r in res.items() if r["aliased"]]
     return (f"{cfg['kind']:>4} {cfg['params']:>11,} params N={cfg['num_workers']}: {parts}  "
-            f"correct={all(r['correct'] for r in res.values())}")
+            f"correct={all(r['correct'] for r in res.values())} aliased={aliased}")
 
 
 def table(report: dict[str, Any]) -> str:
     """The README table: median ms of update_policy_weights_(), and torchrl / ours."""
     lines = ["| policy | params | N | weight-sync gloo | weight-sync shm | torchrl SharedMem "
-             "| torchrl / best ours | correct |", "|---|---|---|---|---|---|---|---|"]
+             "| torchrl / best ours | workers aliased to the learner (ours / torchrl) | correct |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cfg in report["configs"]:
         res = cfg["results"]
         ours = [res[t]["median_s"] for t in THINGS[:2] if t in res]
         base = res.get("torchrl/shared_mem")
         ratio = f"{base['median_s'] / min(ours):.1f}x" if base and ours else "-"
         name = f"{cfg['kind']} ({cfg['leaves']} leaves)"
+        ours_aliased = any(res[t]["aliased"] for t in THINGS[:2] if t in res)
+        theirs = "-" if base is None else ("yes" if base["aliased"] else "no")
         lines.append(f"| {name} | {cfg['params'] / 1e6:.1f}M | {cfg['num_workers']} | "
                      f"{_ms(res, THINGS[0])} | {_ms(res, THINGS[1])} | {_ms(res, THINGS[2])} "
-                     f"| {ratio} | {all(r['correct'] for r in res.values())} |")
+                     f"| {ratio} | {'yes' if ours_aliased else 'no'} / {theirs} "
+                     f"| {all(r['correct'] for r in res.values())} |")
     return "\n".join(lines)
 
 
