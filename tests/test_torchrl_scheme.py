@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import socket_transport  # registers the user-written "socket" transport
 import torch
 from tensordict import TensorDict
 from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector
+from torchrl.collectors.distributed import DistributedCollector
 
 from collectors.demo import main as demo_main
 from collectors.task import make_env, make_policy
@@ -464,6 +466,50 @@ def test_async_updates_while_collecting_and_a_worker_killed_mid_run() -> None:
         assert_no_process_left(collector)
     finally:
         reap(collector, scheme)
+
+
+# -- DistributedCollector (launcher="mp"): nodes are ranks 1..N ------------------------------
+@pytest.mark.timeout(180)
+def test_distributed_collector_initial_sync_updates_and_bounded_shutdown() -> None:
+    torch.manual_seed(3)
+    learner = buffered_policy()
+    scheme = WeightSyncTorchRLScheme(transport="distributed", **SCHEME_TIMEOUTS)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    collector = DistributedCollector(
+        [make_cartpole] * WORKERS, policy=learner, policy_factory=buffered_policy,
+        frames_per_batch=32 * WORKERS, total_frames=10**6, collector_class=Collector,
+        collector_kwargs={"track_policy_version": True}, launcher="mp", tcp_port=port,
+        sync=True, backend="gloo", weight_sync_schemes={"policy": scheme})
+    try:
+        batches = iter(collector)
+        batch = next(batches)  # row w: node w (rank w + 1)
+        assert (batch["next", "policy_version"] == 0).all()
+        assert_acted_with(batch, state(learner))  # the nodes' own init never acted
+        for _ in range(2):
+            perturb(learner)
+            collector.update_policy_weights_()
+            batch = next(batches)
+            assert scheme.versions == {w: scheme.versions[0] for w in range(WORKERS)}
+            for w in range(WORKERS):
+                assert (batch["next", "policy_version"][w] == scheme.versions[w]).all()
+            assert_acted_with(batch, state(learner))
+        start = time.monotonic()
+        collector.shutdown()  # tells the nodes, joins them, then shuts this scheme down
+        elapsed = time.monotonic() - start
+        assert elapsed < SHUTDOWN_BOUND_S, f"shutdown took {elapsed:.2f}s"
+        for job in collector.jobs:
+            job.join(5.0)
+            assert not job.is_alive()
+        with pytest.raises(ClosedError):
+            scheme.send()
+    finally:
+        scheme.shutdown()
+        for job in getattr(collector, "jobs", []):
+            if job.is_alive():
+                job.kill()
+            job.join(5.0)
 
 
 # -- the main job on torchrl's collectors ------------------------------------------------------
