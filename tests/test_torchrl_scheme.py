@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -58,6 +59,10 @@ SCHEME_TIMEOUTS = dict(timeout=30.0, connect_timeout=120.0, ack_timeout=30.0,
 # -- run inside the workers (module level: picklable by reference) ---------------------------
 def make_cartpole() -> Any:
     return make_env(0)
+
+
+def broken_cartpole() -> Any:
+    raise RuntimeError("boom: this worker cannot build its env")
 
 
 def buffered_policy() -> torch.nn.Module:
@@ -266,6 +271,24 @@ def _until(condition: Any, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.005)
+
+
+@pytest.mark.timeout(120)
+def test_worker_failing_to_start_is_reported_at_once_naming_it() -> None:
+    scheme = WeightSyncTorchRLScheme(**SCHEME_TIMEOUTS)  # connect_timeout: 120 s
+    before = set(mp.active_children())
+    start = time.monotonic()
+    with pytest.raises(CollectorFailed, match=r"torchrl worker 1 exited.*boom") as info:
+        MultiSyncCollector([make_cartpole, broken_cartpole], policy=buffered_policy(),
+                           frames_per_batch=32, total_frames=-1,
+                           weight_sync_schemes={"policy": scheme})
+    assert time.monotonic() - start < 60.0  # not the connect timeout
+    assert info.value.collector_id == 1
+    with pytest.raises(ClosedError):
+        scheme.connect()  # the scheme was shut down with the failed start
+    for proc in set(mp.active_children()) - before:  # torchrl's shutdown ended them
+        proc.join(10.0)
+        assert not proc.is_alive()
 
 
 # -- MultiSyncCollector, one sender for both workers ("distributed") --------------------------

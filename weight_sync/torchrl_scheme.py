@@ -394,14 +394,17 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             raise
         self._ends = ends
         self.infos = [end.connection_info for end in ends]
+        if ctx is None and self._worker_offset and getattr(context, "launcher", "") == "mp":
+            ctx = multiprocessing.get_context("spawn")  # its nodes are local processes too
         if ctx is not None:  # pickled into the workers by torchrl as they are spawned
             self._bumped = [ctx.Value("q", -1, lock=False) for _ in range(num_workers)]
         for end in ends:
             for w in end.workers:
                 self._register_worker_sender(worker_idx=w, transport=end)
         if context is not None:
-            # torchrl's collectors never shut their schemes down: release the senders
-            # (store, sockets, segments) at the latest when the collector goes.
+            # torchrl's multi-process collectors do not shut their schemes down:
+            # release the senders (store, sockets, segments) at the latest when the
+            # collector goes.
             weakref.finalize(context, _close_ends, list(ends))
         log.info("torchrl scheme: %d sender(s) for %d worker(s) over %r, layout %s",
                  len(ends), num_workers, self.transport, ends[0].sender.layout.digest)
