@@ -12,6 +12,11 @@ the iteration's batches (learner version minus the oldest version in the batch) 
 frames per second; a summary table follows, and ``--json-out`` writes every iteration.
 
     weight-sync demo --collectors 2 --iterations 200 --seed 0 --json-out demo.json
+
+With ``--collector torchrl`` the collectors are torchrl's own: a ``MultiSyncCollector``
+whose weights travel through :class:`~weight_sync.torchrl_scheme.WeightSyncTorchRLScheme`
+(:class:`~collectors.torchrl_group.TorchRLGroup`); workers are updated between batches
+(``collector.update_policy_weights_()``), so the staleness is 0. Same bar, summary, JSON.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ import statistics
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from collectors.group import CollectorGroup
+from collectors.group import BatchRecord, CollectorGroup
 from collectors.task import (
     ENV_NAME,
     PPOLearner,
@@ -42,11 +47,33 @@ from collectors.task import (
     make_policy,
     make_value,
 )
-from weight_sync import WeightSyncError
+from weight_sync import SyncStats, WeightSyncError
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger(__name__)
+
+
+class _Group(Protocol):
+    """What the demo uses of a group: :class:`CollectorGroup` or ``TorchRLGroup``."""
+
+    batch_records: Any  # deque[BatchRecord]
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def stats(self) -> SyncStats: ...
+
+    def next_batch(self) -> Any: ...
+
+    def update_weights(self, timeout: float = ...) -> Any: ...
+
+    def summary(self) -> dict[str, float]: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="finished episodes averaged into 'return' (20)")
     parser.add_argument("--sync-timeout", type=float, default=30.0,
                         help="seconds to wait for every collector's ack (30)")
+    parser.add_argument("--collector", choices=["weight-sync", "torchrl"],
+                        default="weight-sync",
+                        help="weight-sync: this project's collector processes (default); "
+                             "torchrl: torchrl's MultiSyncCollector with weight-sync's "
+                             "WeightSyncTorchRLScheme")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write per-iteration metrics to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,7 +106,7 @@ def _ms(seconds: float) -> float:
     return seconds * 1e3 if not math.isnan(seconds) else float("nan")
 
 
-def _iterate(args: argparse.Namespace, group: CollectorGroup, learner: PPOLearner,
+def _iterate(args: argparse.Namespace, group: _Group, learner: PPOLearner,
              progress: Progress) -> list[dict[str, Any]]:
     task = progress.add_task("demo", total=args.iterations, ret=float("nan"), p50=0.0,
                              p99=0.0, stale=0.0, fps=0.0)
@@ -84,7 +116,7 @@ def _iterate(args: argparse.Namespace, group: CollectorGroup, learner: PPOLearne
     frames = 0
     for iteration in range(1, args.iterations + 1):
         batches = [group.next_batch() for _ in range(args.collectors)]
-        records = list(group.batch_records)[-args.collectors:]
+        records: list[BatchRecord] = list(group.batch_records)[-args.collectors:]
         data = torch.stack(batches)  # [collectors, frames_per_batch], time last
         finished = episode_returns(data)
         window.extend(finished)
@@ -118,11 +150,12 @@ def _iterate(args: argparse.Namespace, group: CollectorGroup, learner: PPOLearne
     return rows
 
 
-def _summary(rows: list[dict[str, Any]], group: CollectorGroup, wall_s: float,
+def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
              args: argparse.Namespace) -> dict[str, Any]:
     returns = [r["avg_return"] for r in rows if r["avg_return"] is not None]
     stats = group.summary()
     return {
+        "collector": args.collector,
         "collectors": args.collectors,
         "iterations": len(rows),
         "seed": args.seed,
@@ -144,8 +177,9 @@ def _summary(rows: list[dict[str, Any]], group: CollectorGroup, wall_s: float,
 
 
 def _table(summary: dict[str, Any]) -> Table:
+    kind = " (torchrl MultiSyncCollector)" if summary["collector"] == "torchrl" else ""
     table = Table(title=f"weight-sync demo: PPO on {ENV_NAME}, {summary['collectors']} "
-                        f"collector(s), seed {summary['seed']}")
+                        f"collector(s){kind}, seed {summary['seed']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
 
@@ -170,6 +204,18 @@ def _table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _make_group(args: argparse.Namespace, policy: Any) -> _Group:
+    if args.collector == "torchrl":
+        from collectors.torchrl_group import TorchRLGroup
+
+        return TorchRLGroup(policy, make_env, num_collectors=args.collectors,
+                            frames_per_batch=args.frames_per_batch, seed=args.seed,
+                            sync_timeout=args.sync_timeout)
+    return CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
+                          frames_per_batch=args.frames_per_batch, seed=args.seed,
+                          collect_fn=collect)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit code (0 ok, 1 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
@@ -188,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                TextColumn("{task.fields[fps]:4.0f} fps"), TimeElapsedColumn()]
     start = time.perf_counter()
     try:
-        with CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
-                            frames_per_batch=args.frames_per_batch, seed=args.seed,
-                            collect_fn=collect) as group, \
+        with _make_group(args, policy) as group, \
                 Progress(*columns, console=console, disable=args.quiet) as progress:
             rows = _iterate(args, group, learner, progress)
             summary = _summary(rows, group, time.perf_counter() - start, args)
