@@ -1,5 +1,5 @@
 """``collector.update_policy_weights_()`` inside torchrl's ``MultiSyncCollector``:
-weight-sync's :class:`~weight_sync.torchrl_scheme.WeightSyncTorchRLScheme` against the
+weight-sync's :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme` against the
 collector's default ``SharedMemWeightSyncScheme``.
 
 For every configuration (leaf kind x policy size x N workers) one run measures, in an
@@ -87,7 +87,7 @@ def _scheme(thing: str, timeout: float) -> Any:
         from torchrl.weight_update import SharedMemWeightSyncScheme
 
         return SharedMemWeightSyncScheme()
-    from weight_sync.torchrl_scheme import WeightSyncTorchRLScheme
+    from weight_sync.torchrl import WeightSyncTorchRLScheme
 
     return WeightSyncTorchRLScheme(transport=thing.split("/", 1)[1], timeout=timeout,
                                    ack_timeout=timeout)

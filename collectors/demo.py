@@ -14,7 +14,7 @@ frames per second; a summary table follows, and ``--json-out`` writes every iter
     weight-sync demo --collectors 2 --iterations 200 --seed 0 --json-out demo.json
 
 With ``--collector torchrl`` the collectors are torchrl's own: a ``MultiSyncCollector``
-whose weights travel through :class:`~weight_sync.torchrl_scheme.WeightSyncTorchRLScheme`
+whose weights travel through :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`
 (:class:`~collectors.torchrl_group.TorchRLGroup`); workers are updated between batches
 (``collector.update_policy_weights_()``), so the staleness is 0. Same bar, summary, JSON.
 """

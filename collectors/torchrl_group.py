@@ -4,7 +4,7 @@
 :class:`~collectors.group.CollectorGroup` (``next_batch``, ``batch_records``,
 ``update_weights``, ``stats``, ``version``, ``summary``), but the processes, the
 rollouts and the batches are torchrl's: a ``MultiSyncCollector`` whose weights travel
-through :class:`~weight_sync.torchrl_scheme.WeightSyncTorchRLScheme`.
+through :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`.
 
 Example::
 
@@ -29,7 +29,7 @@ from torchrl.collectors import MultiSyncCollector
 
 from collectors.group import BatchRecord
 from weight_sync import SyncStats
-from weight_sync.torchrl_scheme import WeightSyncTorchRLScheme
+from weight_sync.torchrl import WeightSyncTorchRLScheme
 
 __all__ = ["TorchRLGroup"]
 

@@ -45,7 +45,7 @@ from weight_sync import (
     ConnectionInfo,
     ProtocolError,
 )
-from weight_sync.torchrl_scheme import LearnerEnd, WeightSyncTorchRLScheme, WorkerEnd
+from weight_sync.torchrl import LearnerEnd, WeightSyncTorchRLScheme, WorkerEnd
 
 WORKERS = 2
 # Typed errors must come well before this (same-host deaths are seen from the pid).

@@ -71,7 +71,7 @@ def test_floats_narrowed_within_bound_others_exact(wire: str, transport: str) ->
 
 
 def test_wire_dtype_is_validated() -> None:
-    with pytest.raises(ConfigError, match="wire_dtype must be '' or one of .* got 'int8'"):
+    with pytest.raises(ConfigError, match=r"wire_dtype must be '' or one of .* got 'int8'"):
         WeightSender({"w": torch.zeros(3)}, 1, wire_dtype="int8")
     with pytest.raises(ConfigError, match=r"ConnectionInfo.wire_dtype .* got 'fp8'"):
         ConnectionInfo(host="127.0.0.1", port=1, name="p", num_collectors=1, wire_dtype="fp8")

@@ -1,49 +1,4 @@
-"""weight-sync inside torchrl's own collectors: a torchrl ``WeightSyncScheme``.
-
-:class:`WeightSyncTorchRLScheme` plugs into ``MultiSyncCollector``,
-``MultiaSyncCollector`` and ``DistributedCollector`` through their
-``weight_sync_schemes`` argument; the weights travel over weight-sync's own machinery
-(one packed message per version, any registered transport, typed bounded waits)::
-
-    from torchrl.collectors import MultiSyncCollector
-    from weight_sync.torchrl_scheme import WeightSyncTorchRLScheme
-
-    scheme = WeightSyncTorchRLScheme(transport="shm")      # or "distributed", or yours
-    collector = MultiSyncCollector([make_env] * 2, policy, frames_per_batch=256,
-                                   total_frames=-1, track_policy_version=True,
-                                   weight_sync_schemes={"policy": scheme})
-    for batch in collector:
-        train(policy, batch)                 # in place: optimizer steps
-        collector.update_policy_weights_()   # snapshot, send, every worker applied it
-    collector.shutdown()
-    scheme.shutdown()                        # torchrl's collectors do not shut schemes down
-
-How it maps onto torchrl (0.14):
-
-* ``init_on_sender`` (learner, before the workers are pickled) builds the
-  :class:`~weight_sync.WeightSender` (one for all workers, or one per worker with
-  ``per_worker_senders=True``); only their small :class:`~weight_sync.ConnectionInfo`
-  is pickled into the workers (:meth:`WeightSyncTorchRLScheme.__getstate__`).
-* ``connect`` on the learner is the senders' ``connect`` (rendezvous, layout check,
-  initial sync), watching the worker processes so that one that dies while starting is
-  reported at once, naming it. On a worker, ``connect`` builds a
-  :class:`~weight_sync.WeightReceiver` on the worker's policy (meta tensors, as torchrl
-  sends them, are first given real storage) and returns once the policy holds the
-  learner's weights; a background thread then applies every later version, because
-  torchrl's multi-process worker loop never calls ``receive()``.
-* ``send`` (``collector.update_policy_weights_()``) snapshots the weights and returns
-  once every targeted worker applied them, else raises ``CollectorFailed`` (naming the
-  worker) or ``WeightSyncTimeout``. It never waits on the worker's rollout loop.
-* Versions: worker *w*'s torchrl ``policy_version`` (its ``PolicyVersion`` transform,
-  i.e. the ``"policy_version"`` of its frames) equals :attr:`versions` ``[w]``: 0 after
-  the initial sync, +1 per update that reached it.
-
-The torchrl-named transport methods (``send_weights``, ``receive_weights``,
-``setup_connection_and_weights_on_sender`` / ``_on_receiver``, ``send_ack``...) live
-here only, on :class:`LearnerEnd` and :class:`WorkerEnd`.
-
-This module imports torchrl; ``import weight_sync`` does not import this module.
-"""
+"""The torchrl ``WeightSyncScheme`` over weight-sync (see :mod:`weight_sync.torchrl`)."""
 
 from __future__ import annotations
 
@@ -53,7 +8,7 @@ import multiprocessing.util
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -71,13 +26,15 @@ from weight_sync.errors import (
     WeightSyncTimeout,
 )
 from weight_sync.hooks import ReceiverHooks
-from weight_sync.layout import BufferLayout, named_leaves
+from weight_sync.layout import named_leaves
 from weight_sync.metrics import AckResult
 from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
+from weight_sync.torchrl.ends import LearnerEnd, WorkerEnd
+from weight_sync.torchrl.gate import PolicyGate
 from weight_sync.transports.registry import get_transport
 
-__all__ = ["LearnerEnd", "PolicyGate", "WeightSyncTorchRLScheme", "WorkerEnd"]
+__all__ = ["WeightSyncTorchRLScheme"]
 
 log = logging.getLogger(__name__)
 
@@ -90,200 +47,7 @@ _WATCH_S = 0.05
 _ARRIVAL_S = 0.5
 
 
-# -- the torchrl-named ends ------------------------------------------------------------
-class LearnerEnd:
-    """torchrl's sender-side transport: one :class:`WeightSender` serving ``workers``.
 
-    Collector id *c* of the sender is torchrl worker ``workers[c]``; errors are
-    re-raised naming the torchrl worker.
-    """
-
-    def __init__(self, sender: WeightSender, workers: Sequence[int]) -> None:
-        self.sender = sender
-        self.workers = tuple(workers)
-
-    @property
-    def connection_info(self) -> ConnectionInfo:
-        return self.sender.connection_info
-
-    @property
-    def version(self) -> int:
-        return self.sender.version
-
-    def setup_connection_and_weights_on_sender(self, timeout: float = 120.0) -> None:
-        """Rendezvous with every worker of this end, check layouts, initial sync."""
-        try:
-            self.sender.connect(timeout)
-        except WeightSyncError as exc:
-            raise self._renamed(exc) from exc
-
-    def send_weights_async(self, weights: Any = None) -> int:
-        """Snapshot ``weights`` (``None``: the live policy) and start sending; the new
-        version. Never blocks on a worker."""
-        return self.sender.send_weights_async(weights)
-
-    def wait_ack(self, timeout: float = 60.0) -> AckResult:
-        """Until every live worker of this end applied the newest version.
-
-        Raises:
-            CollectorFailed: naming the torchrl worker (``collector_id`` is its index).
-            WeightSyncTimeout: naming the lagging torchrl workers.
-        """
-        try:
-            return self.sender.wait_ack(timeout)
-        except WeightSyncError as exc:
-            raise self._renamed(exc) from exc
-
-    def send_weights(self, weights: Any = None, timeout: float = 60.0) -> AckResult:
-        """:meth:`send_weights_async` then :meth:`wait_ack` (torchrl's blocking send)."""
-        self.send_weights_async(weights)
-        return self.wait_ack(timeout)
-
-    def close(self) -> None:
-        self.sender.close()
-
-    def _renamed(self, exc: WeightSyncError) -> WeightSyncError:
-        """The same error, naming torchrl workers instead of collector ids (only when
-        they differ: one sender per worker)."""
-        if self.workers == tuple(range(len(self.workers))):
-            return exc
-        names = ", ".join(f"collector {c} = torchrl worker {w}"
-                          for c, w in enumerate(self.workers))
-        message = f"torchrl worker(s) {list(self.workers)} ({names}): {exc}"
-        if isinstance(exc, CollectorFailed):
-            worker = self.workers[exc.collector_id]
-            return CollectorFailed(message, worker, exc.result, {worker: exc.pid})
-        if isinstance(exc, WeightSyncTimeout):
-            return WeightSyncTimeout(message, exc.result)
-        return exc
-
-
-class WorkerEnd:
-    """torchrl's receiver-side transport: one :class:`WeightReceiver` on a worker.
-
-    The receiver applies by pointing the tensors of the policy it was built on at the
-    received buffer (no copy); :meth:`receive_weights` then makes a policy torchrl
-    re-pointed to (``scheme.model`` after a device cast) follow: its tensors are pointed
-    at the same storage, or copied into when they live on another device.
-    """
-
-    def __init__(self, receiver: WeightReceiver, model: Any, worker: int) -> None:
-        self.receiver = receiver
-        self.worker = worker
-        self._model_ref = _ref(model)
-        self._targets = list(named_leaves(model).values())
-        self._followers: dict[int, tuple[Any, list[torch.Tensor]]] = {}
-
-    @property
-    def version(self) -> int:
-        return self.receiver.version
-
-    def setup_connection_and_weights_on_receiver(
-        self, *, worker_idx: int | None = None, weights: Any = None, model: Any = None,
-        strategy: Any = None, timeout: float = 120.0,
-    ) -> int:
-        """Join the learner; returns once the policy holds its weights (the version)."""
-        version = self.receiver.connect(timeout)
-        if model is not None:
-            self.follow(model)
-        return version
-
-    def receive_weights(self, timeout: float | None = None, *, weights: Any = None,
-                        model: Any = None, strategy: Any = None) -> int | None:
-        """Apply the newest received version, if one arrives within ``timeout`` (``0``
-        polls; ``None`` waits up to the receiver's timeout and raises), and make
-        ``model`` (if given) hold it too. Returns the version applied, or ``None``.
-
-        Call it from one thread only (the scheme's background thread does).
-        """
-        version = self.receiver.receive_weights(timeout)
-        if version is not None and model is not None:
-            self.follow(model)
-        return version
-
-    def send_ack(self, message: str = "updated") -> None:
-        """Nothing to do: :meth:`receive_weights` acks each version as it applies it."""
-
-    def follow(self, model: Any) -> None:
-        """Make ``model`` (a policy with the same layout) hold the applied weights."""
-        if model is self._model_ref():
-            return
-        key = id(model)
-        entry = self._followers.get(key)
-        if entry is None or entry[0]() is not model:
-            leaves = named_leaves(model)
-            BufferLayout.from_tensors(leaves).check_compatible(
-                self.receiver.layout.to_json(),
-                who=f"torchrl worker {self.worker}: the re-pointed model", mine="model")
-            self._followers = {key: (_ref(model), list(leaves.values()))}
-            entry = self._followers[key]
-        with torch.no_grad():
-            for dst, src in zip(entry[1], self._targets, strict=True):
-                if dst.device == src.device:
-                    dst.data = src.data  # same storage: no copy
-                else:
-                    dst.copy_(src)
-
-    def close(self) -> None:
-        self.receiver.close()
-
-
-class PolicyGate:
-    """Keeps applies out of the worker's policy calls.
-
-    torchrl's worker loop never hands control to the scheme, so versions are applied
-    from a background thread while the worker rolls out. Without a gate an apply could
-    land in the middle of a policy call (some layers old, some new: an action from a
-    policy that never existed). The policy's forward pre/post hooks hold :attr:`lock`
-    for each call, the background thread holds it for each apply, and a worker idle
-    between rollouts holds nothing, so ``send()`` never waits on the rollout loop.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.arrived = threading.Event()
-        """Set when a version was received (a :class:`ReceiverHooks` ``after_receive``)."""
-        self._depth = threading.local()
-        self._handles: list[Any] = []
-        self._guarded: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-    def guard(self, model: Any) -> None:
-        """Hook ``model``'s forward (once per module; other policies are not gated)."""
-        if not isinstance(model, nn.Module) or model in self._guarded:
-            return
-        self._guarded.add(model)
-        self._handles.append(model.register_forward_pre_hook(self._enter))
-        self._handles.append(model.register_forward_hook(self._leave, always_call=True))
-
-    def _enter(self, module: nn.Module, args: Any) -> None:
-        self.lock.acquire()
-        self._depth.n = getattr(self._depth, "n", 0) + 1
-
-    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        # A hook registered during a call has its post hook run without the pre hook.
-        if getattr(self._depth, "n", 0) > 0:
-            self._depth.n -= 1
-            self.lock.release()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> PolicyGate:
-        # torchrl deep-copies the policy for a device cast after connect: the copy
-        # (the model then really used) shares this gate.
-        return self
-
-
-def _ref(obj: Any) -> Callable[[], Any]:
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # a plain dict (state_dict) cannot be weakly referenced
-        return lambda: obj
-
-
-# -- the scheme ------------------------------------------------------------------------
 class WeightSyncTorchRLScheme(WeightSyncScheme):
     """A torchrl ``WeightSyncScheme`` whose weights travel over weight-sync.
 
@@ -837,7 +601,7 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         super().shutdown()
 
 
-# -- helpers ---------------------------------------------------------------------------
+
 def _close_ends(ends: list[LearnerEnd]) -> None:
     """Close the senders in parallel (each waits briefly for its workers' goodbyes)."""
 
@@ -903,3 +667,4 @@ def _describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
         return f"killed by signal {-code}"
     return f"exit code {code}"
+
