@@ -24,14 +24,41 @@ The learner runs ``torch.set_num_threads(1)``, as do torchrl's workers.
 
 JSON goes to ``benchmarks/results/torchrl_scheme-<stamp>.json`` (``--quick``:
 ``benchmarks/results/quick/``); a markdown table is printed.
+
+``--collector distributed`` measures ``update_policy_weights_()`` of torchrl's
+``DistributedCollector`` instead (``launcher="mp"``, N nodes on this host, ``sync=True``,
+CPU, gloo, one ``Collector`` per node, ``policy_factory`` building the same benchmark
+policy on each node): the weight-sync scheme over ``"distributed"`` and ``"shm"`` against
+``DistributedWeightSyncScheme`` (what ``DistributedCollector`` uses when given no
+scheme), same rounds and order rotation (a round changes one leaf by a small random step
+rather than ``+= 1.0``, see below). ``DistributedCollector.state_dict()`` raises
+``NotImplementedError``, so node weights cannot be read back: ``correct`` is ``null``
+(with ``correct_reason``), and instead one batch is collected after the last round and
+its ``logits`` are compared with the learner's policy applied to its observations:
+``acted_with_learner``, bit for bit with a per-frame forward (the shape a node's
+``Collector`` calls its policy with) run with 1 thread or the nodes' default thread count
+(``acted_with_learner_threads``: which matched; the thread count changes the rounding of
+the deep 1M policy; also recorded: ``acted_close_batched``, within 1e-5 of one batched
+forward, which the deep policy's rounding can fail); then the leaf steps without an
+update and ``aliased`` records whether the next batch acted with it. Every measurement is
+bounded by a watchdog that kills the nodes; ``collector.shutdown()`` runs in a thread
+bounded by ``--shutdown-timeout`` and its time is recorded as ``shutdown_s``.
+
+    python -m benchmarks.torchrl_scheme --collector distributed --workers 2 --rounds 10
+
+JSON: ``benchmarks/results/torchrl_scheme_distributed-<stamp>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
+import socket
 import statistics
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -45,12 +72,14 @@ from torch import nn
 from benchmarks import policies
 from benchmarks.bench import BENCH_DIR, QUICK_DIR, machine_info
 
-__all__ = ["BenchActor", "main", "measure"]
+__all__ = ["BenchActor", "main", "measure", "measure_distributed"]
 
 SIZES = (1_000_000, 10_000_000)
 WORKERS = (2, 4)
 THINGS = ("weight_sync/distributed", "weight_sync/shm", "torchrl/shared_mem")
 """What is measured: our scheme per transport, torchrl's default for MultiSync."""
+DIST_THINGS = ("weight_sync/distributed", "weight_sync/shm", "torchrl/distributed")
+"""With ``--collector distributed``: torchrl's default is ``DistributedWeightSyncScheme``."""
 
 
 class BenchActor(nn.Module):
@@ -87,6 +116,11 @@ def _scheme(thing: str, timeout: float) -> Any:
         from torchrl.weight_update import SharedMemWeightSyncScheme
 
         return SharedMemWeightSyncScheme()
+    if thing == "torchrl/distributed":
+        from torchrl.weight_update import DistributedWeightSyncScheme
+
+        # DistributedCollector's own default, with its store waits bounded like ours
+        return DistributedWeightSyncScheme(backend="gloo", sync=True, timeout=timeout)
     from weight_sync.torchrl import WeightSyncTorchRLScheme
 
     return WeightSyncTorchRLScheme(transport=thing.split("/", 1)[1], timeout=timeout,
@@ -138,6 +172,146 @@ def measure(thing: str, params: int, kind: str, workers: int, rounds: int, warmu
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _kill_jobs(collector: Any, spawned: Any = ()) -> None:
+    """Kill the collector's nodes, and any process spawned since (a constructor that
+    failed or hung leaves no collector to ask)."""
+    jobs = list(getattr(collector, "jobs", None) or [])
+    for job in jobs + [p for p in spawned if p not in jobs]:
+        if job.is_alive():
+            job.kill()
+        job.join(5.0)
+
+
+def _logits_of(actor: TensorDictModule, observation: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return actor.module(observation)[0]
+
+
+def _acted_with(batch: Any, actor: TensorDictModule, node_threads: int
+                ) -> tuple[bool, int | None, bool]:
+    """Whether every frame of ``batch`` acted with the learner's current weights: bit for
+    bit with a per-frame forward (the shape a node's ``Collector`` calls its policy with)
+    run with 1 thread or with ``node_threads`` (the nodes' torch default; the thread count
+    changes the rounding of some policies), which of them matched, and whether it is within
+    1e-5 of one batched forward (as in the tests)."""
+    got = batch["logits"]
+    close = bool(torch.allclose(got, _logits_of(actor, batch["observation"]),
+                                rtol=1e-5, atol=1e-5))
+    obs = batch["observation"].reshape(-1, batch["observation"].shape[-1])
+    threads = torch.get_num_threads()
+    try:
+        for n in dict.fromkeys((1, node_threads)):
+            torch.set_num_threads(n)
+            per_frame = torch.stack([_logits_of(actor, o) for o in obs])
+            if torch.equal(got.reshape(per_frame.shape), per_frame):
+                return True, n, close
+    finally:
+        torch.set_num_threads(threads)
+    return False, None, close
+
+
+def measure_distributed(thing: str, params: int, kind: str, workers: int, rounds: int,
+                        warmup: int, timeout: float, shutdown_timeout: float
+                        ) -> dict[str, Any]:
+    """Time ``update_policy_weights_()`` of one scheme on a ``DistributedCollector``
+    (launcher="mp", ``workers`` nodes, sync, CPU, gloo)."""
+    from torchrl.collectors import Collector
+    from torchrl.collectors.distributed import DistributedCollector
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    actor = make_actor(params, kind)
+    scheme = _scheme(thing, timeout)
+    holder: dict[str, Any] = {}
+    expired = threading.Event()
+    before = set(multiprocessing.active_children())
+
+    def _spawned() -> list[Any]:
+        return [p for p in multiprocessing.active_children() if p not in before]
+
+    def _expire() -> None:  # every wait bounded: a stuck measurement loses its nodes
+        expired.set()
+        _kill_jobs(holder.get("collector"), _spawned())
+
+    # setup (spawning N nodes, pickling the policy) + rounds + 2 batches, generously
+    watchdog = threading.Timer(timeout + 30.0 * workers + 10.0 * (warmup + rounds + 2),
+                               _expire)
+    watchdog.daemon = True
+    watchdog.start()
+    start = time.monotonic()
+    collector = None
+    samples: list[float] = []
+    shutdown_s: float | None = None
+    shutdown_ok: bool | None = None
+    try:
+        collector = DistributedCollector(
+            [make_env] * workers, policy=actor,
+            policy_factory=functools.partial(make_actor, params, kind),
+            frames_per_batch=8 * workers, total_frames=10**12, collector_class=Collector,
+            launcher="mp", tcp_port=_free_port(), sync=True, backend="gloo",
+            weight_sync_schemes={"policy": scheme})
+        holder["collector"] = collector
+        setup_s = time.monotonic() - start
+        leaf = next(actor.parameters())
+        # a small random step per round (untimed): the weights change every round and, as
+        # the check reads logits, never saturate the first tanh (a steady += 1.0 does, and
+        # then a stale node's logits equal the learner's bit for bit)
+        steps = torch.Generator().manual_seed(0)
+
+        def _step() -> None:
+            with torch.no_grad():
+                leaf.add_(0.01 * torch.randn(leaf.shape, generator=steps))
+
+        for r in range(warmup + rounds):
+            _step()
+            t0 = time.perf_counter()
+            collector.update_policy_weights_()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                samples.append(dt)
+        batches = iter(collector)
+        acted, matched, close = _acted_with(next(batches), actor, threads)
+        _step()  # not sent: a node that acts with it reads the learner's tensors
+        aliased, _, _ = _acted_with(next(batches), actor, threads)
+    except Exception:
+        if expired.is_set():
+            raise TimeoutError("measurement exceeded its bound; nodes killed") from None
+        raise
+    finally:
+        watchdog.cancel()
+        if collector is not None:
+            t0 = time.monotonic()
+            stopper = threading.Thread(target=collector.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(shutdown_timeout)
+            shutdown_ok = not stopper.is_alive()
+            shutdown_s = time.monotonic() - t0
+        _kill_jobs(collector, _spawned())
+        scheme.shutdown()
+        if torch.distributed.is_initialized():  # a shutdown cut short leaves the group
+            torch.distributed.destroy_process_group()
+        torch.set_num_threads(threads)
+    ordered = sorted(samples)
+    return {
+        "median_s": statistics.median(samples),
+        "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "min_s": ordered[0], "mean_s": statistics.fmean(samples), "samples_s": samples,
+        "correct": None,
+        "correct_reason": "DistributedCollector.state_dict() raises NotImplementedError "
+                          "(torchrl 0.14.1): node weights cannot be read back; see "
+                          "acted_with_learner (last batch's logits bit for bit)",
+        "acted_with_learner": acted, "acted_with_learner_threads": matched,
+        "acted_close_batched": close, "aliased": bool(aliased),
+        "setup_s": setup_s, "shutdown_s": shutdown_s, "shutdown_in_bound": shutdown_ok,
+    }
+
+
 def _workers_hold(collector: Any, actor: nn.Module, workers: int, every: bool = True) -> bool:
     """Whether every (or any) worker's policy equals the learner's, bit for bit."""
     learner = actor.state_dict()
@@ -158,6 +332,9 @@ def _shape(params: int, kind: str) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
+    dist = args.collector == "distributed"
+    things = DIST_THINGS if dist else THINGS
+    baseline = things[2]
     configs = []
     index = 0
     for kind in args.kinds:
@@ -174,30 +351,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        "results": {}, "errors": {}}
                 for thing in order:
                     try:
-                        cfg["results"][thing] = measure(thing, size, kind, n, rounds, warmup,
-                                                        args.timeout)
+                        if dist:
+                            cfg["results"][thing] = measure_distributed(
+                                thing, size, kind, n, rounds, warmup, args.timeout,
+                                args.shutdown_timeout)
+                        else:
+                            cfg["results"][thing] = measure(thing, size, kind, n, rounds,
+                                                            warmup, args.timeout)
                     except Exception as exc:
                         cfg["errors"][thing] = "".join(
                             traceback.format_exception_only(type(exc), exc)).strip()
                         print(traceback.format_exc(), file=sys.stderr, flush=True)
                 res = cfg["results"]
-                base = res.get("torchrl/shared_mem")
+                base = res.get(baseline)
                 cfg["speedup_vs_torchrl"] = {
                     t: base["median_s"] / r["median_s"] for t, r in res.items()
-                    if base is not None and t != "torchrl/shared_mem"}
+                    if base is not None and t != baseline}
                 configs.append(cfg)
-                print(_line(cfg), flush=True)
-    flags = [r["correct"] for c in configs for r in c["results"].values()]
-    return {
-        "benchmark": "torchrl scheme: update_policy_weights_() in MultiSyncCollector",
+                print(_line(cfg, things), flush=True)
+    # DistributedCollector's nodes cannot be read back (correct is None): its check is
+    # that the last batch acted with the learner's weights
+    flags = [r["acted_with_learner"] if r["correct"] is None else r["correct"]
+             for c in configs for r in c["results"].values()]
+    report: dict[str, Any] = {
+        "benchmark": "torchrl scheme: update_policy_weights_() in "
+                     + ("DistributedCollector" if dist else "MultiSyncCollector"),
         "command": "python -m benchmarks.torchrl_scheme " + " ".join(args.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "method": __doc__.split("\n\n")[1].replace("\n", " "),
+        "method": __doc__.split("\n\n")[4 if dist else 1].replace("\n", " "),
         "configs": configs, "total_wall_s": time.monotonic() - t_start,
         "all_correct": all(flags),
         "errors": sum(len(c["errors"]) for c in configs),
     }
+    if dist:
+        report["collector"] = "distributed"
+        report["correct_note"] = ("correct is null: DistributedCollector.state_dict() raises "
+                                  "NotImplementedError; all_correct uses acted_with_learner "
+                                  "(the last batch's logits bit for bit)")
+    return report
 
 
 def _ms(res: dict[str, Any], thing: str) -> str:
@@ -205,10 +397,16 @@ def _ms(res: dict[str, Any], thing: str) -> str:
     return "-" if r is None else f"{r['median_s'] * 1e3:.2f}"
 
 
-def _line(cfg: dict[str, Any]) -> str:
+def _line(cfg: dict[str, Any], things: tuple[str, ...] = THINGS) -> str:
     res = cfg["results"]
-    parts = " | ".join(f"{t} {_ms(res, t)} ms" for t in THINGS)
+    parts = " | ".join(f"{t} {_ms(res, t)} ms" for t in things)
     aliased = [t for t, r in res.items() if r["aliased"]]
+    if things == DIST_THINGS:
+        shut = " ".join(f"{t}={r['shutdown_s']:.1f}s" for t, r in res.items())
+        return (f"{cfg['kind']:>4} {cfg['params']:>11,} params N={cfg['num_workers']}: "
+                f"{parts}  acted_with_learner="
+                f"{all(r['acted_with_learner'] for r in res.values())} aliased={aliased} "
+                f"shutdown: {shut}")
     return (f"{cfg['kind']:>4} {cfg['params']:>11,} params N={cfg['num_workers']}: {parts}  "
             f"correct={all(r['correct'] for r in res.values())} aliased={aliased}")
 
@@ -233,6 +431,28 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def table_distributed(report: dict[str, Any]) -> str:
+    """The README table for ``--collector distributed``: median ms of
+    update_policy_weights_(), torchrl / ours, the batch check and shutdown times."""
+    lines = ["| policy | params | N | weight-sync gloo | weight-sync shm "
+             "| torchrl Distributed | torchrl / best ours "
+             "| last batch acted with learner (bit for bit) | shutdown s (gloo / shm / torchrl) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cfg in report["configs"]:
+        res = cfg["results"]
+        ours = [res[t]["median_s"] for t in DIST_THINGS[:2] if t in res]
+        base = res.get(DIST_THINGS[2])
+        ratio = f"{base['median_s'] / min(ours):.1f}x" if base and ours else "-"
+        name = f"{cfg['kind']} ({cfg['leaves']} leaves)"
+        shut = " / ".join("-" if t not in res or res[t]["shutdown_s"] is None
+                          else f"{res[t]['shutdown_s']:.1f}" for t in DIST_THINGS)
+        acted = all(r["acted_with_learner"] for r in res.values()) if res else "-"
+        lines.append(f"| {name} | {cfg['params'] / 1e6:.1f}M | {cfg['num_workers']} | "
+                     f"{_ms(res, DIST_THINGS[0])} | {_ms(res, DIST_THINGS[1])} "
+                     f"| {_ms(res, DIST_THINGS[2])} | {ratio} | {acted} | {shut} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.torchrl_scheme",
                                      description=__doc__.split("\n\n")[0])
@@ -240,10 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=lambda s: int(float(s)), nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", choices=policies.KINDS, default=list(policies.KINDS))
     parser.add_argument("--workers", type=int, nargs="+", default=None)
-    parser.add_argument("--things", nargs="+", choices=THINGS, default=list(THINGS))
+    parser.add_argument("--collector", choices=("multisync", "distributed"),
+                        default="multisync",
+                        help="MultiSyncCollector, or DistributedCollector (launcher='mp')")
+    parser.add_argument("--things", nargs="+", choices=sorted(set(THINGS + DIST_THINGS)),
+                        default=None,
+                        help=f"default: {' '.join(THINGS)}; with --collector distributed: "
+                             f"{' '.join(DIST_THINGS)}")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="bound on every wait of our scheme, seconds")
+    parser.add_argument("--shutdown-timeout", type=float, default=60.0,
+                        help="bound on DistributedCollector.shutdown(), seconds")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser
 
@@ -254,13 +482,21 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     args.sizes = args.sizes or ([100_000] if args.quick else list(SIZES))
     args.workers = args.workers or ([2] if args.quick else list(WORKERS))
+    dist = args.collector == "distributed"
+    allowed = DIST_THINGS if dist else THINGS
+    args.things = args.things or list(allowed)
+    wrong = [t for t in args.things if t not in allowed]
+    if wrong:
+        build_parser().error(f"--things {' '.join(wrong)} not measured with "
+                             f"--collector {args.collector}")
     report = run(args)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = "torchrl_scheme_distributed" if dist else "torchrl_scheme"
     out = args.json_out or (QUICK_DIR if args.quick else BENCH_DIR / "results") / \
-        f"torchrl_scheme-{stamp}.json"
+        f"{name}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(table(report))
+    print(table_distributed(report) if dist else table(report))
     print(f"wrote {out} (total {report['total_wall_s']:.0f}s, "
           f"all_correct={report['all_correct']}, errors={report['errors']})", flush=True)
     return 0 if report["all_correct"] and not report["errors"] else 1
