@@ -53,6 +53,10 @@ __all__ = ["WeightReceiver"]
 
 log = logging.getLogger(__name__)
 
+# close() waits this long for the background threads, before and after it closes the
+# transport end.
+_CLOSE_JOIN_S = 1.0
+
 
 
 class WeightReceiver:
@@ -321,12 +325,19 @@ class WeightReceiver:
         self._applied.set()
         if self._link is not None:
             self._link.stop()  # wakes the listener's wait for the next message
-        for thread in self._threads:
-            # After the learner's death the listener may sit in a cut-short transfer
-            # until the transport's timeout; it is a daemon thread, so do not wait long.
-            thread.join(1.0 if self._error is not None else self.config.timeout)
-            if thread.is_alive():
-                log.warning("%s: %s still busy after close", self._who(), thread.name)
+        # A listener inside a transfer (one the learner cut short, or will never finish
+        # now that this collector left) is woken by closing the transport end; daemon
+        # threads, so the waits stay short.
+        self._join_threads(_CLOSE_JOIN_S)
         self._views.clear()
         if self._link is not None:
             self._link.close()
+        self._join_threads(_CLOSE_JOIN_S)
+        for thread in self._threads:
+            if thread.is_alive():
+                log.warning("%s: %s still busy after close", self._who(), thread.name)
+
+    def _join_threads(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0))
