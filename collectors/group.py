@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,19 @@ from collectors.worker import WorkerSpec
 from weight_sync import CollectorFailed, SenderConfig, SyncStats, WeightSender, WeightSyncTimeout
 from weight_sync.metrics import AckResult
 
-__all__ = ["BatchRecord", "CollectorGroup", "RestartRecord"]
+__all__ = ["BatchRecord", "CollectorGroup", "RestartRecord", "summarize"]
+
+
+def summarize(stats: SyncStats, batches: Iterable[BatchRecord]) -> dict[str, float]:
+    """A run's summary: the sync figures plus batches, frames and staleness."""
+    out = dict(stats.summary())
+    records = list(batches)
+    out["batches"] = float(len(records))
+    out["frames"] = float(sum(r.frames for r in records))
+    stale = [r.staleness for r in records]
+    out["staleness_mean"] = sum(stale) / len(stale) if stale else float("nan")
+    out["staleness_max"] = float(max(stale)) if stale else float("nan")
+    return out
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +234,7 @@ class CollectorGroup:
 
     def summary(self) -> dict[str, float]:
         """Sync figures (``sender.stats.summary()``) plus batches, frames and staleness."""
-        out = dict(self.stats.summary())
-        records = list(self.batch_records)
-        out["batches"] = float(len(records))
-        out["frames"] = float(sum(r.frames for r in records))
-        stale = [r.staleness for r in records]
-        out["staleness_mean"] = sum(stale) / len(stale) if stale else float("nan")
-        out["staleness_max"] = float(max(stale)) if stale else float("nan")
-        return out
+        return summarize(self.stats, self.batch_records)
 
     # -- batches -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[TensorDictBase]:

@@ -27,7 +27,7 @@ from typing import Any
 from tensordict import TensorDictBase
 from torchrl.collectors import MultiSyncCollector
 
-from collectors.group import BatchRecord
+from collectors.group import BatchRecord, summarize
 from weight_sync import SyncStats
 from weight_sync.torchrl import WeightSyncTorchRLScheme
 
@@ -116,11 +116,4 @@ class TorchRLGroup:
 
     def summary(self) -> dict[str, float]:
         """As :meth:`CollectorGroup.summary`: sync figures, batches, frames, staleness."""
-        out = dict(self.stats.summary())
-        records = list(self.batch_records)
-        out["batches"] = float(len(records))
-        out["frames"] = float(sum(r.frames for r in records))
-        stale = [r.staleness for r in records]
-        out["staleness_mean"] = sum(stale) / len(stale) if stale else float("nan")
-        out["staleness_max"] = float(max(stale)) if stale else float("nan")
-        return out
+        return summarize(self.stats, self.batch_records)
