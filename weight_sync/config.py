@@ -15,8 +15,8 @@ import torch
 
 from weight_sync.errors import ConfigError
 
-__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "BACKENDS", "WIRE_DTYPES",
-           "wire_dtype"]
+__all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "RelayConfig", "BACKENDS",
+           "WIRE_DTYPES", "wire_dtype"]
 
 
 def wire_dtype(name: str) -> torch.dtype | None:
@@ -43,6 +43,36 @@ def _name(owner: str, value: str) -> None:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """How ``transport="relay"`` arranges and paces its collectors
+    (:mod:`weight_sync.transports.relay_plan` explains the topology)."""
+
+    fanout: int = 1
+    """Children of the learner and of each host's head: 1 is a chain (one copy per link
+    and version whatever the number of hosts), more is a tree (less depth, ``fanout``
+    copies on each head's link)."""
+    chunk_bytes: int = 4 << 20
+    """Largest piece a node forwards at once (it forwards whatever has arrived, up to
+    this)."""
+    stall_s: float = 2.0
+    """A collector whose parent sends nothing for this long takes the rest of the
+    version from the learner, and the parent is marked slow (a leaf from then on)."""
+    patience_s: float = 10.0
+    """A collector whose parent is still sending after this long does the same: a slow
+    relay delays the hosts below it by at most this much, once."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fanout, int) or isinstance(self.fanout, bool) or self.fanout < 1:
+            raise ConfigError(f"RelayConfig.fanout must be an int >= 1, got {self.fanout!r}")
+        if (not isinstance(self.chunk_bytes, int) or isinstance(self.chunk_bytes, bool)
+                or self.chunk_bytes < 4096):
+            raise ConfigError(f"RelayConfig.chunk_bytes must be an int >= 4096, "
+                              f"got {self.chunk_bytes!r}")
+        _positive("RelayConfig", "stall_s", self.stall_s)
+        _positive("RelayConfig", "patience_s", self.patience_s)
+
+
+@dataclass(frozen=True)
 class SenderConfig:
     """How the learner's :class:`~weight_sync.WeightSender` listens and waits."""
 
@@ -63,7 +93,9 @@ class SenderConfig:
     """The registered transport to propose (:mod:`weight_sync.transports.registry`):
     ``"distributed"`` (gloo/nccl sends) or ``"shm"`` (collectors that share this host's
     ``/dev/shm`` copy each message from shared memory, the others fall back to sends;
-    gloo only), or one of your own. Checked against the registry by the sender."""
+    gloo only), ``"relay"`` (the learner sends each version once; collectors forward it
+    host to host while it arrives, see :class:`RelayConfig`; gloo only), or one of your
+    own. Checked against the registry by the sender."""
     wire_dtype: str = ""
     """``"bfloat16"`` or ``"float16"``: float32 leaves travel in that dtype (half the
     bytes) and are widened on arrival; other leaves travel untouched. Rounding is to
@@ -72,6 +104,8 @@ class SenderConfig:
     float32's range; float16's normal range is 6.1e-5 to 65504: larger values become
     inf, smaller ones lose relative precision).
     Collectors then copy each message into their policy (no zero-copy). ``""``: off."""
+    relay: RelayConfig = dataclasses.field(default_factory=RelayConfig)
+    """Settings of ``transport="relay"``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -90,6 +124,8 @@ class SenderConfig:
         if self.wire_dtype != "" and self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"SenderConfig.wire_dtype must be '' or one of "
                               f"{sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if not isinstance(self.relay, RelayConfig):
+            raise ConfigError(f"SenderConfig.relay must be a RelayConfig, got {self.relay!r}")
 
 
 @dataclass(frozen=True)

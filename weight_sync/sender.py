@@ -42,7 +42,7 @@ from weight_sync.protocol import Hello
 from weight_sync.sender_link import SenderLink
 from weight_sync.snapshots import Snapshot, SnapshotPool
 from weight_sync.store import WILDCARDS, StoreServer
-from weight_sync.transports.base import LinkSpec, Offer
+from weight_sync.transports.base import LearnerSide, LinkSpec, Offer
 from weight_sync.transports.registry import TransportSpec, fallback_chain
 
 __all__ = ["WeightSender"]
@@ -98,11 +98,14 @@ class WeightSender:
         """The layout of each message (``layout`` unless ``wire_dtype`` narrows it)."""
         self._server = StoreServer(self.config.host, self.config.port, self.config.timeout)
         self._offers: dict[str, Offer] = {}
+        self._sides: dict[str, LearnerSide] = {}
         try:
             self._control = self._new_control()
             for spec in chain:
                 if spec.offer is not None and self.config.backend in spec.backends:
                     self._offers[spec.name] = spec.offer()
+                if spec.learner is not None:
+                    self._sides[spec.name] = spec.learner(self.config)
             self._control.publish_stream(
                 self.layout.to_json(), self.connection_info.to_json(),
                 {name: offer.params for name, offer in self._offers.items()})
@@ -168,6 +171,19 @@ class WeightSender:
         """The transport each live collector's link uses, by collector id."""
         return {cid: link.transport for cid, link in self.links.items()}
 
+    def learner_side(self, transport: str) -> LearnerSide:
+        """The learner-wide state of ``transport`` (e.g. the relay's
+        :class:`~weight_sync.transports.relay_sender.RelayHub`: its topology).
+
+        Raises:
+            ConfigError: this sender has none for that transport.
+        """
+        try:
+            return self._sides[transport]
+        except KeyError:
+            raise ConfigError(f"no learner side for transport {transport!r}; this sender "
+                              f"has {sorted(self._sides)}") from None
+
     def __enter__(self) -> WeightSender:
         return self
 
@@ -205,7 +221,13 @@ class WeightSender:
         link_spec = LinkSpec(cid, inc, self.wire_layout, backend=self.config.backend,
                              timeout=self.config.timeout,
                              bind_host=None if host in WILDCARDS else host)
-        return SenderLink(link_spec, spec.sender(link_spec), spec.name, self._control,
+        side = self._sides.get(spec.name)
+        if side is not None:
+            end = side.end(link_spec)
+        else:
+            assert spec.sender is not None  # TransportSpec checks it has one or the other
+            end = spec.sender(link_spec)
+        return SenderLink(link_spec, end, spec.name, self._control,
                           liveness_timeout=self.config.liveness_timeout,
                           peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends)
 
@@ -381,9 +403,11 @@ class WeightSender:
                                       time.perf_counter() - started))
 
     def _release_offers(self) -> None:
-        for offer in self._offers.values():
-            offer.close()
+        held: list[Offer | LearnerSide] = [*self._offers.values(), *self._sides.values()]
+        for thing in held:
+            thing.close()
         self._offers.clear()
+        self._sides.clear()
 
     def close(self) -> None:
         """Tell the collectors the stream ended, release links, memory and the offers,

@@ -42,7 +42,8 @@ from weight_sync.control import LinkChannel
 from weight_sync.layout import BufferLayout
 from weight_sync.snapshots import Snapshot
 
-__all__ = ["LinkSpec", "Sending", "SenderTransport", "ReceiverTransport", "Offer"]
+__all__ = ["LinkSpec", "Sending", "SenderTransport", "ReceiverTransport", "Offer",
+           "LearnerSide"]
 
 
 @dataclass(frozen=True)
@@ -159,4 +160,19 @@ class Offer(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class LearnerSide(Protocol):
+    """Learner-wide state of a transport whose ends cooperate (the relay's topology and
+    server): one per :class:`~weight_sync.WeightSender`, which builds every link's
+    learner end through it."""
+
+    def end(self, spec: LinkSpec) -> SenderTransport:
+        """The learner's end of one collector's link."""
+        ...
+
+    def close(self) -> None:
+        """Release what it holds (after every end closed); idempotent."""
         ...

@@ -19,10 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from weight_sync.config import SenderConfig
 from weight_sync.errors import ConfigError
-from weight_sync.transports.base import LinkSpec, Offer, ReceiverTransport, SenderTransport
+from weight_sync.transports.base import (
+    LearnerSide,
+    LinkSpec,
+    Offer,
+    ReceiverTransport,
+    SenderTransport,
+)
 from weight_sync.transports.distributed_receiver import DistributedReceiver
 from weight_sync.transports.distributed_sender import DistributedSender
+from weight_sync.transports.relay_receiver import RelayReceiver
+from weight_sync.transports.relay_sender import RelayHub
 from weight_sync.transports.shm_receiver import ShmReceiver, probe_shm
 from weight_sync.transports.shm_sender import ShmOffer, ShmSender
 
@@ -38,6 +47,8 @@ class TransportSpec:
         name: what ``WeightSender(transport=...)`` and the verdicts call it.
         sender: builds the learner's end of one link.
         receiver: builds a collector's end.
+        learner: instead of ``sender``, for ends that cooperate: builds the learner-wide
+            :class:`LearnerSide` (one per sender, from its config) that builds them.
         backends: the torch.distributed backends (where buffers live) it supports.
         fallback: the transport used for a collector that cannot use this one
             (``None``: such a collector is refused).
@@ -51,7 +62,7 @@ class TransportSpec:
     """
 
     name: str
-    sender: Callable[[LinkSpec], SenderTransport]
+    sender: Callable[[LinkSpec], SenderTransport] | None
     receiver: Callable[[LinkSpec], ReceiverTransport]
     backends: tuple[str, ...] = ("gloo", "nccl")
     fallback: str | None = None
@@ -59,6 +70,7 @@ class TransportSpec:
     lends: bool = False
     offer: Callable[[], Offer] | None = None
     probe: Callable[[Mapping[str, str]], dict[str, str]] | None = None
+    learner: Callable[[SenderConfig], LearnerSide] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or " " in self.name:
@@ -66,6 +78,8 @@ class TransportSpec:
                               f"spaces, got {self.name!r}")
         if self.fallback == self.name:
             raise ConfigError(f"transport {self.name!r} cannot fall back to itself")
+        if (self.sender is None) == (self.learner is None):
+            raise ConfigError(f"transport {self.name!r}: give either sender or learner")
         if (self.offer is None) != (self.probe is None):
             raise ConfigError(f"transport {self.name!r}: give both offer and probe, or "
                               f"neither")
@@ -119,3 +133,5 @@ register_transport(TransportSpec("shm", sender=ShmSender, receiver=ShmReceiver,
                                  backends=("gloo",), fallback="distributed",
                                  shared_snapshots=True, lends=True, offer=ShmOffer,
                                  probe=probe_shm))
+register_transport(TransportSpec("relay", sender=None, receiver=RelayReceiver,
+                                 backends=("gloo",), learner=RelayHub))

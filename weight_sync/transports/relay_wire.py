@@ -1,0 +1,319 @@
+"""The relay transport's wire: slots that fill while a message arrives, and the server
+that streams them on to a node's children.
+
+Every node of a relay (the learner, and each collector) keeps the messages it holds in
+:class:`Slot` s: a flat ``uint8`` buffer and a count of the bytes of it that have
+arrived. A child asks its parent's :class:`RelayServer` for one version from an offset
+(:class:`Request`); the server streams that version's slot from there, following the
+count as it grows, so each piece is forwarded as soon as it lands: the hops of a chain
+overlap, and a chain of N hosts takes about one transfer plus N small delays.
+
+One TCP connection per request: a child that re-attaches (to another parent, or to the
+learner) asks again from the offset it reached, and nothing lingers between versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Slot", "Slots", "Request", "RelayServer", "UNAVAILABLE", "recv_exact",
+           "send_size", "recv_size"]
+
+log = logging.getLogger(__name__)
+
+#: The answer's size field when the server does not hold the version asked for.
+UNAVAILABLE = -1
+_MAGIC = 0x57535231  # "WSR1"
+_SIZE = struct.Struct("!q")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a child asks of a parent: ``version`` from byte ``offset``.
+
+    ``told_parent`` is the parent the learner assigned to the child (``-1``: the
+    learner): a request that reaches the learner from a child assigned another parent
+    is a fallback, and tells the learner that parent let the child down.
+    """
+
+    _WIRE = struct.Struct("!Iiiqq")
+
+    collector_id: int
+    told_parent: int
+    version: int
+    offset: int
+
+    def encode(self) -> bytes:
+        return self._WIRE.pack(_MAGIC, self.collector_id, self.told_parent, self.version,
+                               self.offset)
+
+    @classmethod
+    def read(cls, sock: socket.socket) -> Request | None:
+        """The request on ``sock``; ``None`` if it is not one (closed, or foreign)."""
+        raw = recv_exact(sock, cls._WIRE.size)
+        if raw is None:
+            return None
+        magic, cid, told, version, offset = cls._WIRE.unpack(raw)
+        return None if magic != _MAGIC or offset < 0 else cls(cid, told, version, offset)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes from ``sock``, or ``None`` if it closes first."""
+    data = bytearray()
+    while len(data) < n:
+        piece = sock.recv(n - len(data))
+        if not piece:
+            return None
+        data += piece
+    return bytes(data)
+
+
+def send_size(sock: socket.socket, size: int) -> None:
+    sock.sendall(_SIZE.pack(size))
+
+
+def recv_size(sock: socket.socket) -> int | None:
+    raw = recv_exact(sock, _SIZE.size)
+    return None if raw is None else int(_SIZE.unpack(raw)[0])
+
+
+class Slot:
+    """One message a node holds (or is receiving): ``filled`` bytes of ``buffer`` are
+    valid. Changed only through :class:`Slots`, under its lock."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.view = buffer.numpy().data
+        self.version = -1
+        self.filled = 0
+        self.filling = False
+        self.readers = 0  # server threads streaming it
+        self.pins = 0  # learner: links whose message it is
+        self.on_free: Callable[[], None] | None = None  # learner: give the snapshot back
+
+
+class Slots:
+    """A node's slots, and the condition its server threads wait on.
+
+    A collector :meth:`claim` s a slot for each message it receives (reusing one nobody
+    reads that is not among the ``keep`` newest); the learner :meth:`pin` s its
+    snapshots. Either way a slot is never rewritten while a server thread streams it.
+    """
+
+    def __init__(self, nbytes: int, keep: int = 2) -> None:
+        self.nbytes = nbytes
+        self._keep = keep
+        self._cond = threading.Condition()
+        self._slots: list[Slot] = []
+
+    @property
+    def allocated(self) -> int:
+        return len(self._slots)
+
+    # -- a collector's own messages ------------------------------------------------------
+    def claim(self, version: int) -> Slot:
+        """A slot to receive ``version`` into (its server may stream it at once)."""
+        with self._cond:
+            done = sorted((s for s in self._slots if not s.filling and s.version >= 0),
+                          key=lambda s: s.version)
+            kept = {id(s) for s in done[-self._keep:]}
+            free = [s for s in self._slots if s.readers == 0 and not s.filling
+                    and id(s) not in kept]
+            if free:
+                slot = min(free, key=lambda s: s.version)
+            else:
+                slot = Slot(torch.empty(self.nbytes, dtype=torch.uint8))
+                self._slots.append(slot)
+            slot.version, slot.filled, slot.filling = version, 0, True
+            self._cond.notify_all()
+            return slot
+
+    def advance(self, slot: Slot, n: int) -> None:
+        """``n`` more bytes of ``slot`` arrived."""
+        with self._cond:
+            slot.filled += n
+            self._cond.notify_all()
+
+    def end(self, slot: Slot, ok: bool) -> None:
+        """The receive into ``slot`` ended; a failed one is forgotten (its readers see
+        the end and drop their children, who then fall back)."""
+        with self._cond:
+            slot.filling = False
+            if not ok:
+                slot.version = -1
+            self._cond.notify_all()
+
+    # -- the learner's snapshots ---------------------------------------------------------
+    def pin(self, version: int, buffer: torch.Tensor, on_free: Callable[[], None]) -> bool:
+        """Hold the complete message ``version`` (in ``buffer``) for a link; False if
+        it was held already (``on_free`` is then not kept: call it yourself)."""
+        with self._cond:
+            for slot in self._slots:
+                if slot.version == version:
+                    slot.pins += 1
+                    return False
+            slot = Slot(buffer)
+            slot.version, slot.filled, slot.pins, slot.on_free = (version, self.nbytes, 1,
+                                                                  on_free)
+            self._slots.append(slot)
+            self._cond.notify_all()
+            return True
+
+    def unpin(self, version: int) -> None:
+        """One link no longer needs ``version``; the last one frees it once no server
+        thread streams it."""
+        with self._cond:
+            slot = next((s for s in self._slots if s.version == version), None)
+            if slot is not None:
+                slot.pins -= 1
+                self._free_if_unused(slot)
+
+    def _free_if_unused(self, slot: Slot) -> None:
+        if slot.on_free is not None and slot.pins <= 0 and slot.readers == 0:
+            self._slots.remove(slot)
+            slot.version = -1
+            slot.on_free()
+
+    def clear(self) -> None:
+        """Free every pinned slot (the learner's side is closing)."""
+        with self._cond:
+            for slot in list(self._slots):
+                if slot.on_free is not None:
+                    self._slots.remove(slot)
+                    slot.on_free()
+            self._cond.notify_all()
+
+    # -- the server's side ---------------------------------------------------------------
+    def find(self, version: int, timeout: float) -> Slot | None:
+        """The slot of ``version``, waiting up to ``timeout`` for it to appear (the
+        node's own receive may start a moment after its child asks); counted as read
+        until :meth:`done_reading`."""
+        with self._cond:
+            slot = self._wait(lambda: self._lookup(version), timeout)
+            if slot is not None:
+                slot.readers += 1
+            return slot
+
+    def _lookup(self, version: int) -> Slot | None:
+        return next((s for s in self._slots if s.version == version), None)
+
+    def _wait(self, found: Callable[[], Slot | None], timeout: float) -> Slot | None:
+        slot = found()
+        if slot is None and self._cond.wait_for(lambda: found() is not None, timeout):
+            slot = found()
+        return slot
+
+    def follow(self, slot: Slot, have: int, version: int, timeout: float) -> int:
+        """Bytes of ``slot`` valid now, once more than ``have`` are (or ``timeout``
+        passed, or the slot stopped holding ``version``: then ``have`` or less)."""
+        with self._cond:
+            self._cond.wait_for(lambda: slot.version != version or slot.filled > have
+                                or not slot.filling, timeout)
+            return slot.filled if slot.version == version else -1
+
+    def done_reading(self, slot: Slot) -> None:
+        with self._cond:
+            slot.readers -= 1
+            self._free_if_unused(slot)
+            self._cond.notify_all()
+
+
+class RelayServer:
+    """Streams a node's slots to the children that ask (one thread per request).
+
+    Args:
+        slots: what the node holds.
+        host: address to listen on (port chosen by the system).
+        stall_s: a child that takes nothing for this long, or a version that does not
+            appear or grow for this long, ends that request (the child falls back).
+        chunk_bytes: largest piece sent at once.
+        on_request: called with each request before it is served (the learner uses it
+            to notice fallbacks).
+    """
+
+    def __init__(self, slots: Slots, host: str, *, stall_s: float, chunk_bytes: int,
+                 on_request: Callable[[Request], None] | None = None) -> None:
+        self._slots = slots
+        self._stall_s = stall_s
+        self._chunk = chunk_bytes
+        self._on_request = on_request
+        self._listener = socket.create_server((host, 0), backlog=128)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True,
+                         name=f"weight-sync-relay-{self.address[1]}").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                             name="weight-sync-relay-serve").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(self._stall_s)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            request = Request.read(conn)
+            if request is None:
+                return
+            if self._on_request is not None:
+                self._on_request(request)
+            slot = self._slots.find(request.version, self._stall_s)
+            if slot is None:
+                send_size(conn, UNAVAILABLE)
+                return
+            try:
+                self._stream(conn, slot, request)
+            finally:
+                self._slots.done_reading(slot)
+        except OSError as exc:  # the child went away or stopped reading: it falls back
+            log.debug("relay request ended: %s", exc)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _stream(self, conn: socket.socket, slot: Slot, request: Request) -> None:
+        send_size(conn, self._slots.nbytes)
+        sent = request.offset
+        while sent < self._slots.nbytes:
+            filled = self._slots.follow(slot, sent, request.version, self._stall_s)
+            if filled <= sent:
+                log.info("relay: version %d stopped growing at byte %d; dropping collector "
+                         "%d's request", request.version, sent, request.collector_id)
+                return
+            end = min(filled, sent + self._chunk)
+            conn.sendall(slot.view[sent:end])
+            sent = end
+
+    def close(self) -> None:
+        """Stop listening and end the requests in progress; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns, self._conns = list(self._conns), set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self._listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
