@@ -1,6 +1,6 @@
 """weight-sync: keep many RL collectors current with a learner's policy weights."""
 
-from weight_sync.config import ConnectionInfo, ReceiverConfig, SenderConfig
+from weight_sync.config import ConnectionInfo, ReceiverConfig, RelayConfig, SenderConfig
 from weight_sync.data_parallel import DataParallelSender
 from weight_sync.discovery import (
     collector_id_from_env,
@@ -29,7 +29,7 @@ from weight_sync.sender import WeightSender
 
 __all__ = [
     "WeightSender", "WeightReceiver", "DataParallelSender", "ConnectionInfo", "SenderConfig",
-    "ReceiverConfig", "ReceiverHooks",
+    "ReceiverConfig", "ReceiverHooks", "RelayConfig",
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",

@@ -1,0 +1,144 @@
+"""The processes of the relay tests on the simulated hosts: ``python relay_nodes.py
+learner|collector <json args>``.
+
+Weights are a pure function of the version (:func:`weights_at`), so a collector checks
+every version it applied bit-exact on its own. Each process prints JSON lines: the
+learner first its connection info, then one line per event the test may wait on, then
+its report; a collector its report (or, with a ``freeze_at`` fault, ``"half"`` once it
+is halfway through that version, after which it blocks reading stdin: the test then
+kills it, or cuts its host off and lets it go on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+import torch
+
+torch.set_num_threads(1)
+
+import weight_sync  # noqa: E402
+from weight_sync import RelayConfig, WeightReceiver, WeightSender, WeightSyncError  # noqa: E402
+from weight_sync.errors import CollectorFailed  # noqa: E402
+from weight_sync.transports import relay_wire  # noqa: E402
+
+
+def weights_at(version: int, numel: int) -> dict[str, torch.Tensor]:
+    i = torch.arange(numel, dtype=torch.int64)
+    return {"w": ((i * 7 + version * 13) % 1009).to(torch.float32),
+            "n": torch.tensor(version, dtype=torch.int64)}
+
+
+def set_version(weights: dict[str, torch.Tensor], version: int) -> None:
+    for name, value in weights_at(version, weights["w"].numel()).items():
+        weights[name].copy_(value)
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(weights[name].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def learner(args: dict[str, Any]) -> None:
+    """Connect ``n`` collectors over ``transport``, publish versions 1..``last``; on a
+    failure print it and (with ``rejoin``) wait for that collector to come back."""
+    weights = weights_at(0, args["numel"])
+    relay = RelayConfig(**args.get("relay", {}))
+    with WeightSender(weights, args["n"], host=args["address"], transport=args["transport"],
+                      timeout=30, liveness_timeout=args.get("liveness", 10.0),
+                      relay=relay) as tx:
+        emit(info=tx.connection_info.to_json())
+        tx.connect(timeout=90)
+        side = tx.learner_side("relay") if args["transport"] == "relay" else None
+        rounds: list[dict[str, Any]] = []
+        for version in range(1, args["last"] + 1):
+            set_version(weights, version)
+            start = time.perf_counter()
+            tx.send_weights_async()
+            failed: list[int] = []
+            try:
+                tx.wait_ack(timeout=60)
+            except CollectorFailed as exc:
+                failed = sorted(exc.result.failed)
+                emit(event="failed", version=version, ids=failed)
+            rounds.append({"version": version, "s": time.perf_counter() - start,
+                           "acked": sorted(tx.links), "failed": failed,
+                           "parents": None if side is None else side.parents(),
+                           "slow": None if side is None else side.slow()})
+            if failed and args.get("rejoin"):
+                tx.wait_for(failed, timeout=90)
+                emit(event="rejoined", version=version, ids=failed)
+        emit(report=True, rounds=rounds, transports=tx.transports,
+             fallbacks=None if side is None else side.fallbacks)
+
+
+def _freeze_halfway(version: int) -> None:
+    """Make this collector stop halfway through ``version``: print ``half``, then wait
+    for a line on stdin (the test's move) before going on."""
+    advance = relay_wire.Slots.advance
+    fired = False
+
+    def advance_then_freeze(self: relay_wire.Slots, slot: relay_wire.Slot, n: int) -> None:
+        nonlocal fired
+        advance(self, slot, n)
+        if not fired and slot.version == version and slot.filled * 2 >= self.nbytes:
+            fired = True
+            print("half", flush=True)
+            sys.stdin.readline()
+
+    relay_wire.Slots.advance = advance_then_freeze  # type: ignore[method-assign]
+
+
+def _slow_down(bytes_per_s: float) -> None:
+    """Make this collector a slow relay: it takes in at most ``bytes_per_s``."""
+    advance = relay_wire.Slots.advance
+
+    def advance_slowly(self: relay_wire.Slots, slot: relay_wire.Slot, n: int) -> None:
+        time.sleep(n / bytes_per_s)  # the fault being simulated, not a synchronisation
+        advance(self, slot, n)
+
+    relay_wire.Slots.advance = advance_slowly  # type: ignore[method-assign]
+
+
+def collector(args: dict[str, Any]) -> None:
+    """Receive until version ``last`` (or the stream ends, or an error), checking each
+    applied version; report them and the error that ended it, if any."""
+    if args.get("freeze_at") is not None:
+        _freeze_halfway(args["freeze_at"])
+    if args.get("slow_bps"):
+        _slow_down(args["slow_bps"])
+    info = weight_sync.ConnectionInfo.from_json(args["info"])
+    weights = weights_at(-1, args["numel"])
+    exact: dict[int, bool] = {}
+    error = None
+    start = time.monotonic()
+    try:
+        with WeightReceiver(weights, info, args["cid"], timeout=30) as rx:
+            version = rx.connect(timeout=90)
+            exact[version] = fingerprint(weights) == fingerprint(weights_at(version, args["numel"]))
+            deadline = time.monotonic() + 120
+            while version < args["last"] and time.monotonic() < deadline:
+                got = rx.receive_weights(timeout=5)
+                if got is not None:
+                    version = got
+                    exact[version] = (fingerprint(weights)
+                                      == fingerprint(weights_at(version, args["numel"])))
+    except WeightSyncError as exc:
+        error = type(exc).__name__
+    emit(cid=args["cid"], host=socket.gethostname(), exact=exact, error=error,
+         s=time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    {"learner": learner, "collector": collector}[sys.argv[1]](json.loads(sys.argv[2]))
