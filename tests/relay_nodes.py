@@ -121,23 +121,28 @@ def collector(args: dict[str, Any]) -> None:
     info = weight_sync.ConnectionInfo.from_json(args["info"])
     weights = weights_at(-1, args["numel"])
     exact: dict[int, bool] = {}
-    error = None
     start = time.monotonic()
-    try:
-        with WeightReceiver(weights, info, args["cid"], timeout=30) as rx:
+
+    def check(version: int) -> None:
+        exact[version] = fingerprint(weights) == fingerprint(weights_at(version, args["numel"]))
+
+    # The report goes out before the receiver closes: a collector cut off from the
+    # learner reports its error at once, however long its close then takes.
+    with WeightReceiver(weights, info, args["cid"], timeout=30) as rx:
+        error = None
+        try:
             version = rx.connect(timeout=90)
-            exact[version] = fingerprint(weights) == fingerprint(weights_at(version, args["numel"]))
+            check(version)
             deadline = time.monotonic() + 120
             while version < args["last"] and time.monotonic() < deadline:
                 got = rx.receive_weights(timeout=5)
                 if got is not None:
                     version = got
-                    exact[version] = (fingerprint(weights)
-                                      == fingerprint(weights_at(version, args["numel"])))
-    except WeightSyncError as exc:
-        error = type(exc).__name__
-    emit(cid=args["cid"], host=socket.gethostname(), exact=exact, error=error,
-         s=time.monotonic() - start)
+                    check(version)
+        except WeightSyncError as exc:
+            error = type(exc).__name__
+        emit(cid=args["cid"], host=socket.gethostname(), exact=exact, error=error,
+             s=time.monotonic() - start)
 
 
 if __name__ == "__main__":

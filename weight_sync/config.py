@@ -58,8 +58,9 @@ class RelayConfig:
     """A collector whose parent sends nothing for this long takes the rest of the
     version from the learner, and the parent is marked slow (a leaf from then on)."""
     patience_s: float = 10.0
-    """A collector whose parent is still sending after this long does the same: a slow
-    relay delays the hosts below it by at most this much, once."""
+    """A collector that has waited this long in all for the bytes of a parent that is
+    still sending does the same (time spent waiting on the parent, not on its own
+    work): a slow relay delays the hosts below it by at most this much, once."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.fanout, int) or isinstance(self.fanout, bool) or self.fanout < 1:

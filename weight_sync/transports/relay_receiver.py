@@ -95,7 +95,10 @@ class RelayReceiver:
         """Fill ``slot`` (and ``buffer``) from ``source``, from where it stands."""
         assert self._hub is not None
         hub, nbytes = self._hub, self._slots.nbytes
-        patience = None if source.parent == LEARNER else time.monotonic() + hub.patience_s
+        # Patience counts only the time spent waiting on the parent's bytes, not this
+        # collector's own (a slow child must not blame its parent).
+        patience = None if source.parent == LEARNER else hub.patience_s
+        waited = 0.0
         out = buffer.numpy().data
         try:
             remaining = deadline - time.monotonic()
@@ -116,12 +119,13 @@ class RelayReceiver:
                     if now > deadline:
                         raise _SourceFailed(f"version {source.version} not complete within "
                                             f"the transfer timeout")
-                    if patience is not None and now > patience:
+                    if patience is not None and waited > patience:
                         raise _SourceFailed(f"still sending after {hub.patience_s}s "
                                             f"({slot.filled} of {nbytes} bytes)")
                     start = slot.filled
                     n = sock.recv_into(slot.view[start:min(nbytes,
                                                            start + hub.chunk_bytes)])
+                    waited += time.monotonic() - now
                     if n == 0:
                         raise _SourceFailed(f"closed after {start} of {nbytes} bytes")
                     out[start:start + n] = slot.view[start:start + n]

@@ -301,8 +301,8 @@ class RelayServer:
                          "%d's request", request.version, sent, request.collector_id)
                 return
             end = min(filled, sent + self._chunk)
-            conn.sendall(slot.view[sent:end])
-            sent = end
+            while sent < end:  # not sendall: its timeout bounds the whole piece
+                sent += conn.send(slot.view[sent:end])
 
     def close(self) -> None:
         """Stop listening and end the requests in progress; idempotent."""
