@@ -218,9 +218,10 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                     except (TimeoutError, RuntimeError, OSError) as exc:
                         row["results"][series] = {"error": str(exc)}
                     res = row["results"][series]
+                    why = f" {res['error']}" if "error" in res else ""
                     log(f"hosts={hosts} {kind} {series}: "
                         f"{res.get('median_s', float('nan')) * 1e3:.1f} ms"
-                        f" ({time.monotonic() - t0:.0f}s){' ' + res['error'] if 'error' in res else ''}")
+                        f" ({time.monotonic() - t0:.0f}s){why}")
                 report["rows"].append(row)
     return report
 
@@ -241,7 +242,7 @@ def table(report: dict[str, Any], policy: str = "large") -> str:
 
     for r in rows:
         relay = r["results"].get("relay", {}).get("median_s")
-        ratio = f"{relay / one:.2f}×" if relay and one else "—"
+        ratio = f"{relay / one:.2f}x" if relay and one else "—"
         lines.append(f"| {r['hosts']} | {ms(r, 'relay')} | {ms(r, 'direct')} | "
                      f"{ms(r, 'torchrl')} | {ms(r, 'tcp_chain')} | {r['wire_s'] * 1e3:.1f} | "
                      f"{ms(r, 'relay', 'async_median_s')} | {ratio} |")

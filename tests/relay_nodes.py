@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 import weight_sync  # noqa: E402
 from weight_sync import RelayConfig, WeightReceiver, WeightSender, WeightSyncError  # noqa: E402
 from weight_sync.errors import CollectorFailed  # noqa: E402
-from weight_sync.transports import relay_wire  # noqa: E402
+from weight_sync.hooks import ReceiverHooks  # noqa: E402
 
 
 def weights_at(version: int, numel: int) -> dict[str, torch.Tensor]:
@@ -83,43 +83,44 @@ def learner(args: dict[str, Any]) -> None:
              fallbacks=None if side is None else side.fallbacks)
 
 
-def _freeze_halfway(version: int) -> None:
-    """Make this collector stop halfway through ``version``: print ``half``, then wait
-    for a line on stdin (the test's move) before going on."""
-    advance = relay_wire.Slots.advance
+def freeze_halfway(version: int, nbytes: int) -> ReceiverHooks:
+    """Hooks that stop this collector halfway through ``version``: print ``half``, then
+    wait for a line on stdin (the test's move) before going on."""
     fired = False
 
-    def advance_then_freeze(self: relay_wire.Slots, slot: relay_wire.Slot, n: int) -> None:
+    def during(got_version: int, received: int) -> None:
         nonlocal fired
-        advance(self, slot, n)
-        if not fired and slot.version == version and slot.filled * 2 >= self.nbytes:
+        if not fired and got_version == version and received * 2 >= nbytes:
             fired = True
             print("half", flush=True)
             sys.stdin.readline()
 
-    relay_wire.Slots.advance = advance_then_freeze  # type: ignore[method-assign]
+    return ReceiverHooks(during_receive=during)
 
 
-def _slow_down(bytes_per_s: float) -> None:
-    """Make this collector a slow relay: it takes in at most ``bytes_per_s``."""
-    advance = relay_wire.Slots.advance
+def slow_down(bytes_per_s: float) -> ReceiverHooks:
+    """Hooks that make this collector a slow relay: it takes in at most ``bytes_per_s``."""
+    last = [0]
 
-    def advance_slowly(self: relay_wire.Slots, slot: relay_wire.Slot, n: int) -> None:
-        time.sleep(n / bytes_per_s)  # the fault being simulated, not a synchronisation
-        advance(self, slot, n)
+    def during(version: int, received: int) -> None:
+        if received < last[0]:  # a new version
+            last[0] = 0
+        time.sleep((received - last[0]) / bytes_per_s)  # the simulated fault itself
+        last[0] = received
 
-    relay_wire.Slots.advance = advance_slowly  # type: ignore[method-assign]
+    return ReceiverHooks(during_receive=during)
 
 
 def collector(args: dict[str, Any]) -> None:
     """Receive until version ``last`` (or the stream ends, or an error), checking each
     applied version; report them and the error that ended it, if any."""
-    if args.get("freeze_at") is not None:
-        _freeze_halfway(args["freeze_at"])
-    if args.get("slow_bps"):
-        _slow_down(args["slow_bps"])
     info = weight_sync.ConnectionInfo.from_json(args["info"])
     weights = weights_at(-1, args["numel"])
+    hooks = None
+    if args.get("freeze_at") is not None:
+        hooks = freeze_halfway(args["freeze_at"], 4 * args["numel"])
+    elif args.get("slow_bps"):
+        hooks = slow_down(args["slow_bps"])
     exact: dict[int, bool] = {}
     start = time.monotonic()
 
@@ -128,7 +129,7 @@ def collector(args: dict[str, Any]) -> None:
 
     # The report goes out before the receiver closes: a collector cut off from the
     # learner reports its error at once, however long its close then takes.
-    with WeightReceiver(weights, info, args["cid"], timeout=30) as rx:
+    with WeightReceiver(weights, info, args["cid"], timeout=30, hooks=hooks) as rx:
         error = None
         try:
             version = rx.connect(timeout=90)

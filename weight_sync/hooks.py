@@ -28,6 +28,9 @@ class ReceiverHooks:
     before_receive: Callable[[int, torch.Tensor | None], None] | None = None
     """``(version, buffer)``: the message was signalled, before the transport fills
     ``buffer`` (``None`` for a transport that lends its messages, e.g. ``"shm"``)."""
+    during_receive: Callable[[int, int], None] | None = None
+    """``(version, bytes so far)``: after each piece of a message, for transports that
+    stream it in pieces (``"relay"``); a hook that blocks holds the transfer there."""
     after_receive: Callable[[int, torch.Tensor], None] | None = None
     """``(version, message)``: the transport delivered the message, before its header
     is checked (a hook may corrupt it here to test the check; for a lending transport

@@ -139,7 +139,8 @@ class WeightReceiver:
         self.transport = verdict.transport
         spec = LinkSpec(self.collector_id, inc, self.wire_layout, backend=self.info.backend,
                         timeout=self.config.timeout,
-                        bind_host=address_towards(self.info.host, self.info.port))
+                        bind_host=address_towards(self.info.host, self.info.port),
+                        progress=None if self._hooks is None else self._hooks.during_receive)
         self._start_thread(self._heartbeat, (self._control(deadline - time.monotonic()), inc),
                            "beat")
         try:

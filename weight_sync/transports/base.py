@@ -32,7 +32,7 @@ Writing one::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -57,7 +57,10 @@ class LinkSpec:
         backend: ``"gloo"`` or ``"nccl"``; tells where buffers live.
         timeout: bound on the rendezvous and on each transfer, seconds.
         bind_host: local address to listen on or bind (``None``: the transport's
-            default).
+            default). A collector's end gets its address on the route to the learner.
+        progress: collector side, for transports that stream a message in pieces:
+            called with ``(version, bytes received so far)`` after each piece
+            (:attr:`~weight_sync.hooks.ReceiverHooks.during_receive`).
     """
 
     collector_id: int
@@ -66,6 +69,7 @@ class LinkSpec:
     backend: str = "gloo"
     timeout: float = 60.0
     bind_host: str | None = None
+    progress: Callable[[int, int], None] | None = None
 
     @property
     def device(self) -> torch.device:

@@ -31,20 +31,13 @@ from weight_sync.transports.relay_wire import (
     recv_size,
 )
 
-__all__ = ["RelayReceiver", "outward_address"]
+__all__ = ["RelayReceiver"]
 
 log = logging.getLogger(__name__)
 
 
 class _SourceFailed(Exception):
     """The node being fetched from let this collector down (why, in the message)."""
-
-
-def outward_address(peer: str) -> str:
-    """This host's address on the route to ``peer`` (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((socket.gethostbyname(peer), 9))
-        return str(probe.getsockname()[0])
 
 
 class RelayReceiver:
@@ -58,7 +51,8 @@ class RelayReceiver:
 
     def connect(self, channel: LinkChannel, timeout: float) -> None:
         self._hub = hub = HubInfo.decode(channel.read("hub", timeout))
-        address = outward_address(hub.host)
+        # Where the learner's store is reached from: the address other hosts reach us on.
+        address = self.spec.bind_host or "0.0.0.0"
         self._server = RelayServer(self._slots, address, stall_s=hub.stall_s,
                                    chunk_bytes=hub.chunk_bytes)
         channel.publish("node", f"{socket.gethostname()} {address} {self._server.address[1]}")
@@ -130,6 +124,8 @@ class RelayReceiver:
                         raise _SourceFailed(f"closed after {start} of {nbytes} bytes")
                     out[start:start + n] = slot.view[start:start + n]
                     self._slots.advance(slot, n)
+                    if self.spec.progress is not None:
+                        self.spec.progress(source.version, slot.filled)
         except TimeoutError:
             raise _SourceFailed(f"sent nothing for {hub.stall_s}s "
                                 f"({slot.filled} of {nbytes} bytes)") from None
