@@ -77,6 +77,7 @@ def ws_learner(a: dict[str, Any]) -> None:
                      if a["transport"] == "relay" else None)
         emit(report=True, rounds_s=rounds, async_s=inside, digest=digest(policy),
              version=tx.version, fallbacks=fallbacks)
+        tx.close()  # now: the collectors report once they read the close
 
 
 def ws_collector(a: dict[str, Any]) -> None:
@@ -87,8 +88,10 @@ def ws_collector(a: dict[str, Any]) -> None:
     with WeightReceiver(policy, info, a["cid"], timeout=a["timeout"]) as rx:
         version = rx.connect(timeout=a["timeout"])
         deadline = time.monotonic() + a["timeout"] * (a["last"] + 1)
+        # Until the learner closes the stream, not just to the last version: a relay
+        # that left early would send its children to the learner for that version.
         try:
-            while version < a["last"] and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 got = rx.receive_weights(timeout=a["timeout"])
                 version = got if got is not None else version
         except ClosedError:

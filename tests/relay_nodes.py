@@ -23,7 +23,13 @@ import torch
 torch.set_num_threads(1)
 
 import weight_sync  # noqa: E402
-from weight_sync import RelayConfig, WeightReceiver, WeightSender, WeightSyncError  # noqa: E402
+from weight_sync import (  # noqa: E402
+    ClosedError,
+    RelayConfig,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+)
 from weight_sync.errors import CollectorFailed  # noqa: E402
 from weight_sync.hooks import ReceiverHooks  # noqa: E402
 
@@ -112,8 +118,8 @@ def slow_down(bytes_per_s: float) -> ReceiverHooks:
 
 
 def collector(args: dict[str, Any]) -> None:
-    """Receive until version ``last`` (or the stream ends, or an error), checking each
-    applied version; report them and the error that ended it, if any."""
+    """Receive until the learner closes the stream (or an error), checking each applied
+    version; report them and the error that ended it, if any."""
     info = weight_sync.ConnectionInfo.from_json(args["info"])
     weights = weights_at(-1, args["numel"])
     hooks = None
@@ -132,14 +138,16 @@ def collector(args: dict[str, Any]) -> None:
     with WeightReceiver(weights, info, args["cid"], timeout=30, hooks=hooks) as rx:
         error = None
         try:
-            version = rx.connect(timeout=90)
-            check(version)
+            check(rx.connect(timeout=90))
+            # Until the learner closes the stream: a collector that left early would
+            # make its children fall back to the learner for the last version.
             deadline = time.monotonic() + 120
-            while version < args["last"] and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 got = rx.receive_weights(timeout=5)
                 if got is not None:
-                    version = got
-                    check(version)
+                    check(got)
+        except ClosedError:
+            pass
         except WeightSyncError as exc:
             error = type(exc).__name__
         emit(cid=args["cid"], host=socket.gethostname(), exact=exact, error=error,

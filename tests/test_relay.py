@@ -223,3 +223,26 @@ def test_a_slow_relay_becomes_a_leaf() -> None:
     last = learner["rounds"][-1]
     assert last["slow"] == [1]
     assert last["parents"] == {"0": -1, "2": 0, "1": 2}
+
+
+@needs_bed
+@pytest.mark.slow
+def test_the_fanout_benchmark_runs_every_series_and_checks_the_weights(tmp_path: Path) -> None:
+    """``python -m benchmarks.fanout --quick``: one and two hosts, every series measured
+    (no timing asserted), every collector's weights equal to the learner's."""
+    done = subprocess.run([PY, "-m", "benchmarks.fanout", "--quick", "--results-dir",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = tmp_path.glob("fanout-*.json")
+    assert result.with_suffix(".png").exists()
+    report_ = json.loads(result.read_text())
+    assert [r["hosts"] for r in report_["rows"]] == [1, 2]
+    for row in report_["rows"]:
+        assert set(row["results"]) == {"relay", "direct", "torchrl", "tcp_chain"}, row
+        for series, res in row["results"].items():
+            assert "error" not in res, (series, res)
+            assert len(res["rounds_s"]) == report_["rounds"]
+            if series != "tcp_chain":
+                assert res["correct"] is True, (series, res)
+    assert "| 2 |" in done.stdout
