@@ -150,8 +150,9 @@ def collector(args: dict[str, Any]) -> None:
             pass
         except WeightSyncError as exc:
             error = type(exc).__name__
+        end = rx._link._end if rx._link is not None else None  # a test probe
         emit(cid=args["cid"], host=socket.gethostname(), exact=exact, error=error,
-             s=time.monotonic() - start)
+             s=time.monotonic() - start, fetched=dict(getattr(end, "fetched", {})))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import relay_nodes  # noqa: E402
+from test_transports import _can_unshare, _namespaced  # noqa: E402
+
 import testbed  # noqa: E402
 from testbed import TestBed  # noqa: E402
-from weight_sync import ConfigError, RelayConfig  # noqa: E402
+from weight_sync import ConfigError, RelayConfig, WeightSender  # noqa: E402
 from weight_sync.transports.relay_plan import LEARNER, Node, plan  # noqa: E402
 
 REASON = testbed.available()
@@ -75,7 +78,10 @@ def start(host: testbed.Host, role: str, args: dict[str, Any]) -> subprocess.Pop
 
 
 def stderr_tail(proc: subprocess.Popen[str]) -> str:
-    path = Path(proc.err_path)  # type: ignore[attr-defined]
+    name = getattr(proc, "err_path", None)
+    if name is None:
+        return "(stderr not captured)"
+    path = Path(name)
     lines = [ln for ln in path.read_text().splitlines()
              if not ln.startswith(("frame #", "Exception raised"))]
     return "\n".join(lines[-25:])
@@ -133,8 +139,8 @@ def assert_exact(result: dict[str, Any], versions: range) -> None:
 def test_relay_across_hosts_is_bit_exact_with_one_head_per_host() -> None:
     """Five collectors on three hosts: each host's first collector receives from the
     network (heads chained: host 1 from the learner, host 2 from host 1, host 3 from
-    host 2), the others from their head; every version bit-exact everywhere, and no
-    collector had to fall back to the learner."""
+    host 2), the others copy from their head's shared memory; every version bit-exact
+    everywhere, and no collector had to fall back to the learner."""
     placement = {0: 1, 1: 1, 2: 2, 3: 3, 4: 3}
     with TestBed(hosts=4, rate="1gbit") as bed:
         run = Run(bed, placement, last=4, numel=1 << 20)
@@ -147,6 +153,10 @@ def test_relay_across_hosts_is_bit_exact_with_one_head_per_host() -> None:
     assert learner["transports"] == {str(c): "relay" for c in placement}
     assert learner["rounds"][-1]["parents"] == {"0": -1, "1": 0, "2": 0, "3": 2, "4": 3}
     assert learner["fallbacks"] == 0
+    versions = run.last + 1
+    assert results[0]["fetched"] == {"learner": versions}
+    assert results[2]["fetched"] == results[3]["fetched"] == {"socket": versions}
+    assert results[1]["fetched"] == results[4]["fetched"] == {"shm": versions}
 
 
 @needs_bed
@@ -246,3 +256,38 @@ def test_the_fanout_benchmark_runs_every_series_and_checks_the_weights(tmp_path:
             if series != "tcp_chain":
                 assert res["correct"] is True, (series, res)
     assert "| 2 |" in done.stdout
+
+
+def test_a_neighbour_without_the_hosts_dev_shm_takes_the_bytes_instead() -> None:
+    """Two collectors on this host with the same hostname, the second in its own mount
+    namespace (its own ``/dev/shm``): told its parent is local, it cannot open the
+    parent's segment and takes the parent's bytes over the socket; both bit-exact."""
+    reason = _can_unshare()
+    if reason:
+        pytest.skip(reason)
+    numel, last = 1 << 16, 3
+    weights = relay_nodes.weights_at(0, numel)
+    with WeightSender(weights, 2, transport="relay", timeout=30) as tx:
+        def argv(cid: int) -> list[str]:
+            return [PY, NODES, "collector", json.dumps(
+                {"info": tx.connection_info.to_json(), "cid": cid, "numel": numel})]
+
+        children = [subprocess.Popen(argv(0), stdout=subprocess.PIPE, text=True),
+                    subprocess.Popen(_namespaced(argv(1)), stdout=subprocess.PIPE, text=True)]
+        try:
+            tx.connect(timeout=90)
+            for version in range(1, last + 1):
+                relay_nodes.set_version(weights, version)
+                tx.send_weights_async()
+                assert tx.wait_ack(timeout=30).acked == (0, 1)
+            assert tx.learner_side("relay").parents() == {0: LEARNER, 1: 0}  # type: ignore[attr-defined]
+            tx.close()
+            results = [report(child) for child in children]
+        finally:
+            for child in children:
+                child.kill()
+                child.wait(WAIT_S)
+    for result in results:
+        assert_exact(result, range(last + 1))
+    assert results[0]["fetched"] == {"learner": last + 1}
+    assert results[1]["fetched"] == {"socket": last + 1}

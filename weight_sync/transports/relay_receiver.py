@@ -1,33 +1,42 @@
 """A collector's end of ``transport="relay"``: :class:`RelayReceiver`.
 
 It fetches each version from the parent the learner named in the update's note, into
-a slot its own server streams on to its children at the same time (pipelined), and
-copies each piece into the receiver's buffer as it lands. A parent that sends nothing
-for ``stall_s``, is still sending after ``patience_s``, closes, or does not hold the
-version is left: the rest of the version (from the offset reached) comes from the
-learner, which then marks that parent slow.
+a slot (a shared-memory segment) its own server streams on to its children at the same
+time (pipelined), and copies each piece into the receiver's buffer as it lands. From a
+parent on the same host it copies straight out of the parent's segment, told over a
+socket only how many bytes have arrived (a parent whose segment it cannot open, e.g. in
+another mount namespace under the same hostname, streams the bytes instead). A parent
+that sends nothing for ``stall_s``, is still sending after ``patience_s``, closes, or does
+not hold the version is left: the rest of the version (from the offset reached) comes
+from the learner, which then marks that parent slow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
+import os
 import socket
 import time
+from collections import Counter
 
 import torch
 
 from weight_sync.control import LinkChannel
 from weight_sync.errors import PeerGone, ProtocolError
+from weight_sync.shm import SHM_DIR
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.relay_plan import LEARNER
 from weight_sync.transports.relay_sender import Assignment, HubInfo
 from weight_sync.transports.relay_wire import (
+    DONE,
     UNAVAILABLE,
     RelayServer,
     Request,
     Slot,
     Slots,
+    recv_name,
     recv_size,
 )
 
@@ -40,12 +49,62 @@ class _SourceFailed(Exception):
     """The node being fetched from let this collector down (why, in the message)."""
 
 
+class _NotShared(Exception):
+    """The parent's segment is not in this collector's ``/dev/shm``."""
+
+
+class _Mappings:
+    """Read-only mappings of the same-host parents' segments, a few kept (a parent
+    reuses a bounded set of segments)."""
+
+    _KEEP = 8
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+
+    def view(self, name: str, nbytes: int) -> memoryview:
+        entry = self._maps.pop(name, None)
+        if entry is None:
+            if not name or "/" in name:
+                raise _NotShared(name)
+            try:
+                with open(os.path.join(SHM_DIR, name), "rb") as file:
+                    mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            except (FileNotFoundError, ValueError):  # not ours, or empty
+                raise _NotShared(name) from None
+            if len(mapping) < nbytes:
+                mapping.close()
+                raise _NotShared(name)
+            entry = (mapping, memoryview(mapping))
+        self._maps[name] = entry  # newest last
+        while len(self._maps) > self._KEEP:
+            self._drop(next(iter(self._maps)))
+        return entry[1]
+
+    def _drop(self, name: str) -> None:
+        mapping, view = self._maps.pop(name)
+        view.release()
+        mapping.close()
+
+    def close(self) -> None:
+        for name in list(self._maps):
+            self._drop(name)
+
+
 class RelayReceiver:
-    """Receives versions from its assigned parent and serves them to its children."""
+    """Receives versions from its assigned parent and serves them to its children.
+
+    Attributes:
+        fetched: versions received, by how the last part of each came: ``"shm"`` (out of
+            a same-host parent's memory), ``"socket"`` (a parent's bytes) or
+            ``"learner"`` (from the learner: as assigned, or after a parent failed).
+    """
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
-        self._slots = Slots(spec.layout.nbytes)
+        self.fetched: Counter[str] = Counter()
+        self._slots = Slots(spec.layout.nbytes, shared=True)
+        self._maps = _Mappings()
         self._hub: HubInfo | None = None
         self._server: RelayServer | None = None
 
@@ -69,7 +128,18 @@ class RelayReceiver:
                 told, Assignment(told.version, LEARNER, self._hub.host, self._hub.port)]
             for source in sources:
                 try:
-                    self._fetch(source, told.parent, slot, buffer, deadline)
+                    how = "learner" if source.parent == LEARNER else "socket"
+                    if source.local:
+                        try:
+                            self._fetch(source, told.parent, slot, buffer, deadline,
+                                        local=True)
+                            how = "shm"
+                        except _NotShared:  # same name, other memory: take the bytes
+                            log.info("%s: parent collector %d's memory is not shared here",
+                                     self.spec.who(), source.parent)
+                    if how != "shm":
+                        self._fetch(source, told.parent, slot, buffer, deadline)
+                    self.fetched[how] += 1
                     ok = True
                     break
                 except _SourceFailed as exc:
@@ -85,8 +155,9 @@ class RelayReceiver:
         return buffer
 
     def _fetch(self, source: Assignment, told_parent: int, slot: Slot,
-               buffer: torch.Tensor, deadline: float) -> None:
-        """Fill ``slot`` (and ``buffer``) from ``source``, from where it stands."""
+               buffer: torch.Tensor, deadline: float, *, local: bool = False) -> None:
+        """Fill ``slot`` (and ``buffer``) from ``source``, from where it stands: its
+        bytes over the socket, or (``local``) copied out of its segment."""
         assert self._hub is not None
         hub, nbytes = self._hub, self._slots.nbytes
         # Patience counts only the time spent waiting on the parent's bytes, not this
@@ -101,13 +172,16 @@ class RelayReceiver:
                                           ) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.sendall(Request(self.spec.collector_id, told_parent, source.version,
-                                     slot.filled).encode())
+                                     slot.filled, local).encode())
                 size = recv_size(sock)
                 if size is None or size == UNAVAILABLE:
                     raise _SourceFailed(f"does not hold version {source.version}")
                 if size != nbytes:
                     raise ProtocolError(f"{self.spec.who()}: relay message of {size} bytes, "
                                         f"expected {nbytes}")
+                if local:
+                    self._copy_local(sock, source, slot, out, deadline, patience)
+                    return
                 while slot.filled < nbytes:
                     now = time.monotonic()
                     if now > deadline:
@@ -132,8 +206,42 @@ class RelayReceiver:
         except OSError as exc:
             raise _SourceFailed(f"{exc} ({slot.filled} of {nbytes} bytes)") from None
 
+    def _copy_local(self, sock: socket.socket, source: Assignment, slot: Slot,
+                    out: memoryview, deadline: float, patience: float | None) -> None:
+        """Copy from the same-host parent's segment as its counts of arrived bytes come
+        in; tell it when done (until then it keeps the segment for this version)."""
+        nbytes = self._slots.nbytes
+        name = recv_name(sock)
+        if name is None:
+            raise _SourceFailed("closed before naming its segment")
+        parent = self._maps.view(name, nbytes)
+        waited = 0.0
+        while slot.filled < nbytes:
+            now = time.monotonic()
+            if now > deadline:
+                raise _SourceFailed(f"version {source.version} not complete within the "
+                                    f"transfer timeout")
+            if patience is not None and waited > patience:
+                raise _SourceFailed(f"still filling after {patience}s "
+                                    f"({slot.filled} of {nbytes} bytes)")
+            filled = recv_size(sock)
+            waited += time.monotonic() - now
+            if filled is None:
+                raise _SourceFailed(f"closed after {slot.filled} of {nbytes} bytes")
+            start = slot.filled
+            if not start < filled <= nbytes:
+                raise ProtocolError(f"{self.spec.who()}: relay count {filled} after {start}")
+            slot.view[start:filled] = parent[start:filled]
+            out[start:filled] = parent[start:filled]
+            self._slots.advance(slot, filled - start)
+            if self.spec.progress is not None:
+                self.spec.progress(source.version, slot.filled)
+        sock.sendall(DONE)
+
     def close(self) -> None:
         if self._server is not None:
             with contextlib.suppress(OSError):
                 self._server.close()
             self._server = None
+        self._maps.close()
+        self._slots.clear()

@@ -57,21 +57,23 @@ class HubInfo:
 @dataclass(frozen=True)
 class Assignment:
     """The note of one update: fetch ``version`` from ``parent`` (a collector id, or
-    ``-1`` for the learner) at ``host:port``."""
+    ``-1`` for the learner) at ``host:port``; ``local``: the parent runs on the same
+    host (by name), so try copying from its shared memory first."""
 
     version: int
     parent: int
     host: str
     port: int
+    local: bool = False
 
     def encode(self) -> str:
-        return f"{self.version} {self.parent} {self.host} {self.port}"
+        return f"{self.version} {self.parent} {self.host} {self.port} {int(self.local)}"
 
     @classmethod
     def decode(cls, text: str) -> Assignment:
         try:
-            version, parent, host, port = text.split()
-            return cls(int(version), int(parent), host, int(port))
+            version, parent, host, port, local = text.split()
+            return cls(int(version), int(parent), host, int(port), local == "1")
         except ValueError:
             raise ProtocolError(f"malformed relay note {text!r}") from None
 
@@ -173,7 +175,8 @@ class RelayHub:
             if parent == LEARNER:
                 return Assignment(version, LEARNER, self._host, self._port())
             host, port = self._members[parent].address
-            return Assignment(version, parent, host, port)
+            return Assignment(version, parent, host, port,
+                              local=self._members[parent].host == member.host)
 
     def release(self, version: int) -> None:
         """A link no longer needs ``version`` (its collector acked it, or left)."""

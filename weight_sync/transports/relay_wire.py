@@ -21,11 +21,14 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["Slot", "Slots", "Request", "RelayServer", "UNAVAILABLE", "recv_exact",
-           "send_size", "recv_size"]
+from weight_sync.shm import create_segment
+
+__all__ = ["Slot", "Slots", "Request", "RelayServer", "UNAVAILABLE", "DONE", "recv_exact",
+           "send_size", "recv_size", "send_name", "recv_name"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = -1
 _MAGIC = 0x57535231  # "WSR1"
 _SIZE = struct.Struct("!q")
+_NAME = struct.Struct("!H")
+#: What a local child sends once it copied the whole version out of the segment.
+DONE = b"d"
 
 
 @dataclass(frozen=True)
@@ -41,19 +47,22 @@ class Request:
 
     ``told_parent`` is the parent the learner assigned to the child (``-1``: the
     learner): a request that reaches the learner from a child assigned another parent
-    is a fallback, and tells the learner that parent let the child down.
+    is a fallback, and tells the learner that parent let the child down. ``local``: the
+    child shares the parent's ``/dev/shm`` (it thinks): send the slot's segment name and
+    then only how many bytes have arrived, and the child copies them from the segment.
     """
 
-    _WIRE = struct.Struct("!Iiiqq")
+    _WIRE = struct.Struct("!IiiqqB")
 
     collector_id: int
     told_parent: int
     version: int
     offset: int
+    local: bool = False
 
     def encode(self) -> bytes:
         return self._WIRE.pack(_MAGIC, self.collector_id, self.told_parent, self.version,
-                               self.offset)
+                               self.offset, int(self.local))
 
     @classmethod
     def read(cls, sock: socket.socket) -> Request | None:
@@ -61,8 +70,9 @@ class Request:
         raw = recv_exact(sock, cls._WIRE.size)
         if raw is None:
             return None
-        magic, cid, told, version, offset = cls._WIRE.unpack(raw)
-        return None if magic != _MAGIC or offset < 0 else cls(cid, told, version, offset)
+        magic, cid, told, version, offset, local = cls._WIRE.unpack(raw)
+        return (None if magic != _MAGIC or offset < 0
+                else cls(cid, told, version, offset, bool(local)))
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -85,12 +95,27 @@ def recv_size(sock: socket.socket) -> int | None:
     return None if raw is None else int(_SIZE.unpack(raw)[0])
 
 
+def send_name(sock: socket.socket, name: str) -> None:
+    data = name.encode()
+    sock.sendall(_NAME.pack(len(data)) + data)
+
+
+def recv_name(sock: socket.socket) -> str | None:
+    raw = recv_exact(sock, _NAME.size)
+    if raw is None:
+        return None
+    data = recv_exact(sock, _NAME.unpack(raw)[0])
+    return None if data is None else data.decode(errors="replace")
+
+
 class Slot:
     """One message a node holds (or is receiving): ``filled`` bytes of ``buffer`` are
     valid. Changed only through :class:`Slots`, under its lock."""
 
-    def __init__(self, buffer: torch.Tensor) -> None:
+    def __init__(self, buffer: torch.Tensor, segment: str | None = None) -> None:
         self.buffer = buffer
+        self.segment = segment
+        """The shared-memory segment holding ``buffer``, if any."""
         self.view = buffer.numpy().data
         self.version = -1
         self.filled = 0
@@ -106,11 +131,15 @@ class Slots:
     A collector :meth:`claim` s a slot for each message it receives (reusing one nobody
     reads that is not among the ``keep`` newest); the learner :meth:`pin` s its
     snapshots. Either way a slot is never rewritten while a server thread streams it.
+    ``shared``: a collector's slots live in shared-memory segments, so that its
+    neighbours on the host copy from them instead of through a socket.
     """
 
-    def __init__(self, nbytes: int, keep: int = 2) -> None:
+    def __init__(self, nbytes: int, keep: int = 2, shared: bool = False) -> None:
         self.nbytes = nbytes
         self._keep = keep
+        self._shared = shared
+        self._segments: list[Any] = []
         self._cond = threading.Condition()
         self._slots: list[Slot] = []
 
@@ -129,6 +158,11 @@ class Slots:
                     and id(s) not in kept]
             if free:
                 slot = min(free, key=lambda s: s.version)
+            elif self._shared:
+                segment, buffer = create_segment(self.nbytes)
+                self._segments.append(segment)
+                slot = Slot(buffer, segment.name)
+                self._slots.append(slot)
             else:
                 slot = Slot(torch.empty(self.nbytes, dtype=torch.uint8))
                 self._slots.append(slot)
@@ -183,12 +217,17 @@ class Slots:
             slot.on_free()
 
     def clear(self) -> None:
-        """Free every pinned slot (the learner's side is closing)."""
+        """Free every pinned slot and unlink the segments (the node is closing); the
+        memory goes with the last mapping."""
         with self._cond:
             for slot in list(self._slots):
                 if slot.on_free is not None:
                     self._slots.remove(slot)
                     slot.on_free()
+            for segment in self._segments:
+                with contextlib.suppress(FileNotFoundError):
+                    segment.unlink()
+            self._segments.clear()
             self._cond.notify_all()
 
     # -- the server's side ---------------------------------------------------------------
@@ -281,7 +320,12 @@ class RelayServer:
                 send_size(conn, UNAVAILABLE)
                 return
             try:
-                self._stream(conn, slot, request)
+                if request.local and slot.segment is not None:
+                    self._count(conn, slot, request, slot.segment)
+                elif request.local:
+                    send_size(conn, UNAVAILABLE)
+                else:
+                    self._stream(conn, slot, request)
             finally:
                 self._slots.done_reading(slot)
         except OSError as exc:  # the child went away or stopped reading: it falls back
@@ -303,6 +347,23 @@ class RelayServer:
             end = min(filled, sent + self._chunk)
             while sent < end:  # not sendall: its timeout bounds the whole piece
                 sent += conn.send(slot.view[sent:end])
+
+    def _count(self, conn: socket.socket, slot: Slot, request: Request, segment: str) -> None:
+        """For a child on this host: the segment's name, then how many bytes of it are
+        valid each time that grows; the slot stays ours until the child says it copied
+        all of it."""
+        send_size(conn, self._slots.nbytes)
+        send_name(conn, segment)
+        told = request.offset
+        while told < self._slots.nbytes:
+            filled = self._slots.follow(slot, told, request.version, self._stall_s)
+            if filled <= told:
+                return
+            send_size(conn, filled)
+            told = filled
+        if recv_exact(conn, len(DONE)) != DONE:
+            log.info("relay: collector %d left before copying version %d",
+                     request.collector_id, request.version)
 
     def close(self) -> None:
         """Stop listening and end the requests in progress; idempotent."""
