@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
@@ -157,14 +158,10 @@ class RelayReceiver:
     def _fetch(self, source: Assignment, told_parent: int, slot: Slot,
                buffer: torch.Tensor, deadline: float, *, local: bool = False) -> None:
         """Fill ``slot`` (and ``buffer``) from ``source``, from where it stands: its
-        bytes over the socket, or (``local``) copied out of its segment."""
+        bytes over the socket, or (``local``) copied out of its segment as its counts
+        of arrived bytes come in."""
         assert self._hub is not None
         hub, nbytes = self._hub, self._slots.nbytes
-        # Patience counts only the time spent waiting on the parent's bytes, not this
-        # collector's own (a slow child must not blame its parent).
-        patience = None if source.parent == LEARNER else hub.patience_s
-        waited = 0.0
-        out = buffer.numpy().data
         try:
             remaining = deadline - time.monotonic()
             with socket.create_connection((source.host, source.port),
@@ -179,42 +176,60 @@ class RelayReceiver:
                 if size != nbytes:
                     raise ProtocolError(f"{self.spec.who()}: relay message of {size} bytes, "
                                         f"expected {nbytes}")
-                if local:
-                    self._copy_local(sock, source, slot, out, deadline, patience)
+                if not local:
+                    self._fill(source, slot, buffer, deadline, self._bytes_from(sock, slot))
                     return
-                while slot.filled < nbytes:
-                    now = time.monotonic()
-                    if now > deadline:
-                        raise _SourceFailed(f"version {source.version} not complete within "
-                                            f"the transfer timeout")
-                    if patience is not None and waited > patience:
-                        raise _SourceFailed(f"still sending after {hub.patience_s}s "
-                                            f"({slot.filled} of {nbytes} bytes)")
-                    start = slot.filled
-                    n = sock.recv_into(slot.view[start:min(nbytes,
-                                                           start + hub.chunk_bytes)])
-                    waited += time.monotonic() - now
-                    if n == 0:
-                        raise _SourceFailed(f"closed after {start} of {nbytes} bytes")
-                    out[start:start + n] = slot.view[start:start + n]
-                    self._slots.advance(slot, n)
-                    if self.spec.progress is not None:
-                        self.spec.progress(source.version, slot.filled)
+                name = recv_name(sock)
+                if name is None:
+                    raise _SourceFailed("closed before naming its segment")
+                parent = self._maps.view(name, nbytes)
+
+                def land(start: int, end: int) -> None:
+                    slot.view[start:end] = parent[start:end]
+
+                self._fill(source, slot, buffer, deadline, self._counts_from(sock), land)
+                sock.sendall(DONE)  # until now the parent kept its segment for us
         except TimeoutError:
             raise _SourceFailed(f"sent nothing for {hub.stall_s}s "
                                 f"({slot.filled} of {nbytes} bytes)") from None
         except OSError as exc:
             raise _SourceFailed(f"{exc} ({slot.filled} of {nbytes} bytes)") from None
 
-    def _copy_local(self, sock: socket.socket, source: Assignment, slot: Slot,
-                    out: memoryview, deadline: float, patience: float | None) -> None:
-        """Copy from the same-host parent's segment as its counts of arrived bytes come
-        in; tell it when done (until then it keeps the segment for this version)."""
+    def _bytes_from(self, sock: socket.socket, slot: Slot) -> Callable[[int], int]:
+        """Receives the parent's next piece into ``slot``; returns where it ends."""
+        assert self._hub is not None
+        nbytes, chunk = self._slots.nbytes, self._hub.chunk_bytes
+
+        def receive(start: int) -> int:
+            n = sock.recv_into(slot.view[start:min(nbytes, start + chunk)])
+            if n == 0:
+                raise _SourceFailed(f"closed after {start} of {nbytes} bytes")
+            return start + n
+        return receive
+
+    def _counts_from(self, sock: socket.socket) -> Callable[[int], int]:
+        """Receives the parent's next count of arrived bytes."""
         nbytes = self._slots.nbytes
-        name = recv_name(sock)
-        if name is None:
-            raise _SourceFailed("closed before naming its segment")
-        parent = self._maps.view(name, nbytes)
+
+        def receive(start: int) -> int:
+            filled = recv_size(sock)
+            if filled is None:
+                raise _SourceFailed(f"closed after {start} of {nbytes} bytes")
+            if not start < filled <= nbytes:
+                raise ProtocolError(f"{self.spec.who()}: relay count {filled} after {start}")
+            return filled
+        return receive
+
+    def _fill(self, source: Assignment, slot: Slot, buffer: torch.Tensor, deadline: float,
+              receive: Callable[[int], int],
+              land: Callable[[int, int], None] | None = None) -> None:
+        """Until ``slot`` is full: ``receive`` the next piece (waiting on the parent),
+        ``land`` it in the slot if it is not there yet, copy it into ``buffer``."""
+        assert self._hub is not None
+        nbytes, out = self._slots.nbytes, buffer.numpy().data
+        # Patience counts only the time spent waiting on the parent, not this
+        # collector's own work (a slow child must not blame its parent).
+        patience = None if source.parent == LEARNER else self._hub.patience_s
         waited = 0.0
         while slot.filled < nbytes:
             now = time.monotonic()
@@ -222,21 +237,17 @@ class RelayReceiver:
                 raise _SourceFailed(f"version {source.version} not complete within the "
                                     f"transfer timeout")
             if patience is not None and waited > patience:
-                raise _SourceFailed(f"still filling after {patience}s "
+                raise _SourceFailed(f"still sending after {patience}s "
                                     f"({slot.filled} of {nbytes} bytes)")
-            filled = recv_size(sock)
-            waited += time.monotonic() - now
-            if filled is None:
-                raise _SourceFailed(f"closed after {slot.filled} of {nbytes} bytes")
             start = slot.filled
-            if not start < filled <= nbytes:
-                raise ProtocolError(f"{self.spec.who()}: relay count {filled} after {start}")
-            slot.view[start:filled] = parent[start:filled]
-            out[start:filled] = parent[start:filled]
-            self._slots.advance(slot, filled - start)
+            end = receive(start)
+            waited += time.monotonic() - now
+            if land is not None:
+                land(start, end)
+            out[start:end] = slot.view[start:end]
+            self._slots.advance(slot, end - start)
             if self.spec.progress is not None:
                 self.spec.progress(source.version, slot.filled)
-        sock.sendall(DONE)
 
     def close(self) -> None:
         if self._server is not None:
