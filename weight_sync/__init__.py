@@ -8,6 +8,7 @@ from weight_sync.discovery import (
     info_from_address,
     info_from_env,
 )
+from weight_sync.distributed_helper import DistributedHelper
 from weight_sync.errors import (
     ClosedError,
     CollectorFailed,
@@ -28,8 +29,8 @@ from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
 
 __all__ = [
-    "WeightSender", "WeightReceiver", "DataParallelSender", "ConnectionInfo", "SenderConfig",
-    "ReceiverConfig", "ReceiverHooks",
+    "WeightSender", "WeightReceiver", "DataParallelSender", "DistributedHelper", "ConnectionInfo",
+    "SenderConfig", "ReceiverConfig", "ReceiverHooks",
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
