@@ -83,17 +83,17 @@ def collector(info: ConnectionInfo, local_id: int, global_id: int, out: Connecti
         receiver.close()
 
 
-def duplicate(info: ConnectionInfo, local_id: int) -> str:
-    """Connect with the id of a live collector: the typed error's class name."""
+def duplicate(info: ConnectionInfo, local_id: int, out: Connection) -> None:
+    """Connect with the id of a live collector; report the typed error's class name."""
     torch.set_num_threads(1)
     receiver = WeightReceiver(make_model(), info, local_id, timeout=WAIT_S)
     try:
         receiver.connect(timeout=WAIT_S)
+        out.send("connected")
     except WeightSyncError as exc:
-        return type(exc).__name__
+        out.send(type(exc).__name__)
     finally:
         receiver.close()
-    return "connected"
 
 
 # -- one rank ---------------------------------------------------------------------------
@@ -183,9 +183,15 @@ def _bad_input(sender: Any, served: list[int]) -> dict[str, str]:
     except ConfigError as exc:
         found["out_of_range"] = f"ConfigError: {exc}"
     info, local = sender.assignment(served[0])
-    with spawn_collectors([(duplicate, (info, local))], timeout=WAIT_S) as procs:
-        pass
-    found["duplicate"] = procs.results[0]
+    reader, writer = pipe()
+    with spawn_collectors([(duplicate, (info, local, writer))], timeout=WAIT_S) as procs:
+        deadline = time.monotonic() + WAIT_S
+        while not reader.poll(0):  # joins are handled inside the learner's calls
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no word from the duplicate of {served[0]} in {WAIT_S}s")
+            procs.check()
+            sender.wait_ack(timeout=0.5)
+        found["duplicate"] = reader.recv()
     return found
 
 

@@ -186,7 +186,7 @@ class DistributedHelper:
                 raise ConfigError(f"{type(config).__name__}.{name}={value!r} is not divisible "
                                   f"by the world size {self._world_size}")
             scaled[name] = value // self._world_size
-        return dataclasses.replace(config, **scaled)  # type: ignore[type-var]
+        return dataclasses.replace(config, **scaled)
 
     def wrap_policy(self, policy: nn.Module, **ddp_options: Any) -> nn.Module:
         """``DistributedDataParallel(policy)`` on this rank's device when distributed
