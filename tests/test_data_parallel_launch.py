@@ -93,3 +93,22 @@ def test_torchrun_two_nodes_at_a_rendezvous_endpoint(tmp_path: Path) -> None:
     for code, out in outcomes:
         assert code == 0, out
     check_records(json.loads((tmp_path / "result.json").read_text()))
+
+
+TORCHRUNX_MAIN = """
+import json, sys, torchrunx, dp_job
+launcher = torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo",
+                              worker_timeout=60, agent_timeout=60)
+result = launcher.run(dp_job.run_rank, None)
+print("RESULT " + json.dumps(result.rank(0)), flush=True)
+"""
+
+
+def test_torchrunx_localhost_two_workers(tmp_path: Path) -> None:
+    """torchrunx starts its agent on "localhost" with a local shell (no ssh); the
+    workers come with the process group up, which the helper adopts."""
+    pytest.importorskip("torchrunx")
+    [(code, out)] = _run_all([[sys.executable, "-c", TORCHRUNX_MAIN]], tmp_path)
+    assert code == 0, out
+    [line] = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    check_records(json.loads(line.removeprefix("RESULT "))["records"])
