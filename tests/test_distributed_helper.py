@@ -15,7 +15,13 @@ import torch.distributed as dist
 from harness import free_port, run_processes
 from torch import nn
 
-from weight_sync import ConfigError, ConnectionFailed, DistributedHelper, WeightSyncTimeout
+from weight_sync import (
+    ConfigError,
+    ConnectionFailed,
+    DistributedHelper,
+    WeightSyncTimeout,
+    slurm_environ,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,17 @@ def lone_rank(rank: int, port: int) -> tuple[str, str, float]:
     return "joined", "", time.monotonic() - start
 
 
+def slurm_rank(procid: int, port: int) -> tuple[int, int, int, float]:
+    """A rank started as ``srun`` starts a task: SLURM's variables, no torchrun ones."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    os.environ.update(SLURM_PROCID=str(procid), SLURM_NTASKS="2", SLURM_LOCALID=str(procid),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with DistributedHelper(timeout=60, environ=slurm_environ()) as helper:
+        total = helper.all_reduce(torch.tensor([procid + 1.0])).item()
+        return helper.get_rank(), helper.get_world_size(), helper.local_rank, total
+
+
 # -- tests --------------------------------------------------------------------------------
 def test_single_process_is_a_no_op() -> None:
     helper = DistributedHelper(environ={})
@@ -178,3 +195,17 @@ def test_rendezvous_that_does_not_answer_is_bounded() -> None:
     assert kind0 == "WeightSyncTimeout" and f"not all 2 ranks joined the rendezvous at " \
                                                f"127.0.0.1:{alone}" in msg0
     assert took1 < 30 and took0 < 30  # bounded by the 2 s timeout (plus retries)
+
+
+def test_slurm_variables_mapped() -> None:
+    env = slurm_environ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                         "WORLD_SIZE": "8", "MASTER_ADDR": "node1"})
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "8", "1")
+    assert slurm_environ({"RANK": "0", "SLURM_PROCID": "5"})["RANK"] == "0"  # torchrun's win
+    assert "RANK" not in slurm_environ({})
+
+
+def test_two_ranks_started_like_srun_tasks() -> None:
+    port = free_port()
+    seen = run_processes([(slurm_rank, (p, port)) for p in (0, 1)], timeout=90)
+    assert seen == [(0, 2, 0, 3.0), (1, 2, 1, 3.0)]

@@ -8,7 +8,7 @@ from weight_sync.discovery import (
     info_from_address,
     info_from_env,
 )
-from weight_sync.distributed_helper import DistributedHelper
+from weight_sync.distributed_helper import DistributedHelper, slurm_environ
 from weight_sync.errors import (
     ClosedError,
     CollectorFailed,
@@ -36,5 +36,6 @@ __all__ = [
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
     "CollectorFailed", "ConfigError", "DuplicateCollectorError", "AckResult",
     "info_from_env", "info_from_address", "collector_id_from_env", "env_for_collectors",
+    "slurm_environ",
 ]
 __version__ = "0.1.0"

@@ -55,7 +55,7 @@ from weight_sync.data_parallel import DataParallelSender, rank_and_world_size
 from weight_sync.errors import ConfigError, ConnectionFailed, WeightSyncTimeout
 from weight_sync.layout import named_leaves
 
-__all__ = ["DistributedHelper"]
+__all__ = ["DistributedHelper", "slurm_environ"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,24 @@ _C = TypeVar("_C")
 
 #: What ``init_method="env://"`` reads, besides ``WORLD_SIZE``.
 _RENDEZVOUS_VARS = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+#: torchrun's name <- the variable ``srun`` sets for each task.
+_FROM_SLURM = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS",
+               "LOCAL_RANK": "SLURM_LOCALID"}
+
+
+def slurm_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default ``os.environ``) with torchrun's ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK`` taken from ``srun``'s ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+    ``SLURM_LOCALID`` where they are not set; pass it as ``DistributedHelper(environ=...)``
+    in a script that ``srun`` starts once per rank. ``srun`` sets no rendezvous address:
+    export ``MASTER_ADDR`` (the first host of the job) and ``MASTER_PORT`` yourself.
+    Opt-in, because a single process inside a multi-task allocation sees the same
+    variables."""
+    env = dict(os.environ if environ is None else environ)
+    for name, slurm in _FROM_SLURM.items():
+        if not env.get(name) and env.get(slurm):
+            env[name] = env[slurm]
+    return env
 
 
 class DistributedHelper:
