@@ -67,8 +67,11 @@ def helper_rank(rank: int, port: int, adopt_port: int) -> dict[str, Any]:
     w.grad = torch.arange(6.0).reshape(3, 2) * (rank + 1)
     if rank == 0:
         b.grad = torch.tensor([4.0, -2.0])
-    helper.reduce_gradients([w, b, torch.zeros(2)])  # a tensor without requires_grad: skipped
-    seen["reduced"] = (w.grad.tolist(), None if b.grad is None else b.grad.tolist())
+    h = nn.Parameter(torch.zeros(2, dtype=torch.float64))  # another dtype: its own bucket
+    h.grad = torch.full((2,), 2.0 * rank, dtype=torch.float64)
+    helper.reduce_gradients([w, h, b, torch.zeros(2)])  # no requires_grad: skipped
+    seen["reduced"] = (w.grad.tolist(), None if b.grad is None else b.grad.tolist(),
+                       h.grad.tolist())
 
     torch.manual_seed(rank)  # different weights on each rank, until broadcast
     module = nn.Linear(3, 2)
@@ -127,6 +130,7 @@ def slurm_rank(procid: int, port: int) -> tuple[int, int, int, float]:
 def test_single_process_is_a_no_op() -> None:
     helper = DistributedHelper(environ={})
     assert not helper.is_distributed and helper.is_master() and helper.is_writer()
+    assert helper.device == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     assert (helper.get_rank(), helper.get_world_size(), helper.seed(7)) == (0, 1, 7)
     assert helper.should_log() and helper.should_checkpoint() and helper.should_evaluate()
     assert helper.scale_batch_config(Batches(), "batch_size", "minibatch_size") == Batches()
@@ -174,7 +178,7 @@ def test_two_gloo_ranks() -> None:
         assert got["scaled"] == (256, 64, 4)  # the global batch stays 512 / 128
         assert "Batches.batch_size=511 is not divisible by the world size 2" in got["indivisible"]
         # mean of 1x and 2x the base; b: rank 0's [4, -2] averaged with rank 1's zeros
-        assert got["reduced"] == ([[0.0, 1.5], [3.0, 4.5], [6.0, 7.5]], [2.0, -1.0])
+        assert got["reduced"] == ([[0.0, 1.5], [3.0, 4.5], [6.0, 7.5]], [2.0, -1.0], [1.0, 1.0])
         assert got["wrapped"] == "DistributedDataParallel"
         assert got["ddp_grad"] == [1.5, 1.5, 1.5]
         assert got["after_cleanup"] is False

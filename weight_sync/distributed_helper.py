@@ -271,27 +271,29 @@ class DistributedHelper:
 
     def reduce_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
         """Average the gradients of ``parameters`` over the ranks: flatten them into one
-        tensor, one all-reduce, divide by the world size, copy back.
+        tensor, one all-reduce, divide by the world size, copy back (one tensor per
+        dtype and device when they are mixed).
 
         A parameter that requires grad but has none this step counts as zeros (its
         gradient is set), so every rank reduces a tensor of the same size.
         """
         if not self.is_distributed:
             return
-        params = [p for p in parameters if p.requires_grad]
-        if not params:
-            return
-        for p in params:
+        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in parameters:
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self._world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in buckets.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self._world_size
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     # -- end ------------------------------------------------------------------------------
     def cleanup(self) -> None:
