@@ -50,7 +50,7 @@ def in_rank() -> bool:
 def launch(demo_argv: list[str], learners: int) -> int:
     """Run ``weight-sync demo demo_argv`` as ``learners`` ranks under torchrun on this
     host; returns torchrun's exit status (non-zero if any rank failed: torchrun then
-    stops the others)."""
+    stops the others), or 130 after Ctrl-C once every rank has stopped."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(learners), "--max-restarts", "0",
                "-m", "weight_sync.cli", "demo", *demo_argv]
@@ -61,7 +61,8 @@ def launch(demo_argv: list[str], learners: int) -> int:
         return proc.wait()
     except KeyboardInterrupt:  # the ranks got the same SIGINT; give them time to stop
         try:
-            return proc.wait(_EXIT_GRACE_S)
+            proc.wait(_EXIT_GRACE_S)
+            return 130
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
