@@ -17,6 +17,10 @@ With ``--collector torchrl`` the collectors are torchrl's own: a ``MultiSyncColl
 whose weights travel through :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`
 (:class:`~collectors.torchrl_group.TorchRLGroup`); workers are updated between batches
 (``collector.update_policy_weights_()``), so the staleness is 0. Same bar, summary, JSON.
+
+With ``--learners N`` the learner is N data-parallel CPU ranks started with torchrun, each
+serving ``--collectors / N`` of the collectors and averaging gradients with the others
+(:mod:`collectors.demo_ranks`); rank 0 prints the same summary.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from rich.console import Console
@@ -48,6 +53,9 @@ from collectors.task import (
     make_value,
 )
 from weight_sync import SyncStats, WeightSyncError
+
+if TYPE_CHECKING:
+    from collectors.demo_ranks import DemoRank
 
 __all__ = ["build_parser", "main"]
 
@@ -96,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight-sync: this project's collector processes (default); "
                              "torchrl: torchrl's MultiSyncCollector with weight-sync's "
                              "WeightSyncTorchRLScheme")
+    parser.add_argument("--learners", type=int, default=1,
+                        help="data-parallel learner ranks on this host, started with "
+                             "torchrun; each serves --collectors / --learners collectors (1)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write per-iteration metrics to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -107,22 +118,26 @@ def _ms(seconds: float) -> float:
 
 
 def _iterate(args: argparse.Namespace, group: _Group, learner: PPOLearner,
-             progress: Progress) -> list[dict[str, Any]]:
+             progress: Progress, rank: DemoRank | None = None) -> list[dict[str, Any]]:
     task = progress.add_task("demo", total=args.iterations, ret=float("nan"), p50=0.0,
                              p99=0.0, stale=0.0, fps=0.0)
     window: deque[float] = deque(maxlen=args.return_window)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     frames = 0
+    world = rank.world if rank is not None else 1  # every rank: as many collectors
+    share = args.collectors // world
     for iteration in range(1, args.iterations + 1):
-        batches = [group.next_batch() for _ in range(args.collectors)]
-        records: list[BatchRecord] = list(group.batch_records)[-args.collectors:]
+        batches = [group.next_batch() for _ in range(share)]
+        records: list[BatchRecord] = list(group.batch_records)[-share:]
         data = torch.stack(batches)  # [collectors, frames_per_batch], time last
         finished = episode_returns(data)
+        if rank is not None:
+            finished = rank.gather_returns(finished)
         window.extend(finished)
         losses = learner.update(data)
         group.update_weights(timeout=args.sync_timeout)
-        frames += data.numel()
+        frames += data.numel() * world
         elapsed = time.perf_counter() - start
         last = group.stats.last
         row: dict[str, Any] = {
@@ -135,7 +150,7 @@ def _iterate(args: argparse.Namespace, group: _Group, learner: PPOLearner,
             "sync_p99_s": group.stats.latency(0.99),
             "staleness_mean": statistics.fmean(r.staleness for r in records),
             "staleness_max": max(r.staleness for r in records),
-            "frames": data.numel(),
+            "frames": data.numel() * world,
             "total_frames": frames,
             "fps": frames / elapsed,
             "version": group.version,
@@ -169,7 +184,7 @@ def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
         "weights_bytes": int(stats["nbytes"]),
         "staleness_mean": stats["staleness_mean"],
         "staleness_max": stats["staleness_max"],
-        "total_frames": int(stats["frames"]),
+        "total_frames": rows[-1]["total_frames"] if rows else 0,
         "fps": rows[-1]["fps"] if rows else None,
         "final_version": group.version,
         "wall_s": wall_s,
@@ -178,6 +193,8 @@ def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
 
 def _table(summary: dict[str, Any]) -> Table:
     kind = " (torchrl MultiSyncCollector)" if summary["collector"] == "torchrl" else ""
+    if summary.get("learners", 1) > 1:
+        kind += f", {summary['learners']} data-parallel learner ranks"
     table = Table(title=f"weight-sync demo: PPO on {ENV_NAME}, {summary['collectors']} "
                         f"collector(s){kind}, seed {summary['seed']}")
     table.add_column("metric")
@@ -201,6 +218,9 @@ def _table(summary: dict[str, Any]) -> Table:
     table.add_row("frames, frames/s",
                   f"{summary['total_frames']}, {fmt(summary['fps'], '.0f')}")
     table.add_row("wall time (s)", f"{summary['wall_s']:.1f}")
+    if "ranks_in_sync" in summary:
+        table.add_row("learner ranks' weights bit-equal at the end",
+                      "yes" if summary["ranks_in_sync"] else "NO")
     return table
 
 
@@ -219,14 +239,28 @@ def _make_group(args: argparse.Namespace, policy: Any) -> _Group:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit code (0 ok, 1 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    if args.collectors < 1 or args.iterations < 1:
-        build_parser().error("--collectors and --iterations must be >= 1")
+    if args.collectors < 1 or args.iterations < 1 or args.learners < 1:
+        build_parser().error("--collectors, --iterations and --learners must be >= 1")
+    rank: DemoRank | None = None
+    if args.learners > 1:
+        from collectors import demo_ranks
+
+        if args.collector != "weight-sync" or args.collectors % args.learners:
+            build_parser().error("--learners > 1 needs --collector weight-sync and "
+                                 "--collectors divisible by --learners")
+        if not demo_ranks.in_rank():
+            return demo_ranks.launch(sys.argv[1:] if argv is None else argv, args.learners)
+        rank = demo_ranks.DemoRank(args)
+        args.quiet = args.quiet or not rank.is_writer()
     console = Console(stderr=True)
     torch.set_num_threads(1)  # the collectors need the other cores
     torch.manual_seed(args.seed)
     config = TaskConfig(frames_per_batch=args.frames_per_batch)
     policy = make_policy(config.hidden)
-    learner = PPOLearner.from_config(policy, make_value(config.hidden), config)
+    if rank is not None:
+        learner = rank.learner(policy, make_value(config.hidden), config, args.seed)
+    else:
+        learner = PPOLearner.from_config(policy, make_value(config.hidden), config)
     columns = [TextColumn("[bold]iter"), MofNCompleteColumn(), BarColumn(bar_width=12),
                TextColumn("return [cyan]{task.fields[ret]:5.1f}"),
                TextColumn("sync p50/p99 {task.fields[p50]:.1f}/{task.fields[p99]:.1f} ms"),
@@ -234,16 +268,23 @@ def main(argv: list[str] | None = None) -> int:
                TextColumn("{task.fields[fps]:4.0f} fps"), TimeElapsedColumn()]
     start = time.perf_counter()
     try:
-        with _make_group(args, policy) as group, \
+        with (rank.group(args, policy) if rank else _make_group(args, policy)) as group, \
                 Progress(*columns, console=console, disable=args.quiet) as progress:
-            rows = _iterate(args, group, learner, progress)
+            rows = _iterate(args, group, learner, progress, rank)
             summary = _summary(rows, group, time.perf_counter() - start, args)
+            if rank is not None:
+                summary |= {"learners": rank.world, "ranks_in_sync": rank.in_sync(policy)}
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: collectors stopped[/yellow]")
         return 130
     except WeightSyncError as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1
+    finally:
+        if rank is not None:
+            rank.close()
+    if rank is not None and not rank.is_writer():
+        return 0
     out = Console()
     out.print(_table(summary))
     if args.json_out is not None:

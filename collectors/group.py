@@ -111,6 +111,9 @@ class CollectorGroup:
             passed on to every :class:`WorkerSpec`.
         max_restarts: how many collector failures (in all) are answered by restarting
             that collector instead of raising; 0 fails fast.
+        sender: a sender built elsewhere for exactly ``num_collectors`` collectors (e.g.
+            a rank's ``DataParallelSender.sender``) instead of one built from
+            ``sender_config``; the group connects and closes it.
     """
 
     def __init__(self, policy: Any, env_factory: Callable[[int], Any],
@@ -120,7 +123,8 @@ class CollectorGroup:
                  poll_every_step: bool = True, record_checksum: bool = False,
                  launcher: Launcher | None = None, sender_config: SenderConfig | None = None,
                  connect_timeout: float = 60.0, batch_timeout: float = 60.0,
-                 shutdown_timeout: float = 10.0, max_restarts: int = 0) -> None:
+                 shutdown_timeout: float = 10.0, max_restarts: int = 0,
+                 sender: WeightSender | None = None) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight!r}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
@@ -132,7 +136,10 @@ class CollectorGroup:
         self.batch_timeout = batch_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_inflight = max_inflight
-        self.sender = WeightSender(policy, num_collectors, sender_config)
+        if sender is not None and sender.num_collectors != num_collectors:
+            raise ValueError(f"the sender serves {sender.num_collectors} collectors, "
+                             f"the group has {num_collectors}")
+        self.sender = sender or WeightSender(policy, num_collectors, sender_config)
         self._spec: dict[str, Any] = dict(
             env_factory=env_factory, policy_factory=policy_factory,
             frames_per_batch=frames_per_batch, seed=seed, poll_every_step=poll_every_step,

@@ -17,6 +17,7 @@ the caller's ``torch.manual_seed``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -196,8 +197,13 @@ class PPOLearner:
         entropy_coef: float = TaskConfig.entropy_coef,
         critic_coef: float = TaskConfig.critic_coef,
         max_grad_norm: float = TaskConfig.max_grad_norm,
+        reduce_gradients: Callable[[Iterable[torch.Tensor]], None] | None = None,
     ) -> None:
         self.policy = policy
+        self.reduce_gradients = reduce_gradients
+        """Called on the loss's parameters after each backward pass, before clipping (a
+        data-parallel learner averages the ranks' gradients here, e.g.
+        ``DistributedHelper.reduce_gradients``)."""
         self.value = value
         self.epochs = epochs
         self.minibatch_size = minibatch_size
@@ -217,13 +223,17 @@ class PPOLearner:
 
     @classmethod
     def from_config(
-        cls, policy: ProbabilisticActor, value: ValueOperator, config: TaskConfig
+        cls,
+        policy: ProbabilisticActor,
+        value: ValueOperator,
+        config: TaskConfig,
+        reduce_gradients: Callable[[Iterable[torch.Tensor]], None] | None = None,
     ) -> PPOLearner:
         """Build a learner with the hyper-parameters of ``config``."""
         learner_fields = asdict(config)
         for name in ("frames_per_batch", "hidden"):
             del learner_fields[name]
-        return cls(policy, value, **learner_fields)
+        return cls(policy, value, reduce_gradients=reduce_gradients, **learner_fields)
 
     def update(self, batch: TensorDictBase) -> dict[str, float]:
         """Run GAE and ``epochs`` PPO epochs on ``batch``; return averaged metrics.
@@ -244,6 +254,8 @@ class PPOLearner:
                 total = losses["loss_objective"] + losses["loss_critic"] + losses["loss_entropy"]
                 self.optimizer.zero_grad()
                 total.backward()
+                if self.reduce_gradients is not None:
+                    self.reduce_gradients(self.loss.parameters())
                 grad_norm = nn.utils.clip_grad_norm_(self.loss.parameters(), self.max_grad_norm)
                 self.optimizer.step()
                 steps += 1

@@ -8,6 +8,7 @@ from weight_sync.discovery import (
     info_from_address,
     info_from_env,
 )
+from weight_sync.distributed_helper import DistributedHelper, slurm_environ
 from weight_sync.errors import (
     ClosedError,
     CollectorFailed,
@@ -28,12 +29,13 @@ from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
 
 __all__ = [
-    "WeightSender", "WeightReceiver", "DataParallelSender", "ConnectionInfo", "SenderConfig",
-    "ReceiverConfig", "ReceiverHooks", "RelayConfig",
+    "WeightSender", "WeightReceiver", "DataParallelSender", "DistributedHelper", "ConnectionInfo",
+    "SenderConfig", "ReceiverConfig", "ReceiverHooks", "RelayConfig",
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
     "CollectorFailed", "ConfigError", "DuplicateCollectorError", "AckResult",
     "info_from_env", "info_from_address", "collector_id_from_env", "env_for_collectors",
+    "slurm_environ",
 ]
 __version__ = "0.1.0"

@@ -90,7 +90,7 @@ class DataParallelSender:
         self._first_server = 0 if shard else sender_rank
         self.sender: WeightSender | None = None
         """This rank's sender; ``None`` on a rank that serves nobody."""
-        served = self._served_by(self.rank)
+        served = self.served()
         if served:
             if sender_options.get("port"):
                 sender_options["port"] = int(sender_options["port"]) + self.rank
@@ -99,7 +99,10 @@ class DataParallelSender:
         self.infos = self._gather_infos()
         """Each serving rank's connection info, in serving order."""
 
-    def _served_by(self, rank: int) -> list[int]:
+    def served(self, rank: int | None = None) -> list[int]:
+        """The collector ids (global, ascending) that ``rank`` (default: this rank)
+        serves; collector ``served()[j]`` has local id ``j`` there."""
+        rank = self.rank if rank is None else rank
         if self.servers == 1:
             return list(range(self.num_collectors)) if rank == self._first_server else []
         return list(range(rank, self.num_collectors, self.world_size))
