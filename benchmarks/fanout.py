@@ -27,6 +27,7 @@ for latency (the chain adds a hop per host).
 
 Writes ``benchmarks/results/fanout-<stamp>.json`` and ``.png`` (``--quick``: under
 ``benchmarks/results/quick/``) and prints a markdown table. Needs root and iproute2.
+The run quoted in the README is kept as ``benchmarks/fanout.json`` / ``fanout.png``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from testbed import TestBed  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 SERIES = ("relay", "direct", "torchrl", "tcp_chain")
+_COLORS = {"relay": "tab:blue", "direct": "tab:orange", "torchrl": "tab:green",
+           "tcp_chain": "tab:red", "wire": "tab:gray"}
 _RATES = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
@@ -267,6 +270,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                   r["results"].get(series, {}).get("median_s") for r in rows]
             if any(y is not None for y in ys):
                 ax.plot(xs, [float("nan") if y is None else y * 1e3 for y in ys], "o-",
+                        color=_COLORS[series],
                         label="bytes/rate" if series == "wire" else series)
         ax.set_xlabel("collector hosts")
         ax.set_ylabel("round, ms (median)")
