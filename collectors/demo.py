@@ -17,14 +17,23 @@ With ``--collector torchrl`` the collectors are torchrl's own: a ``MultiSyncColl
 whose weights travel through :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`
 (:class:`~collectors.torchrl_group.TorchRLGroup`); workers are updated between batches
 (``collector.update_policy_weights_()``), so the staleness is 0. Same bar, summary, JSON.
+
+With ``--launcher ray`` the collectors are Ray actors
+(:class:`~collectors.ray_launcher.RayLauncher`, the ``ray`` extra) on a local Ray the demo
+starts and stops, or on the cluster of ``--ray-address`` (``auto``, or the ``host:port``
+that ``ray start --head`` printed); their batches come back through Ray's object store.
+On several nodes, ``--learner-host`` must be an address of this host that the other
+nodes reach. Same bar, summary, JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -37,6 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from collectors.group import BatchRecord, CollectorGroup
+from collectors.launcher import Launcher
 from collectors.task import (
     ENV_NAME,
     PPOLearner,
@@ -47,7 +57,7 @@ from collectors.task import (
     make_policy,
     make_value,
 )
-from weight_sync import SyncStats, WeightSyncError
+from weight_sync import SenderConfig, SyncStats, WeightSyncError
 
 __all__ = ["build_parser", "main"]
 
@@ -96,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight-sync: this project's collector processes (default); "
                              "torchrl: torchrl's MultiSyncCollector with weight-sync's "
                              "WeightSyncTorchRLScheme")
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+                        help="local: collector processes on this host (default); ray: "
+                             "collectors as Ray actors (needs the 'ray' extra)")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --launcher ray: the Ray cluster to join ('auto' or "
+                             "host:port); default: start a local Ray for the run")
+    parser.add_argument("--learner-host", default="127.0.0.1",
+                        help="address the collectors reach the learner's weight stream at "
+                             "(127.0.0.1; on a multi-node Ray cluster, this host's address)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write per-iteration metrics to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -156,6 +175,7 @@ def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
     stats = group.summary()
     return {
         "collector": args.collector,
+        "launcher": args.launcher,
         "collectors": args.collectors,
         "iterations": len(rows),
         "seed": args.seed,
@@ -178,6 +198,7 @@ def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
 
 def _table(summary: dict[str, Any]) -> Table:
     kind = " (torchrl MultiSyncCollector)" if summary["collector"] == "torchrl" else ""
+    kind += " as Ray actors" if summary["launcher"] == "ray" else ""
     table = Table(title=f"weight-sync demo: PPO on {ENV_NAME}, {summary['collectors']} "
                         f"collector(s){kind}, seed {summary['seed']}")
     table.add_column("metric")
@@ -213,7 +234,18 @@ def _make_group(args: argparse.Namespace, policy: Any) -> _Group:
                             sync_timeout=args.sync_timeout)
     return CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
                           frames_per_batch=args.frames_per_batch, seed=args.seed,
-                          collect_fn=collect)
+                          collect_fn=collect, launcher=_launcher(args),
+                          sender_config=SenderConfig(host=args.learner_host))
+
+
+def _launcher(args: argparse.Namespace) -> Launcher | None:
+    if args.launcher == "local":
+        return None
+    from collectors.ray_launcher import RayLauncher
+
+    local = {"num_cpus": max(args.collectors, os.cpu_count() or 1), "include_dashboard": False}
+    return RayLauncher(address=args.ray_address,
+                       init_kwargs=None if args.ray_address else local)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.collectors < 1 or args.iterations < 1:
         build_parser().error("--collectors and --iterations must be >= 1")
+    if args.launcher == "ray" and args.collector == "torchrl":
+        build_parser().error("--launcher ray starts weight-sync collectors, "
+                             "not --collector torchrl")
+    if args.launcher == "ray" and importlib.util.find_spec("ray") is None:
+        build_parser().error("--launcher ray needs the 'ray' extra: "
+                             "pip install 'weight-sync[ray]'")
     console = Console(stderr=True)
     torch.set_num_threads(1)  # the collectors need the other cores
     torch.manual_seed(args.seed)
