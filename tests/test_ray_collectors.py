@@ -1,0 +1,214 @@
+"""Collectors as Ray actors (:class:`~collectors.ray_launcher.RayLauncher`) on a real local Ray.
+
+One Ray instance for the module (``ray.init`` with 4 logical CPUs, no dashboard), bound to
+127.0.0.1 and stopped at the end; every process it started carries a marker in its
+environment, and the module's teardown checks that none of them outlives
+``ray.shutdown()``. The collectors run the CartPole task and connect their
+``WeightReceiver`` to the test's ``WeightSender`` on 127.0.0.1, as local collector
+processes do. Every wait is bounded (group and ``get_all`` timeouts, pidfd waits).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+import uuid
+from typing import Any
+
+import pytest
+import torch
+
+# Before Ray is imported: on Linux Ray otherwise binds and advertises the host's outbound
+# address; with this its processes use 127.0.0.1 only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+ray = pytest.importorskip(
+    "ray", reason="ray is not installed: these tests need the 'ray' extra "
+                  "(pip install -e '.[ray]')")
+
+from collectors import (  # noqa: E402
+    CHECKSUM_KEY,
+    VERSION_KEY,
+    WORKER_KEY,
+    CollectorDied,
+    CollectorGroup,
+    CollectorTimeout,
+    policy_checksum,
+)
+from collectors.errors import PlacementTimeout  # noqa: E402
+from collectors.ray_launcher import RayLauncher, RayLauncherConfig  # noqa: E402
+from collectors.task import collect, make_env, make_policy  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+FRAMES = 64
+TIMEOUTS = dict(connect_timeout=90.0, batch_timeout=60.0, shutdown_timeout=10.0)
+_MARKER = "WEIGHT_SYNC_RAY_TEST"
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _gone(pid: int | None, timeout: float = 0.0) -> bool:
+    """True once process ``pid`` has ended (waits up to ``timeout`` s on its pidfd)."""
+    assert pid is not None
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+def _marked(marker: bytes) -> dict[int, str]:
+    """Live processes whose environment holds ``marker``, with their command lines."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:  # ended meanwhile, or a zombie
+            continue
+    return out
+
+
+def _perturb(policy: torch.nn.Module, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _group(policy: torch.nn.Module, launcher: RayLauncher, **kwargs: Any) -> CollectorGroup:
+    opts: dict[str, Any] = dict(num_collectors=2, frames_per_batch=FRAMES, seed=0,
+                                collect_fn=collect, launcher=launcher, **TIMEOUTS)
+    opts.update(kwargs)
+    return CollectorGroup(policy, make_env, make_policy, **opts)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Any:
+    """A local Ray for the module; after ``ray.shutdown()`` none of its processes remains.
+    Yields the environment entry its processes carry (see :func:`_marked`)."""
+    value = uuid.uuid4().hex
+    marker = f"{_MARKER}={value}".encode()
+    os.environ[_MARKER] = value  # inherited by every process Ray starts, only by those
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    finally:
+        del os.environ[_MARKER]
+    try:
+        started = _marked(marker)
+        assert any("raylet" in cmd for cmd in started.values()), started
+        yield marker
+    finally:
+        ray.shutdown()
+        deadline = time.monotonic() + 30
+        left = {pid: cmd for pid, cmd in _marked(marker).items()
+                if not _gone(pid, max(deadline - time.monotonic(), 0))}
+        assert not left, f"Ray processes left after ray.shutdown(): {left}"
+
+
+# -- tests -------------------------------------------------------------------------------
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="'ROUND_ROBIN'"):
+        RayLauncherConfig(strategy="ROUND_ROBIN")
+    with pytest.raises(ValueError, match="num_cpus must be > 0, got 0"):
+        RayLauncherConfig(num_cpus=0)
+    with pytest.raises(ValueError, match="placement_timeout must be > 0, got -1"):
+        RayLauncherConfig(placement_timeout=-1)
+    assert RayLauncherConfig(num_cpus=2, num_gpus=0.5).bundle == {"CPU": 2.0, "GPU": 0.5}
+
+
+def test_actors_deliver_version_tagged_batches_with_the_learners_weights(
+        ray_cluster: Any) -> None:
+    torch.manual_seed(0)
+    policy = make_policy()
+    checksums = {0: policy_checksum(policy)}
+    launcher = RayLauncher(RayLauncherConfig(strategy="PACK", placement_timeout=60))
+    with _group(policy, launcher, record_checksum=True) as group:
+        # group-level calls: one future per collector, in id order
+        info = launcher.get_all(launcher.run_all("node_info"), timeout=30)
+        assert [i["worker_id"] for i in info] == [0, 1]
+        assert [i["pid"] for i in info] == group.pids and os.getpid() not in group.pids
+        assert {i["node_ip"] for i in info} == {"127.0.0.1"}
+        assert set(group.pids) <= set(_marked(ray_cluster))  # seen by the teardown check
+        threads = launcher.run_each("apply", [(torch.get_num_threads,)] * 2)
+        assert launcher.get_all(threads, timeout=30) == [1, 1]  # ran inside the collectors
+        with pytest.raises(CollectorTimeout, match=r"\[0, 1\] not done within 0.2s"):
+            launcher.get_all(launcher.run_all("apply", time.sleep, 5), timeout=0.2)
+        table = ray.util.placement_group_table(launcher.placement_group)
+        assert table["strategy"] == "PACK" and table["state"] == "CREATED"
+        assert len(table["bundles"]) == 2
+        pg = launcher.placement_group
+
+        newest: dict[int, int] = {0: -1, 1: -1}
+        for step, batch in enumerate(group):
+            record = group.batch_records[-1]
+            assert batch.batch_size == torch.Size([FRAMES])
+            assert bool((batch[WORKER_KEY] == record.worker_id).all())
+            versions = batch[VERSION_KEY].tolist()
+            assert (min(versions), max(versions)) == (record.version_min, record.version_max)
+            # every step acted with the weights of the version it carries: the learner's
+            # weights reached the actors over weight-sync
+            for version, checksum in zip(versions, batch[CHECKSUM_KEY].tolist(), strict=True):
+                assert checksum == checksums[version]
+            newest[record.worker_id] = max(newest[record.worker_id], record.version_max)
+            if min(newest.values()) >= 3:
+                break
+            assert step < 60, f"collectors should act with version 3 within a few batches: {newest}"
+            _perturb(policy, step)
+            group.update_weights(timeout=30)
+            checksums[group.version] = policy_checksum(policy)
+        pids = group.pids
+    assert all(_gone(pid, timeout=30) for pid in pids), "actors outlived the group"
+    assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
+    assert launcher.workers == {} and ray.is_initialized()  # not the launcher's Ray to stop
+
+
+def test_killed_actor_is_restarted_then_a_second_death_is_raised(ray_cluster: Any) -> None:
+    torch.manual_seed(0)
+    policy = make_policy()
+    launcher = RayLauncher(RayLauncherConfig(placement_timeout=60))
+    with _group(policy, launcher, max_restarts=1) as group:
+        next(group)
+        old_pid = group.workers[0].pid
+        ray.kill(group.workers[0].actor)  # type: ignore[attr-defined]
+        for step, _ in enumerate(group):
+            record = group.batch_records[-1]
+            if group.restarts and record.worker_id == 0 \
+                    and record.version_min > group.restarts[0].learner_version:
+                break  # the new actor caught up and got updates since
+            _perturb(policy, step)
+            group.update_weights(timeout=30)  # never raises: the failure was restarted
+            assert step < 80, "the restarted collector should deliver within a few batches"
+        [restart] = group.restarts
+        assert restart.worker_id == 0 and "killed by `ray.kill`" in restart.reason
+        assert group.workers[0].pid not in (None, old_pid) and _gone(old_pid, timeout=30)
+
+        ray.kill(group.workers[0].actor)  # type: ignore[attr-defined]
+        with pytest.raises(CollectorDied) as info:
+            for _ in range(80):
+                next(group)
+                group.update_weights(timeout=30)
+        assert info.value.worker_id == 0 and "actor died" in str(info.value)
+        with pytest.raises(CollectorDied, match="collector 0 died before answering"):
+            launcher.get_all(launcher.run_all("pid"), timeout=30)
+        pids = group.pids
+    assert all(_gone(pid, timeout=30) for pid in pids)
+
+
+def test_collectors_that_cannot_be_placed_raise_placement_timeout(ray_cluster: Any) -> None:
+    launcher = RayLauncher(RayLauncherConfig(num_cpus=64, placement_timeout=2))
+    group = _group(make_policy(), launcher)
+    with pytest.raises(PlacementTimeout, match=r"2 bundle\(s\) \{'CPU': 64.0\} \(SPREAD\) not "
+                                               r"placed within 2.0s: the cluster has 4 CPU"):
+        group.start()
+    assert launcher.placement_group is None and launcher.workers == {}
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
