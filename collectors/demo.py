@@ -244,7 +244,8 @@ def _launcher(args: argparse.Namespace) -> Launcher | None:
     from collectors.ray_launcher import RayLauncher
 
     local = {"num_cpus": max(args.collectors, os.cpu_count() or 1), "include_dashboard": False}
-    return RayLauncher(address=args.ray_address,
+    # "local": a Ray of our own even when `ray start` left one running on this machine
+    return RayLauncher(address=args.ray_address or "local",
                        init_kwargs=None if args.ray_address else local)
 
 

@@ -10,10 +10,14 @@ processes do. Every wait is bounded (group and ``get_all`` timeouts, pidfd waits
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +27,8 @@ import torch
 # address; with this its processes use 127.0.0.1 only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip(
-    "ray", reason="ray is not installed: these tests need the 'ray' extra "
-                  "(pip install -e '.[ray]')")
+    "ray", reason="ray is not importable: these tests need the 'ray' extra "
+                  "(pip install -e '.[ray]')", exc_type=ImportError)
 
 from collectors import (  # noqa: E402
     CHECKSUM_KEY,
@@ -44,6 +48,7 @@ pytestmark = pytest.mark.timeout(240)
 FRAMES = 64
 TIMEOUTS = dict(connect_timeout=90.0, batch_timeout=60.0, shutdown_timeout=10.0)
 _MARKER = "WEIGHT_SYNC_RAY_TEST"
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -100,7 +105,8 @@ def ray_cluster() -> Any:
     marker = f"{_MARKER}={value}".encode()
     os.environ[_MARKER] = value  # inherited by every process Ray starts, only by those
     try:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # "local": a new Ray even when `ray start` left one running on this machine
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     finally:
         del os.environ[_MARKER]
     try:
@@ -212,3 +218,47 @@ def test_collectors_that_cannot_be_placed_raise_placement_timeout(ray_cluster: A
         group.start()
     assert launcher.placement_group is None and launcher.workers == {}
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def _demo(args: list[str], tmp_path: Path, env: dict[str, str] | None = None,
+          timeout: float = 300) -> tuple[dict[str, Any], str]:
+    """Run ``weight-sync demo --launcher ray ARGS`` in its own process; its JSON and stdout."""
+    out = tmp_path / "demo.json"
+    environ = {**os.environ, **(env or {}),
+               "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-m", "weight_sync.cli", "demo", "--launcher", "ray", "--quiet",
+         "--json-out", str(out), *args],
+        cwd=_ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"demo failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
+    return json.loads(out.read_text()), " ".join(run.stdout.split())  # rich wraps lines
+
+
+@pytest.mark.slow
+def test_demo_with_its_own_local_ray_learns_and_leaves_no_ray_process(
+        ray_cluster: Any, tmp_path: Path) -> None:
+    value = uuid.uuid4().hex
+    data, stdout = _demo(["--iterations", "30", "--seed", "0"], tmp_path,
+                         env={_MARKER: value})
+    summary = data["summary"]
+    assert summary["launcher"] == "ray" and summary["iterations"] == 30
+    assert summary["final_version"] == 30 and summary["total_frames"] == 30 * 2 * 256
+    assert summary["last_avg_return"] > 2 * summary["first_avg_return"], summary  # learning
+    assert "2 collector(s) as Ray actors" in stdout and "average return" in stdout
+    # the demo's Ray (a second one beside the module's) ended with it
+    marker = f"{_MARKER}={value}".encode()
+    deadline = time.monotonic() + 30
+    left = {pid: cmd for pid, cmd in _marked(marker).items()
+            if not _gone(pid, max(deadline - time.monotonic(), 0))}
+    assert not left, f"the demo left Ray processes behind: {left}"
+
+
+@pytest.mark.slow
+def test_demo_joins_a_running_ray_with_ray_address(ray_cluster: Any, tmp_path: Path) -> None:
+    address = ray.get_runtime_context().gcs_address
+    data, stdout = _demo(["--iterations", "3", "--frames-per-batch", "64",
+                          "--ray-address", address], tmp_path)
+    assert [r["version"] for r in data["iterations"]] == [1, 2, 3]
+    assert data["config"]["ray_address"] == address
+    assert "as Ray actors" in stdout
+    assert ray.is_initialized()  # the demo left the cluster it joined running
