@@ -10,18 +10,23 @@ processes do. Every wait is bounded (group and ``get_all`` timeouts, pidfd waits
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from harness import free_port
 
 # Before Ray is imported: on Linux Ray otherwise binds and advertises the host's outbound
 # address; with this its processes use 127.0.0.1 only.
@@ -115,9 +120,7 @@ def ray_cluster() -> Any:
         yield marker
     finally:
         ray.shutdown()
-        deadline = time.monotonic() + 30
-        left = {pid: cmd for pid, cmd in _marked(marker).items()
-                if not _gone(pid, max(deadline - time.monotonic(), 0))}
+        left = _wait_gone(marker, 30)
         assert not left, f"Ray processes left after ray.shutdown(): {left}"
 
 
@@ -246,19 +249,58 @@ def test_demo_with_its_own_local_ray_learns_and_leaves_no_ray_process(
     assert summary["last_avg_return"] > 2 * summary["first_avg_return"], summary  # learning
     assert "2 collector(s) as Ray actors" in stdout and "average return" in stdout
     # the demo's Ray (a second one beside the module's) ended with it
-    marker = f"{_MARKER}={value}".encode()
-    deadline = time.monotonic() + 30
-    left = {pid: cmd for pid, cmd in _marked(marker).items()
-            if not _gone(pid, max(deadline - time.monotonic(), 0))}
+    left = _wait_gone(f"{_MARKER}={value}".encode(), 30)
     assert not left, f"the demo left Ray processes behind: {left}"
 
 
+def _wait_gone(marker: bytes, timeout: float) -> dict[int, str]:
+    """The processes carrying ``marker`` still alive after up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    return {pid: cmd for pid, cmd in _marked(marker).items()
+            if not _gone(pid, max(deadline - time.monotonic(), 0))}
+
+
+@contextlib.contextmanager
+def _ray_start_head(port: int, auth: dict[str, str], marker: str,
+                    timeout: float = 120) -> Iterator[None]:
+    """``ray start --head --port PORT --block`` (the README's head node) until the block
+    exits; then it is terminated and every process it started is checked gone. ``auth``:
+    Ray's token settings, which the drivers joining it need too."""
+    temp_dir = tempfile.mkdtemp(prefix="wsray-")  # short: Ray's unix sockets live in it
+    env = {**os.environ, **auth, "RAY_TMPDIR": temp_dir, _MARKER: marker}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
+         "--num-cpus=4", "--include-dashboard=false", "--block"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert head.stdout is not None
+        deadline, seen = time.monotonic() + timeout, b""
+        while b"Ray runtime started" not in seen:  # printed once the head serves
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([head.stdout], [], [], max(remaining, 0))
+            line = head.stdout.readline() if readable else b""
+            assert line, f"ray start --head not up within {timeout}s: {seen.decode()[-2000:]}"
+            seen += line
+        yield
+    finally:
+        head.terminate()
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(10)
+        left = _wait_gone(f"{_MARKER}={marker}".encode(), 30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"ray start left processes behind: {left}"
+
+
 @pytest.mark.slow
-def test_demo_joins_a_running_ray_with_ray_address(ray_cluster: Any, tmp_path: Path) -> None:
-    address = ray.get_runtime_context().gcs_address
-    data, stdout = _demo(["--iterations", "3", "--frames-per-batch", "64",
-                          "--ray-address", address], tmp_path)
-    assert [r["version"] for r in data["iterations"]] == [1, 2, 3]
-    assert data["config"]["ray_address"] == address
-    assert "as Ray actors" in stdout
-    assert ray.is_initialized()  # the demo left the cluster it joined running
+def test_demo_joins_a_ray_started_with_ray_start(tmp_path: Path) -> None:
+    port = free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+    with _ray_start_head(port, auth, uuid.uuid4().hex):
+        data, stdout = _demo(["--iterations", "3", "--frames-per-batch", "64",
+                              "--ray-address", f"127.0.0.1:{port}"], tmp_path, env=auth)
+        assert [r["version"] for r in data["iterations"]] == [1, 2, 3]
+        assert data["config"]["ray_address"] == f"127.0.0.1:{port}"
+        assert "2 collector(s) as Ray actors" in stdout
