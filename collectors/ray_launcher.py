@@ -308,9 +308,10 @@ class RayWorker:
     def close(self) -> None:
         if self._closed:
             return
-        self.kill()  # an ended run loop leaves an idle actor holding its bundle
-        ray.wait([self._run], timeout=_CLOSE_WAIT_S)
-        _ = self.pid, self.exitcode  # kept for the logs, from now on without Ray
+        if ray.is_initialized():  # else Ray ended already, and its actors with it
+            self.kill()  # an ended run loop leaves an idle actor holding its bundle
+            ray.wait([self._run], timeout=_CLOSE_WAIT_S)
+            _ = self.pid, self.exitcode  # kept for the logs, from now on without Ray
         self._closed = True
         self._buffer.clear()
         self._next = None
@@ -392,15 +393,16 @@ class RayLauncher:
         the actors, remove the placement group, and end a Ray session this launcher began."""
         workers = list(self.workers.values())
         try:
-            for w in workers:
-                w.request_stop()
-            if workers and ray.is_initialized():
-                ray.wait([w.run_ref for w in workers], num_returns=len(workers),
-                         timeout=max(timeout, 0))
+            if ray.is_initialized():  # else nothing of it is left to stop
+                for w in workers:
+                    w.request_stop()
+                if workers:
+                    ray.wait([w.run_ref for w in workers], num_returns=len(workers),
+                             timeout=max(timeout, 0))
+                if self.placement_group is not None:
+                    remove_placement_group(self.placement_group)
             for w in workers:
                 w.close()
-            if self.placement_group is not None:
-                remove_placement_group(self.placement_group)
         finally:
             self.workers.clear()
             self.placement_group = None
