@@ -28,9 +28,8 @@ import pytest
 import torch
 from harness import free_port
 
-# Before Ray is imported: on Linux Ray otherwise binds and advertises the host's outbound
-# address; with this its processes use 127.0.0.1 only.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# conftest.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before anything imported Ray: its
+# processes then bind 127.0.0.1 only (checked by the fixture).
 ray = pytest.importorskip(
     "ray", reason="ray is not importable: these tests need the 'ray' extra "
                   "(pip install -e '.[ray]')", exc_type=ImportError)
@@ -115,6 +114,10 @@ def ray_cluster() -> Any:
     finally:
         del os.environ[_MARKER]
     try:
+        node_ip = ray.util.get_node_ip_address()
+        assert node_ip == "127.0.0.1", (
+            f"Ray bound {node_ip}, not 127.0.0.1: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 must be "
+            "set before Ray is first imported (tests/conftest.py does)")
         started = _marked(marker)
         assert any("raylet" in cmd for cmd in started.values()), started
         yield marker
