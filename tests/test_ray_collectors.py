@@ -270,7 +270,8 @@ def _ray_start_head(port: int, auth: dict[str, str], marker: str,
     exits; then it is terminated and every process it started is checked gone. ``auth``:
     Ray's token settings, which the drivers joining it need too."""
     temp_dir = tempfile.mkdtemp(prefix="wsray-")  # short: Ray's unix sockets live in it
-    env = {**os.environ, **auth, "RAY_TMPDIR": temp_dir, _MARKER: marker}
+    env = {**os.environ, **auth, "RAY_TMPDIR": temp_dir, _MARKER: marker,
+           "PYTHONUNBUFFERED": "1"}  # its "started" line must not wait in a pipe buffer
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
          "--num-cpus=4", "--include-dashboard=false", "--block"],
