@@ -11,6 +11,9 @@ Example::
         for batch in group:                  # each step tagged "policy_version"
             ...                              # train `policy`
             group.update_weights(timeout=30)
+
+Collectors as Ray actors: ``collectors.ray_launcher.RayLauncher`` (the ``ray`` extra; not
+imported here).
 """
 
 from collectors.errors import (
@@ -18,6 +21,7 @@ from collectors.errors import (
     CollectorDied,
     CollectorError,
     CollectorTimeout,
+    PlacementTimeout,
 )
 from collectors.group import BatchRecord, CollectorGroup, RestartRecord
 from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
@@ -35,7 +39,7 @@ from collectors.worker import (
 __all__ = [
     "CollectorGroup", "BatchRecord", "RestartRecord", "WorkerSpec", "VersionTagger", "run_worker",
     "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle",
-    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout",
+    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout", "PlacementTimeout",
     "VERSION_KEY", "WORKER_KEY", "CHECKSUM_KEY", "policy_checksum",
     "encode_message", "decode_message",
 ]

@@ -21,14 +21,23 @@ whose weights travel through :class:`~weight_sync.torchrl.WeightSyncTorchRLSchem
 With ``--learners N`` the learner is N data-parallel CPU ranks started with torchrun, each
 serving ``--collectors / N`` of the collectors and averaging gradients with the others
 (:mod:`collectors.demo_ranks`); rank 0 prints the same summary.
+
+With ``--launcher ray`` the collectors are Ray actors
+(:class:`~collectors.ray_launcher.RayLauncher`, the ``ray`` extra) on a local Ray the demo
+starts and stops, or on the cluster of ``--ray-address`` (``auto``, or the ``host:port``
+that ``ray start --head`` printed); their batches come back through Ray's object store.
+On several nodes, ``--learner-host`` must be an address of this host that the other
+nodes reach. Same bar, summary, JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -42,6 +51,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from collectors.group import BatchRecord, CollectorGroup
+from collectors.launcher import Launcher
 from collectors.task import (
     ENV_NAME,
     PPOLearner,
@@ -52,7 +62,7 @@ from collectors.task import (
     make_policy,
     make_value,
 )
-from weight_sync import SyncStats, WeightSyncError
+from weight_sync import SenderConfig, SyncStats, WeightSyncError
 
 if TYPE_CHECKING:
     from collectors.demo_ranks import DemoRank
@@ -107,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learners", type=int, default=1,
                         help="data-parallel learner ranks on this host, started with "
                              "torchrun; each serves --collectors / --learners collectors (1)")
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+                        help="local: collector processes on this host (default); ray: "
+                             "collectors as Ray actors (needs the 'ray' extra)")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --launcher ray: the Ray cluster to join ('auto' or "
+                             "host:port); default: start a local Ray for the run")
+    parser.add_argument("--learner-host", default="127.0.0.1",
+                        help="address the collectors reach the learner's weight stream at "
+                             "(127.0.0.1; on a multi-node Ray cluster, this host's address)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write per-iteration metrics to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -171,6 +190,7 @@ def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
     stats = group.summary()
     return {
         "collector": args.collector,
+        "launcher": args.launcher,
         "collectors": args.collectors,
         "iterations": len(rows),
         "seed": args.seed,
@@ -195,6 +215,7 @@ def _table(summary: dict[str, Any]) -> Table:
     kind = " (torchrl MultiSyncCollector)" if summary["collector"] == "torchrl" else ""
     if summary.get("learners", 1) > 1:
         kind += f", {summary['learners']} data-parallel learner ranks"
+    kind += " as Ray actors" if summary["launcher"] == "ray" else ""
     table = Table(title=f"weight-sync demo: PPO on {ENV_NAME}, {summary['collectors']} "
                         f"collector(s){kind}, seed {summary['seed']}")
     table.add_column("metric")
@@ -233,7 +254,19 @@ def _make_group(args: argparse.Namespace, policy: Any) -> _Group:
                             sync_timeout=args.sync_timeout)
     return CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
                           frames_per_batch=args.frames_per_batch, seed=args.seed,
-                          collect_fn=collect)
+                          collect_fn=collect, launcher=_launcher(args),
+                          sender_config=SenderConfig(host=args.learner_host))
+
+
+def _launcher(args: argparse.Namespace) -> Launcher | None:
+    if args.launcher == "local":
+        return None
+    from collectors.ray_launcher import RayLauncher
+
+    local = {"num_cpus": max(args.collectors, os.cpu_count() or 1), "include_dashboard": False}
+    # "local": a Ray of our own even when `ray start` left one running on this machine
+    return RayLauncher(address=args.ray_address or "local",
+                       init_kwargs=None if args.ray_address else local)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.collectors < 1 or args.iterations < 1 or args.learners < 1:
         build_parser().error("--collectors, --iterations and --learners must be >= 1")
+    if args.launcher == "ray" and args.collector == "torchrl":
+        build_parser().error("--launcher ray starts weight-sync collectors, "
+                             "not --collector torchrl")
+    if args.launcher == "ray" and args.learners > 1:
+        build_parser().error("--launcher ray runs one learner; --learners > 1 starts local "
+                             "collector processes per rank")
+    if args.launcher == "ray" and importlib.util.find_spec("ray") is None:
+        build_parser().error("--launcher ray needs the 'ray' extra: "
+                             "pip install 'weight-sync[ray]'")
     rank: DemoRank | None = None
     if args.learners > 1:
         from collectors import demo_ranks

@@ -16,6 +16,7 @@ __all__ = [
     "CollectorDied",
     "CollectorError",
     "CollectorTimeout",
+    "PlacementTimeout",
     "describe_exitcode",
 ]
 
@@ -59,3 +60,8 @@ class CollectorDied(CollectorError):
 
 class CollectorTimeout(CollectorError, WeightSyncTimeout):
     """No collector delivered what the learner waited for within the timeout."""
+
+
+class PlacementTimeout(CollectorTimeout):
+    """The cluster could not reserve the collectors' resources within the timeout (e.g. a
+    Ray placement group asking for more CPUs than the cluster has)."""

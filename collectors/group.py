@@ -14,7 +14,8 @@ Example::
 A collector that raises surfaces here as :class:`~collectors.errors.CollectorCrashed`
 with its traceback; one that dies (killed, exit) as
 :class:`~collectors.errors.CollectorDied`. Both are noticed at once: the group waits on
-the collectors' pipes and process sentinels together, never on one blind queue.
+all collectors together through its launcher (local processes: their pipes and process
+sentinels in one call; Ray actors: one ``ray.wait``), never on one blind queue.
 
 With ``max_restarts=k`` the group instead restarts a failed collector (same id, up to
 ``k`` restarts in all): the new process rejoins the weight stream, is caught up with
@@ -150,7 +151,7 @@ class CollectorGroup:
         self.max_restarts = max_restarts
         self.restarts: list[RestartRecord] = []
         """Every restart so far, oldest first."""
-        self._inbox = Inbox(self.workers, recover=self._restart)
+        self._inbox = Inbox(self.workers, self.launcher.wait, recover=self._restart)
         self._started = False
         self._running = False  # started and not closed: failures may be restarted
         self._closed = False
@@ -219,8 +220,9 @@ class CollectorGroup:
                     w.kill()
                     w.join(2.0)
                 w.join(0.1)
-                w.connection.close()
+                w.close()
             self._inbox.ready.clear()
+            self.launcher.shutdown(self.shutdown_timeout)
         log.info("collector group closed: exit codes %s",
                  {w.worker_id: w.exitcode for w in self.workers})
 
@@ -326,7 +328,7 @@ class CollectorGroup:
                 if remaining <= _ACK_SLICE_S:
                     raise WeightSyncTimeout(f"version {self.version} not acked within "
                                             f"{timeout:.1f}s: {exc}", exc.result) from exc
-                self._inbox.pump(0)  # keep pipes drained; surfaces a crashed collector
+                self._inbox.pump(0)  # keep channels drained; surfaces a crashed collector
 
     # -- internals -------------------------------------------------------------------------
     def _restart(self, error: CollectorError) -> bool:
@@ -339,7 +341,7 @@ class CollectorGroup:
         if old.is_alive():  # e.g. frozen: its link was failed, its process lingers
             old.kill()
         old.join(5.0)
-        old.connection.close()
+        old.close()
         # A new seed: the new process must not replay its predecessor's episodes.
         nth = 1 + sum(r.worker_id == wid for r in self.restarts)
         spec = WorkerSpec(worker_id=wid, info=self.sender.connection_info,

@@ -1,25 +1,24 @@
-"""Starting collector processes: a small :class:`Launcher` protocol and local processes.
+"""Starting collectors: a small :class:`Launcher` protocol and local processes.
 
 The :class:`~collectors.group.CollectorGroup` asks its launcher for one
 :class:`WorkerHandle` per :class:`~collectors.worker.WorkerSpec` and from then on talks to
-the handle only: read its batches from :attr:`WorkerHandle.connection`, notice its end
-through :attr:`WorkerHandle.sentinel`, give back credits, ask it to stop, and
-terminate it if it does not. :class:`LocalLauncher` (the default) starts
-``multiprocessing`` processes with the ``spawn`` method.
-
-Other launchers fit behind the same protocol: a torchrun-style launcher would start
-``collectors.worker.run_worker`` from a script reading ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``-like
-environment variables and hand back a handle over a socket connection; a Ray launcher
-would wrap an actor (its ``ObjectRef`` of the run loop as the sentinel). Only local
-processes are implemented here.
+the handles and the launcher only: wait for any handle to have a message or to end
+(:meth:`Launcher.wait`), read its messages (:meth:`WorkerHandle.receive`), give back
+credits, ask it to stop, terminate it if it does not, and release what is left
+(:meth:`WorkerHandle.close`, :meth:`Launcher.shutdown`). :class:`LocalLauncher` (the
+default) starts ``multiprocessing`` processes with the ``spawn`` method and brings their
+messages back over a pipe; :class:`~collectors.ray_launcher.RayLauncher` (the ``ray``
+extra) runs collectors as Ray actors and brings them back through Ray's object store.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-from multiprocessing.connection import Connection
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol, runtime_checkable
 
+from collectors.errors import describe_exitcode
 from collectors.worker import WorkerSpec, process_main
 
 __all__ = ["Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle"]
@@ -32,19 +31,26 @@ class WorkerHandle(Protocol):
     worker_id: int
 
     @property
-    def pid(self) -> int | None: ...
+    def pid(self) -> int | None:
+        """The collector's process id (``None`` while not known yet)."""
 
     @property
     def exitcode(self) -> int | None:
-        """``None`` while running; negative: killed by that signal."""
+        """``None`` while running (or when the launcher cannot know it); negative:
+        killed by that signal."""
 
-    @property
-    def sentinel(self) -> int:
-        """Waitable with ``multiprocessing.connection.wait``; ready once the worker ended."""
+    def end_reason(self) -> str:
+        """Why the collector ended, for error messages (``"killed by SIGKILL"``,
+        ``"exit code 1"``, ``"actor died: ..."``)."""
 
-    @property
-    def connection(self) -> Connection:
-        """Read end of the worker's messages (see :mod:`collectors.transport`)."""
+    def receive(self) -> bytes | bytearray | None:
+        """The next message the collector sent, without waiting; ``None`` if none is
+        there now.
+
+        Raises:
+            EOFError: every message was read and the collector's channel is closed
+                (it ended, on purpose or not).
+        """
 
     def is_alive(self) -> bool: ...
 
@@ -60,12 +66,30 @@ class WorkerHandle(Protocol):
 
     def kill(self) -> None: ...
 
+    def close(self) -> None:
+        """Release the learner's end of the channel (and what is left of an ended
+        collector); nothing is received afterwards."""
+
 
 class Launcher(Protocol):
-    """Starts collectors; see :class:`LocalLauncher`."""
+    """Starts collectors, waits on them, releases them; see :class:`LocalLauncher`.
+
+    A launcher serves one group at a time: :meth:`shutdown` ends everything it started.
+    """
 
     def launch(self, spec: WorkerSpec, max_inflight: int) -> WorkerHandle:
         """Start the collector of ``spec`` allowing ``max_inflight`` untaken batches."""
+        ...
+
+    def wait(self, workers: Sequence[WorkerHandle], timeout: float) -> list[WorkerHandle]:
+        """Wait up to ``timeout`` s until any of ``workers`` (handles this launcher
+        made) has a message or has ended; return those that have (maybe none)."""
+        ...
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop what this launcher started and still runs (waiting up to ``timeout`` s
+        before killing it) and release what it holds; the group calls it last in its
+        ``close``."""
         ...
 
 
@@ -91,11 +115,23 @@ class LocalWorker:
 
     @property
     def sentinel(self) -> int:
+        """Waitable with ``multiprocessing.connection.wait``; ready once the process ended."""
         return int(self._process.sentinel)
 
     @property
     def connection(self) -> Connection:
+        """Read end of the worker's messages (see :mod:`collectors.transport`)."""
         return self._connection
+
+    def end_reason(self) -> str:
+        return describe_exitcode(self.exitcode)
+
+    def receive(self) -> bytes | None:
+        if self._connection.poll(0):
+            return self._connection.recv_bytes()  # EOFError once the child closed its end
+        if not self._process.is_alive():
+            raise EOFError(f"collector {self.worker_id} ended")
+        return None
 
     def is_alive(self) -> bool:
         return bool(self._process.is_alive())
@@ -114,6 +150,9 @@ class LocalWorker:
 
     def kill(self) -> None:
         self._process.kill()
+
+    def close(self) -> None:
+        self._connection.close()
 
     def __repr__(self) -> str:
         return (f"LocalWorker(id={self.worker_id}, pid={self.pid}, "
@@ -146,3 +185,19 @@ class LocalLauncher:
         # Only the child may hold the write end: its exit then reads as EOF here.
         writer.close()
         return LocalWorker(spec.worker_id, process, reader, stop, credits)
+
+    def wait(self, workers: Sequence[WorkerHandle], timeout: float) -> list[WorkerHandle]:
+        """Wait on the workers' pipes and process sentinels together (one ``wait`` call)."""
+        by_object: dict[Any, LocalWorker] = {}
+        for w in workers:
+            if not isinstance(w, LocalWorker):
+                raise TypeError(f"LocalLauncher.wait got {w!r}, not a LocalWorker")
+            by_object[w.connection] = by_object[w.sentinel] = w
+        ready: list[WorkerHandle] = []
+        for obj in wait(list(by_object), max(timeout, 0)):
+            if not any(h is by_object[obj] for h in ready):
+                ready.append(by_object[obj])
+        return ready
+
+    def shutdown(self, timeout: float) -> None:
+        """Nothing to release: the group reaps the processes it was handed."""

@@ -13,8 +13,9 @@ initial sync: the policy never acts with its own random initialisation), then lo
    by :class:`VersionTagger`, which polls ``receive_weights(timeout=0)`` before every
    step (or only between batches) and writes into every step the version (and, on
    request, a checksum) of the weights that chose its action;
-3. send the batch to the learner over its pipe (see :mod:`collectors.transport` for the
-   format, its measured cost and why it beats shared-memory tensors).
+3. send the batch to the learner over its channel, a :class:`MessageSink` (a pipe for a
+   local process; see :mod:`collectors.transport` for the format, its measured cost and
+   why it beats shared-memory tensors).
 
 Per-step tags make the version honest: with per-step polling an update can land in the
 middle of a batch, and each transition says which weights produced it (PPO's ratio uses
@@ -34,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -53,6 +55,7 @@ __all__ = [
     "CHECKSUM_KEY",
     "VERSION_KEY",
     "WORKER_KEY",
+    "MessageSink",
     "VersionTagger",
     "WorkerSpec",
     "policy_checksum",
@@ -79,6 +82,16 @@ class _Event(Protocol):
 
 class _Credits(Protocol):
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+
+
+class MessageSink(Protocol):
+    """Where a collector writes its messages: the write end of a local pipe
+    (``multiprocessing.connection.Connection``) or any channel with the same two calls."""
+
+    def send_bytes(self, buf: bytes | bytearray) -> None: ...
+
+    def close(self) -> None:
+        """No more messages: the learner reads the end of the channel after the last one."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,7 @@ class VersionTagger(TensorDictModuleBase):
         return out
 
 
-def _send(conn: Connection, kind: str, batch: TensorDictBase | None = None,
+def _send(conn: MessageSink, kind: str, batch: TensorDictBase | None = None,
           **fields: Any) -> None:
     conn.send_bytes(encode_message(kind, fields, batch))
 
@@ -192,7 +205,7 @@ def _learner_gone() -> bool:
     return parent is not None and not parent.is_alive()
 
 
-def _serve(spec: WorkerSpec, conn: Connection, stop: _Event, credits: _Credits) -> None:
+def _serve(spec: WorkerSpec, conn: MessageSink, stop: _Event, credits: _Credits) -> None:
     torch.manual_seed(spec.seed + spec.worker_id)
     env = spec.env_factory(spec.env_seed)
     policy = spec.policy_factory()
@@ -223,12 +236,13 @@ def _serve(spec: WorkerSpec, conn: Connection, stop: _Event, credits: _Credits) 
             env.close()
 
 
-def run_worker(spec: WorkerSpec, conn: Connection, stop: _Event, credits: _Credits) -> int:
+def run_worker(spec: WorkerSpec, conn: MessageSink, stop: _Event, credits: _Credits) -> int:
     """Run a collector until it is stopped; return its exit code.
 
     Args:
         spec: what to build and how to connect.
-        conn: write end of this worker's pipe to the learner.
+        conn: write end of this worker's channel to the learner (a pipe's
+            ``Connection`` for a local process); closed when the worker returns.
         stop: set by the learner to ask for a clean stop.
         credits: semaphore; one is taken per batch and given back by the learner when it
             takes the batch.
@@ -237,8 +251,10 @@ def run_worker(spec: WorkerSpec, conn: Connection, stop: _Event, credits: _Credi
         0 after a stop (stop signal, learner closed the stream, learner gone), 1 after
         reporting any other exception to the learner.
     """
-    # Ctrl-C reaches the whole process group; the learner decides how its collectors stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C reaches the whole process group; the learner decides how its collectors
+        # stop. (A worker run by a host's thread, e.g. a Ray actor, leaves signals to it.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     failed = False
     try:
@@ -274,7 +290,7 @@ def process_main(spec: WorkerSpec, conn: Connection, stop: _Event, credits: _Cre
     os._exit(code)
 
 
-def _report(conn: Connection, kind: str, **fields: Any) -> bool:
+def _report(conn: MessageSink, kind: str, **fields: Any) -> bool:
     """Send a final message if the learner still listens; ``True`` once attempted."""
     with contextlib.suppress(OSError, ValueError):
         _send(conn, kind, **fields)

@@ -4,6 +4,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Ray reads this once, when it is first imported, and torchrl.collectors imports Ray when
+# it is installed: set it before anything imports torchrl. With it a local Ray binds and
+# advertises 127.0.0.1 only (tests/test_ray_collectors.py); without it, on Linux, the
+# host's outbound address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from collections.abc import Iterator
 
 import models

@@ -19,8 +19,8 @@ import pytest
 from weight_sync import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS_ONLY = {"torchrl", "gymnasium", "rich", "matplotlib"}
-"""Installed by the ``collectors``/``bench`` extras; the library must not need them."""
+EXTRAS_ONLY = {"torchrl", "gymnasium", "rich", "matplotlib", "ray"}
+"""Installed by the ``collectors``/``bench``/``ray`` extras; the library must not need them."""
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:

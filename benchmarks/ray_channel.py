@@ -1,0 +1,155 @@
+"""Cost per batch of the collectors' two channels: a local pipe vs Ray's object store.
+
+The same real CartPole batch (``collectors.task.collect``, ``--frames`` frames), encoded
+with ``collectors.transport.encode_message`` and stamped, is sent ``--batches`` times,
+one every ``--pace-ms``, by
+
+* ``pipe``: a spawned process over a ``multiprocessing.Pipe``, read by the learner with
+  ``LocalLauncher.wait`` + ``LocalWorker.receive`` (what local collectors use);
+* ``ray``: a Ray actor into the ``collectors.ray_launcher`` outbox, taken by the learner
+  with ``RayLauncher.wait`` + ``RayWorker.receive`` (``next_messages`` results through the
+  object store: what Ray collectors use).
+
+Both producers run one thread and send from a thread of their own process; the learner
+runs one thread. Reported per channel, in µs: the end-to-end latency, median and p90
+over the batches (stamp before encoding -> decoded in the learner; ``perf_counter`` is
+the host's monotonic clock in both processes), and the learner process's CPU time per
+batch (``process_time``: wait + receive + decode, Ray's own threads in the learner
+included). The channels alternate ``--rounds`` times.
+
+    python -m benchmarks.ray_channel --frames 256 --batches 200 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import ray
+import torch
+
+from collectors.launcher import LocalLauncher, LocalWorker
+from collectors.ray_launcher import RayLauncher, RayWorker, _Outbox
+from collectors.task import collect, make_env, make_policy
+from collectors.transport import decode_message, encode_message
+
+CHANNELS = ("pipe", "ray")
+
+
+def _batch(frames: int) -> Any:
+    torch.manual_seed(0)
+    batch, _ = collect(make_env(0), make_policy(), frames)
+    return batch
+
+
+def _produce(sink: Any, batch: Any, n: int, pace: float) -> None:
+    for seq in range(n):
+        sink.send_bytes(encode_message("batch", {"seq": seq, "t0": time.perf_counter()}, batch))
+        time.sleep(pace)  # the pace of a collector, not a synchronisation
+    sink.close()
+
+
+def _pipe_producer(conn: Connection, batch: Any, n: int, pace: float) -> None:
+    torch.set_num_threads(1)
+    _produce(conn, batch, n, pace)
+
+
+class _ProducerActor:
+    """A stand-in collector actor: the launcher's outbox, fed by a producer thread."""
+
+    def __init__(self, batch: Any, n: int, pace: float) -> None:
+        torch.set_num_threads(1)
+        self._outbox = _Outbox()
+        self._args = (batch, n, pace)
+
+    def run(self) -> int:
+        thread = threading.Thread(target=_produce, args=(self._outbox, *self._args))
+        thread.start()
+        thread.join()
+        return 0
+
+    def next_messages(self) -> list[bytes | bytearray]:
+        return self._outbox.take()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _drain(launcher: Any, worker: Any, n: int) -> dict[str, float]:
+    latency = []
+    cpu0 = time.process_time()
+    while len(latency) < n:
+        if not launcher.wait([worker], 60.0):
+            raise TimeoutError(f"no batch within 60 s after {len(latency)} of {n}")
+        while (data := worker.receive()) is not None:
+            header, _ = decode_message(data)
+            latency.append(time.perf_counter() - header["t0"])
+    cpu = (time.process_time() - cpu0) / n
+    return {"e2e_p50_us": _q(latency, 0.5), "e2e_p90_us": _q(latency, 0.9),
+            "learner_cpu_us": cpu * 1e6}
+
+
+def _q(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1e6
+
+
+def measure(channel: str, batch: Any, n: int, pace: float) -> dict[str, float]:
+    """One channel, one producer: per-batch costs in µs."""
+    if channel == "pipe":
+        ctx = mp.get_context("spawn")
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_pipe_producer, args=(writer, batch, n, pace))
+        proc.start()
+        writer.close()
+        try:
+            return _drain(LocalLauncher(), LocalWorker(0, proc, reader, None, None), n)
+        finally:
+            proc.join(30)
+    actor = ray.remote(_ProducerActor).options(max_concurrency=4, num_cpus=1).remote(
+        batch, n, pace)
+    worker = RayWorker(0, actor)
+    try:
+        return _drain(RayLauncher(), worker, n)
+    finally:
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--pace-ms", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    batch = _batch(args.frames)
+    size = len(encode_message("batch", {"seq": 0, "t0": 0.0}, batch))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        results: dict[str, list[dict[str, float]]] = {c: [] for c in CHANNELS}
+        for _ in range(args.rounds):
+            for channel in CHANNELS:
+                results[channel].append(measure(channel, batch, args.batches,
+                                                args.pace_ms / 1e3))
+    finally:
+        ray.shutdown()
+    print(f"batch: {args.frames} frames, {size} bytes encoded; {args.batches} batches "
+          f"per round, one per {args.pace_ms} ms; µs, median of rounds' p50 / p90")
+    print(f"{'channel':8s} {'end to end p50/p90':>20s} {'learner CPU/batch':>18s}")
+    for channel, runs in results.items():
+        def med(key: str, runs: list[dict[str, float]] = runs) -> float:
+            return statistics.median(r[key] for r in runs)
+        print(f"{channel:8s} {med('e2e_p50_us'):9.0f}/{med('e2e_p90_us'):<10.0f} "
+              f"{med('learner_cpu_us'):14.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
