@@ -104,6 +104,7 @@ print("RESULT " + json.dumps(result.rank(0)), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_torchrunx_localhost_two_workers(tmp_path: Path) -> None:
     """torchrunx starts its agent on "localhost" with a local shell (no ssh); the
     workers come with the process group up, which the helper adopts."""
