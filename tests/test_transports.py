@@ -32,6 +32,7 @@ from weight_sync import (
     CollectorFailed,
     ConfigError,
     ConnectionInfo,
+    SenderConfig,
     WeightReceiver,
     WeightSender,
 )
@@ -44,7 +45,7 @@ from weight_sync.transports import (
     register_transport,
     transport_names,
 )
-from weight_sync.transports.base import LinkSpec
+from weight_sync.transports.base import LearnerSide, LinkSpec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,11 +74,20 @@ def test_registry_lists_builtins_and_refuses_bad_specs() -> None:
 def test_each_end_satisfies_its_protocol(name: str) -> None:
     spec = get_transport(name)
     link = LinkSpec(0, 1, BufferLayout.from_weights(make_weights(0)))
-    sender_end, receiver_end = spec.sender(link), spec.receiver(link)
+    side = None if spec.learner is None else spec.learner(SenderConfig())
+    if side is not None:  # its ends are built by the learner-wide side
+        assert isinstance(side, LearnerSide)
+        sender_end = side.end(link)
+    else:
+        assert spec.sender is not None
+        sender_end = spec.sender(link)
+    receiver_end = spec.receiver(link)
     assert isinstance(sender_end, SenderTransport)
     assert isinstance(receiver_end, ReceiverTransport)
     sender_end.close()
     receiver_end.close()
+    if side is not None:
+        side.close()
 
 
 # -- shared memory only where /dev/shm is really shared ------------------------------

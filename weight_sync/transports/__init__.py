@@ -2,11 +2,14 @@
 
 A transport is a pair of classes, the learner's end (:class:`SenderTransport`) and a
 collector's end (:class:`ReceiverTransport`), registered by name. Built in:
-``"distributed"`` (a gloo/nccl pair group per collector) and ``"shm"`` (same-host
-shared memory, falling back to ``"distributed"`` for collectors that do not share it).
+``"distributed"`` (a gloo/nccl pair group per collector), ``"shm"`` (same-host
+shared memory, falling back to ``"distributed"`` for collectors that do not share it)
+and ``"relay"`` (the learner sends each version once; collectors forward it host to
+host while it arrives).
 """
 
 from weight_sync.transports.base import (
+    LearnerSide,
     LinkSpec,
     Offer,
     ReceiverTransport,
@@ -20,5 +23,5 @@ from weight_sync.transports.registry import (
     transport_names,
 )
 
-__all__ = ["LinkSpec", "Offer", "Sending", "SenderTransport", "ReceiverTransport",
+__all__ = ["LearnerSide", "LinkSpec", "Offer", "Sending", "SenderTransport", "ReceiverTransport",
            "TransportSpec", "register_transport", "get_transport", "transport_names"]
