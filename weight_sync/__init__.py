@@ -9,11 +9,13 @@ from weight_sync.discovery import (
     info_from_env,
 )
 from weight_sync.errors import (
+    AuthenticationError,
     ClosedError,
     CollectorFailed,
     ConfigError,
     ConnectionFailed,
     DuplicateCollectorError,
+    IntegrityError,
     InvalidWeightsError,
     LayoutMismatchError,
     PeerGone,
@@ -33,7 +35,8 @@ __all__ = [
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
-    "CollectorFailed", "ConfigError", "DuplicateCollectorError", "AckResult",
+    "CollectorFailed", "ConfigError", "DuplicateCollectorError", "IntegrityError",
+    "AuthenticationError", "AckResult",
     "info_from_env", "info_from_address", "collector_id_from_env", "env_for_collectors",
 ]
 __version__ = "0.1.0"
