@@ -123,6 +123,12 @@ class WeightReceiver:
     def _who(self) -> str:
         return f"collector {self.collector_id}"
 
+    @property
+    def refused(self) -> int:
+        """Messages refused so far as corrupted in transit (each asked for again;
+        none of them applied)."""
+        return 0 if self._link is None else self._link.refused
+
     def _control(self, timeout: float) -> Control:
         return Control.connect(self.info.host, self.info.port, self.info.name,
                                max(timeout, 0.1))
