@@ -119,3 +119,15 @@ def test_checksum_off_stamps_nothing() -> None:
         assert _receive_while_learner_waits(sender, rx) == v
         assert fingerprint(policy) == expected(v)
     assert seen == [[0, 0], [0, 0]]
+
+
+def test_refused_message_replaced_by_newer_pending_weights() -> None:
+    """No backlog on a resend either: when newer weights were published while the
+    corrupted message was out, the learner sends those instead of the refused version."""
+    hook = Flipper(times=1)
+    with pair("distributed", hook) as (sender, rx, policy, weights):
+        publish(sender, weights)  # v1: in flight, corrupted on arrival
+        v2 = publish(sender, weights)  # pending behind it
+        assert _receive_while_learner_waits(sender, rx) == v2
+        assert fingerprint(policy) == expected(v2)
+        assert hook.flipped == {1: 1, 2: 1} and rx.refused == 2

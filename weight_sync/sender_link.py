@@ -189,7 +189,7 @@ class SenderLink:
 
     def _resend(self, flight: _InFlight) -> None:
         """The collector refused ``flight`` (failed checksum): send its version again,
-        as the next message."""
+        or the newest pending one, as the next message."""
         if flight.resends >= MAX_RESENDS:
             raise CollectorFailed(
                 f"{self._who()} refused version {flight.version} {flight.resends + 1} "
@@ -202,6 +202,9 @@ class SenderLink:
         snapshot, flight.snapshot = flight.snapshot, None
         self._in_flight = None
         assert snapshot is not None
+        if self._pending is not None:  # newer weights meanwhile: send those (no backlog)
+            snapshot.release()
+            snapshot, self._pending = self._pending, None
         self._start(snapshot, flight.resends + 1)  # the snapshot's reference moves on
 
     def _finish(self, flight: _InFlight) -> None:
