@@ -157,7 +157,8 @@ def test_replayed_signal_of_an_older_version_refused() -> None:
             spy = connect_client(info.host, info.port, 10)
             captured.append(bytes(spy.get(Keys(info.name).update(0, 1, 1))))
 
-    with WeightSender(make_weights(0), 1, timeout=RX_TIMEOUT_S, secret=SECRET) as sender, \
+    weights = make_weights(0)
+    with WeightSender(weights, 1, timeout=RX_TIMEOUT_S, secret=SECRET) as sender, \
             ThreadPoolExecutor(1) as pool:
         holder.append(sender.connection_info)
         rx, joined, policy = _join(pool, sender, 0, SECRET,
@@ -165,7 +166,7 @@ def test_replayed_signal_of_an_older_version_refused() -> None:
         try:
             sender.connect(timeout=60)
             assert joined.result(60) == 0
-            sender.send_weights_async()
+            assert publish(sender, weights) == 1
             assert rx.receive_weights(timeout=30) == 1
             sender.wait_ack(timeout=30)
             assert captured and captured[0].startswith(b"1/"), captured
@@ -174,7 +175,7 @@ def test_replayed_signal_of_an_older_version_refused() -> None:
                                                          captured[0])
             with pytest.raises(AuthenticationError, match="message 2's signal is not"):
                 rx.receive_weights(timeout=30)
-            assert rx.version == 1
+            assert rx.version == 1 and fingerprint(policy) == expected(1)
         finally:
             rx.close()
 
