@@ -258,6 +258,8 @@ class SenderLink:
         self._beat_read = now
         beats = self._control.heartbeats(self.collector_id, self.incarnation)
         if beats < 0:
+            if self._control.acked(self.collector_id, self.incarnation, flight.version):
+                return  # it acked, then left, since the ack was read: the next call sees it
             raise CollectorFailed(f"{self._who()} closed its receiver with version "
                                   f"{flight.version} unacked", self.collector_id)
         if beats != self._beats:
