@@ -3,7 +3,7 @@
 Two parts:
 
 * **per step** (one process): the learner's checksum stamp (XXH3-64 of the payload),
-  a collector's check of it; with a secret, the SHA-256 digest of the message (once per
+  a collector's check of it; with a secret, the BLAKE3 digest of the message (once per
   snapshot on the learner, once per message on each collector) and the HMAC of a
   signal (signing and verifying);
 * **per round** (a learner and one collector process, gloo over loopback): a round is
@@ -74,7 +74,7 @@ def per_step(params: int, rounds: int) -> dict[str, dict[str, float]]:
     return {
         "checksum stamp (learner)": {k: stamped[k] - plain[k] for k in stamped},
         "checksum check (collector)": _time(lambda: check_payload(message, "bench"), rounds),
-        "sha256 digest (learner once, each collector)": _time(
+        "blake3 digest (learner once, each collector)": _time(
             lambda: message_digest(message), rounds),
         "hmac sign (learner, per link)": _time(
             lambda: key.sign(3, 1, 7, Update(1, "note"), digest), rounds),

@@ -11,11 +11,13 @@ environment variable :data:`SECRET_ENV` for launched collectors):
   HMAC over the verdict and the collector's nonce, so the collector knows the answer
   comes from a learner with the secret. The learner never judges an incarnation twice,
   so a replayed hello admits nobody; another learner's nonce makes old proofs useless.
-* **Messages.** Each update signal carries the SHA-256 digest of the message and an
-  HMAC over (collector id, incarnation, message number, version, transport note,
-  digest), keyed by the secret and the learner's nonce. The collector checks the HMAC
-  before it receives anything (a forged or replayed signal is refused) and the digest
-  before it applies the message (corruption is refused and fetched again).
+* **Messages.** Each update signal carries the BLAKE3 digest of the message (computed
+  once per snapshot; BLAKE3 because it hashes ~5x faster than SHA-256 here: 11.5 ms
+  against 54 ms for 40 MB) and an HMAC-SHA256 over (collector id, incarnation,
+  message number, version, transport note, digest), keyed by the secret and the
+  learner's nonce. The collector checks the HMAC before it receives anything (a forged
+  or replayed signal is refused) and the digest before it applies the message
+  (corruption is refused and fetched again).
 
 The secret never travels: only nonces and HMACs do. It never appears in a ``repr``
 or a log line.
@@ -28,6 +30,7 @@ import hmac
 import os
 import secrets
 
+import blake3
 import torch
 
 from weight_sync.errors import ConfigError
@@ -63,8 +66,8 @@ def new_nonce() -> str:
 
 
 def message_digest(message: torch.Tensor) -> str:
-    """SHA-256 of a whole message (header and payload), hex."""
-    return hashlib.sha256(host_bytes(message)).hexdigest()
+    """BLAKE3-256 of a whole message (header and payload), hex."""
+    return blake3.blake3(host_bytes(message)).hexdigest()
 
 
 def _mac(key: bytes, *fields: object) -> str:

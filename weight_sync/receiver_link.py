@@ -4,7 +4,7 @@ Waits for the learner's signal of the next message, has the transport end (any
 :class:`~weight_sync.transports.base.ReceiverTransport`) fill a flat buffer, and checks
 the message before it is handed over, the same for every transport: with a shared
 secret, the signal's HMAC before anything is received (a forged or replayed signal
-ends the stream) and the message's SHA-256 after; the header against the signalled
+ends the stream) and the message's BLAKE3 digest after; the header against the signalled
 version; without a secret, the payload against the header's checksum. A message that
 fails its digest or checksum is refused and asked for again (the learner sends its
 version again as the next message), at most ``MAX_RESENDS`` times in a row.
@@ -134,7 +134,7 @@ class ReceiverLink:
         if self._key is None:
             check_payload(data, self.spec.who())
         elif message_digest(data) != update.digest:
-            raise IntegrityError(f"{self.spec.who()}: version {update.version}'s SHA-256 "
+            raise IntegrityError(f"{self.spec.who()}: version {update.version}'s BLAKE3 digest "
                                  f"does not match its signal (corrupted in transit)")
 
     def _refuse(self, exc: IntegrityError) -> None:

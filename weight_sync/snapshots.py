@@ -33,7 +33,7 @@ class Snapshot:
         self.segment: str | None = None
         """Name of the shared-memory segment holding the buffer, if any."""
         self.digest = ""
-        """SHA-256 of the message, when the pool computes digests (a shared secret)."""
+        """BLAKE3 digest of the message, when the pool computes digests (a shared secret)."""
         self._refs = 0
 
     def retain(self) -> Snapshot:
@@ -58,7 +58,7 @@ class SnapshotPool:
         shared: allocate the buffers in named shared-memory segments (CPU only), so
             that collectors on this host can read them (``transport="shm"``).
         checksum: stamp each message's header with a checksum of its payload.
-        digests: compute each message's SHA-256 (:attr:`Snapshot.digest`), for signed
+        digests: compute each message's BLAKE3 digest (:attr:`Snapshot.digest`), for signed
             signals.
     """
 
