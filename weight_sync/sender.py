@@ -119,7 +119,9 @@ class WeightSender:
             raise
         self._pool = SnapshotPool(self.wire_layout, self._device(),
                                   shared=chain[0].shared_snapshots,
-                                  checksum=self.config.checksum, digests=self._key is not None)
+                                  # with a secret, the signed digest covers it all
+                                  checksum=self.config.checksum and self._key is None,
+                                  digests=self._key is not None)
         self._latest: Snapshot | None = None
         self.links: dict[int, SenderLink] = {}
         """The live collectors' links, by collector id."""
