@@ -125,7 +125,9 @@ class Admissions:
                 for link in links.values():
                     link.close()
                 raise self._refused[cid][1]
-        self._joins_seen = self._control.joins()
+        # _joins_seen stays as it was: the first poll() then looks at every id once, so
+        # an elastic id that joined during this connect() is judged too (the joins
+        # counter would not move for it again).
         try:
             for link in links.values():
                 link.connect(self._control, deadline - time.monotonic())
