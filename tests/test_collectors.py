@@ -243,6 +243,34 @@ def test_collectors_exit_when_the_learner_dies() -> None:
     assert all(_gone(pid, timeout=30) for pid in pids), "collectors outlived their learner"
 
 
+def _learner_then_freeze(pids_out: Any) -> None:
+    group = _group(make_policy()).start()
+    next(group)
+    pids_out.send(group.pids)
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen: no socket closes, its store answers nothing
+    group.close()
+
+
+def test_collectors_exit_when_the_learner_freezes() -> None:
+    """A learner frozen with SIGSTOP (its process alive, a pid check would pass): its
+    collectors see its heartbeat stop (``learner_timeout``, 10 s) and exit."""
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    learner = ctx.Process(target=_learner_then_freeze, args=(writer,))
+    learner.start()
+    writer.close()
+    try:
+        assert reader.poll(120), "the learner never reported its collectors"
+        pids = reader.recv()
+        assert all(_gone(pid, timeout=60) for pid in pids), "collectors outlived their learner"
+    finally:
+        assert learner.pid is not None
+        os.kill(learner.pid, signal.SIGKILL)
+        os.kill(learner.pid, signal.SIGCONT)
+        learner.join(30)
+    assert learner.exitcode == -signal.SIGKILL
+
+
 def test_demo_short_run_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     code = demo_main(["--iterations", "3", "--frames-per-batch", "64", "--quiet",

@@ -36,6 +36,8 @@ def _info(**overrides: object) -> ConnectionInfo:
         ({"timeout": "10"}, "'10'"),
         ({"liveness_timeout": 0}, "0"),
         ({"liveness_timeout": -1.0}, "-1.0"),
+        ({"checksum": 1}, "1"),
+        ({"secret": 1234}, "a int"),  # the type, never the value: it may be the secret
     ],
 )
 def test_sender_config_rejects_and_quotes(overrides: dict[str, object], quoted: str) -> None:
@@ -48,7 +50,8 @@ def test_sender_config_rejects_and_quotes(overrides: dict[str, object], quoted: 
 
 
 @pytest.mark.parametrize(("field", "value"), [("timeout", 0.0), ("idle_slice", -1),
-                                              ("idle_slice", math.nan)])
+                                              ("idle_slice", math.nan),
+                                              ("learner_timeout", 0.0)])
 def test_receiver_config_rejects_and_quotes(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"ReceiverConfig\.{field} .* got {value!r}"):
         ReceiverConfig(**{field: value})  # type: ignore[arg-type]

@@ -104,3 +104,24 @@ def test_duplicate_id_at_run_time() -> None:
         assert fingerprint(mine) == expected(v)
         first.close()
         second.close()
+
+
+def test_elastic_id_that_joined_during_connect_is_admitted() -> None:
+    """Collector 1 (beyond num_collectors) says hello before the learner's connect()
+    ends: the next look for joins still judges it (the joins counter will not move for
+    it again)."""
+    weights = make_weights(0)
+    with WeightSender(weights, 1, max_collectors=2, timeout=RX_TIMEOUT_S) as sender, \
+            ThreadPoolExecutor(2) as pool:
+        elastic, joined_elastic, theirs = _join(pool, sender, 1)
+        _wait_hellos(sender, [(1, 1)])
+        first, joined_first, _ = _join(pool, sender, 0)
+        sender.connect(timeout=60)
+        assert joined_first.result(60) == 0
+        assert sender.wait_for([1], timeout=30).acked == (0, 1)
+        assert joined_elastic.result(30) == 0
+        v = publish(sender, weights)
+        assert elastic.receive_weights(timeout=30) == v
+        assert fingerprint(theirs) == expected(v)
+        first.close()
+        elastic.close()

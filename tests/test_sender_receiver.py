@@ -108,6 +108,8 @@ def test_receiver_rejects_bad_arguments(mlp: torch.nn.Module) -> None:
             WeightReceiver(mlp, info, collector_id=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ConnectionInfo"):
         WeightReceiver(mlp, {"port": 1}, collector_id=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"learner_timeout must exceed .*\(1.0s\), got 1.0"):
+        WeightReceiver(mlp, info, collector_id=0, learner_timeout=1.0)
 
 
 def test_sync_in_one_process_with_weights_argument(real_policy: TensorDict) -> None:

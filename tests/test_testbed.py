@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -432,3 +433,79 @@ def test_weight_sync_across_hosts(tmp_path: Path) -> None:
         assert report["host"] == bed.hosts[placement[cid]].name
         assert report["transport"] == result["transports"][str(cid)]
         assert report["exact"] == {str(v): True for v in range(last + 1)}, report
+
+
+# -- the learner's liveness across a cut link ------------------------------------------
+PARKED_LEARNER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import weight_sync
+from versioned import make_weights, set_version
+weights = make_weights(0)
+with weight_sync.WeightSender(weights, 1, host=sys.argv[2], timeout=30) as tx:
+    print(json.dumps({"info": tx.connection_info.to_json()}), flush=True)
+    tx.connect(timeout=60)
+    set_version(weights, 1)
+    tx.send_weights_async()
+    tx.wait_ack(timeout=30)
+    print(json.dumps({"acked": 1}), flush=True)
+    sys.stdin.read()  # parked until the test closes stdin or the bed kills it
+'''
+
+CUT_OFF_COLLECTOR = r'''
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import weight_sync
+from versioned import expected, fingerprint, make_weights
+info = weight_sync.ConnectionInfo.from_json(sys.argv[2])
+weights = make_weights(-7)
+rx = weight_sync.WeightReceiver(weights, info, 0, timeout=30)
+rx.connect(timeout=60)
+while rx.version < 1:
+    rx.receive_weights(timeout=5)
+print(json.dumps({"applied": rx.version}), flush=True)
+try:
+    while True:
+        rx.receive_weights(timeout=1)
+except weight_sync.WeightSyncError as exc:
+    error, message = type(exc).__name__, str(exc)
+start = time.monotonic()
+rx.close()
+print(json.dumps({"error": error, "message": message, "close_s": time.monotonic() - start,
+                  "exact": fingerprint(weights) == expected(1)}), flush=True)
+'''
+
+
+@needs_bed
+@pytest.mark.timeout(120)
+def test_collector_cut_off_from_the_learner_raises_peer_gone(tmp_path: Path) -> None:
+    """The collector's host link goes down after version 1: no socket closes, no store
+    call returns; ``receive_weights`` raises ``PeerGone`` within ``learner_timeout``
+    (10 s) instead of the store's 30 s timeout, the weights stay version 1, and the
+    process exits."""
+    learner_py, collector_py = tmp_path / "learner.py", tmp_path / "collector.py"
+    learner_py.write_text(PARKED_LEARNER)
+    collector_py.write_text(CUT_OFF_COLLECTOR)
+    with TestBed(hosts=2, rate="1gbit") as bed:
+        home, away = bed.hosts
+        learner = home.popen([PY, str(learner_py), str(TESTS), home.address],
+                             stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        info = json.loads(first_line(learner, 60))["info"]
+        collector = away.popen([PY, str(collector_py), str(TESTS), info],
+                               stdout=subprocess.PIPE)
+        assert json.loads(first_line(collector, 90)) == {"applied": 1}
+        assert json.loads(first_line(learner, 30)) == {"acked": 1}
+        bed.cut(1)
+        cut = time.monotonic()
+        report = json.loads(first_line(collector, 60))
+        seen = time.monotonic() - cut
+        finish(collector, 30)
+    assert report["error"] == "PeerGone", report
+    assert "no sign of life from the learner" in report["message"], report
+    assert report["exact"], "weights changed after the cut"
+    print(f"cut link: PeerGone {seen:.2f}s after the cut (report line included); "
+          f"close() {report['close_s']:.2f}s")

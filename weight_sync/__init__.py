@@ -10,11 +10,13 @@ from weight_sync.discovery import (
 )
 from weight_sync.distributed_helper import DistributedHelper, slurm_environ
 from weight_sync.errors import (
+    AuthenticationError,
     ClosedError,
     CollectorFailed,
     ConfigError,
     ConnectionFailed,
     DuplicateCollectorError,
+    IntegrityError,
     InvalidWeightsError,
     LayoutMismatchError,
     PeerGone,
@@ -34,7 +36,8 @@ __all__ = [
     "BufferLayout", "SyncRecord", "SyncStats",
     "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
     "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
-    "CollectorFailed", "ConfigError", "DuplicateCollectorError", "AckResult",
+    "CollectorFailed", "ConfigError", "DuplicateCollectorError", "IntegrityError",
+    "AuthenticationError", "AckResult",
     "info_from_env", "info_from_address", "collector_id_from_env", "env_for_collectors",
     "slurm_environ",
 ]

@@ -12,6 +12,7 @@ and a collector that dies halfway through its handshake must cost the learner's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 
+from weight_sync.auth import StreamKey
 from weight_sync.control import Control
 from weight_sync.errors import WeightSyncError, WeightSyncTimeout
 from weight_sync.handshake import judge, refusal_error
@@ -46,11 +48,14 @@ class Admissions:
         offers: the learner's transport offers, by name.
         max_collectors: ids ``0..max_collectors-1`` are looked at.
         connect_control: makes a new store client, for a background thread.
+        key: with a shared secret, the stream's key (hellos must prove it, verdicts
+            are signed with it).
     """
 
     def __init__(self, control: Control, make_link: LinkFactory, chain: list[TransportSpec],
                  offers: Mapping[str, Offer], max_collectors: int,
-                 connect_control: Callable[[], Control]) -> None:
+                 connect_control: Callable[[], Control], key: StreamKey | None = None) -> None:
+        self._key = key
         self._control = control
         self._make_link = make_link
         self._chain = chain
@@ -67,20 +72,26 @@ class Admissions:
     def _judge(self, cid: int, inc: int, hello: Hello,
                current: SenderLink | None) -> SenderLink | None:
         """Judge one incarnation and write the verdict; its link if admitted."""
-        self.seen[cid] = inc
-        verdict = judge(hello, cid, inc, current, self._chain, self._offers)
+        self.seen[cid] = inc  # never judged again: a replayed hello admits nobody
+        verdict = judge(hello, cid, inc, current, self._chain, self._offers, self._key)
         if not verdict.admitted:
             who = f"collector {cid} (pid {hello.pid})"
             self._refused[cid] = (inc, refusal_error(verdict, who, hello.refused))
             log.warning("refused %s, incarnation %d: %s", who, inc, verdict.reason)
-            self._control.admit(cid, inc, verdict)
+            self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
             return None
         spec = next(s for s in self._chain if s.name == verdict.transport)
         link = self._make_link(cid, inc, hello, spec)
         self._refused.pop(cid, None)
-        self._control.admit(cid, inc, Verdict(transport=spec.name))
+        self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
         log.info("admitting collector %d (incarnation %d) over %r", cid, inc, spec.name)
         return link
+
+    def _signed(self, cid: int, inc: int, hello: Hello, verdict: Verdict) -> Verdict:
+        if self._key is None:
+            return verdict
+        return dataclasses.replace(
+            verdict, proof=self._key.verdict_proof(cid, inc, hello.nonce, verdict))
 
     def initial(self, ids: Iterable[int], timeout: float) -> dict[int, SenderLink]:
         """The initial ``connect()``: wait for collectors ``ids``, judge every
@@ -114,7 +125,9 @@ class Admissions:
                 for link in links.values():
                     link.close()
                 raise self._refused[cid][1]
-        self._joins_seen = self._control.joins()
+        # _joins_seen stays as it was: the first poll() then looks at every id once, so
+        # an elastic id that joined during this connect() is judged too (the joins
+        # counter would not move for it again).
         try:
             for link in links.values():
                 link.connect(self._control, deadline - time.monotonic())

@@ -139,8 +139,10 @@ class Control:
 
     # -- the stream (learner writes, collectors read) -----------------------------------
     def publish_stream(self, layout_json: str, info_json: str,
-                       offers: dict[str, dict[str, str]]) -> None:
-        """Publish the layout, the connection info and the transport offers."""
+                       offers: dict[str, dict[str, str]], nonce: str) -> None:
+        """Publish the layout, the connection info, the transport offers and this
+        learner's nonce."""
+        self._set(self.keys.nonce, nonce, "the learner's nonce")
         self._set(self.keys.layout, layout_json, "the layout")
         self._set(self.keys.info, info_json, "the connection info")
         self._set(self.keys.offers, json.dumps(offers), "the transport offers")
@@ -150,13 +152,15 @@ class Control:
         self._wait([self.keys.info], timeout, f"the connection info of stream {self.name!r}")
         return self._get(self.keys.info, "the connection info").decode()
 
-    def read_stream(self, timeout: float) -> tuple[str, dict[str, dict[str, str]]]:
-        """The learner's layout (JSON) and transport offers, once published."""
-        self._wait([self.keys.layout, self.keys.offers], timeout, "the learner's layout")
+    def read_stream(self, timeout: float) -> tuple[str, dict[str, dict[str, str]], str]:
+        """The learner's layout (JSON), transport offers and nonce, once published."""
+        self._wait([self.keys.layout, self.keys.offers, self.keys.nonce], timeout,
+                   "the learner's layout")
         offers = json.loads(self._get(self.keys.offers, "the transport offers"))
         if not isinstance(offers, dict):
             raise ProtocolError(f"malformed transport offers in the store: {offers!r}")
-        return self._get(self.keys.layout, "the layout").decode(), offers
+        nonce = self._get(self.keys.nonce, "the learner's nonce").decode()
+        return self._get(self.keys.layout, "the layout").decode(), offers, nonce
 
     # -- joining -----------------------------------------------------------------------
     def join(self, cid: int) -> int:
@@ -207,11 +211,12 @@ class Control:
         self._set(self.keys.update(cid, inc, seq), update.encode(),
                   f"update {seq} for collector {cid}")
 
-    def post_closed(self, cid: int, inc: int, seq: int) -> bool:
-        """Best effort: signal the end of the stream on message ``seq``; False if the
-        store is gone (the peer then learns it from its own wait)."""
+    def post_closed(self, cid: int, inc: int, seq: int, update: Update | None = None) -> bool:
+        """Best effort: signal the end of the stream on message ``seq`` (``update``: a
+        signed ``Update(CLOSED)``); False if the store is gone (the peer then learns it
+        from its own wait)."""
         try:
-            self.post_update(cid, inc, seq, Update(CLOSED))
+            self.post_update(cid, inc, seq, update or Update(CLOSED))
         except ConnectionFailed:
             return False
         return True
@@ -243,6 +248,18 @@ class Control:
         """
         self._wait([self.keys.ack(c, i, v) for c, i, v in acks], timeout, what)
 
+    def ask_resend(self, cid: int, inc: int, seq: int) -> None:
+        """Collector: message ``seq`` failed its checksum; ask for its version again."""
+        self._set(self.keys.resend(cid, inc, seq), "1",
+                  f"collector {cid}'s request to resend message {seq}")
+
+    def take_resend(self, cid: int, inc: int, seq: int) -> bool:
+        """Learner: whether the collector asked for message ``seq`` again (the request
+        is consumed: one round trip)."""
+        key = self.keys.resend(cid, inc, seq)
+        return bool(_call(f"reading collector {cid}'s resend requests",
+                          lambda: self._store.delete_key(key)))
+
     def forget(self, cid: int, inc: int, seq: int, version: int | None) -> None:
         """Delete the spent keys of message ``seq`` (and the ack of ``version``): best
         effort, a lost store shows up in the next wait."""
@@ -256,6 +273,13 @@ class Control:
                 return
 
     # -- liveness and goodbyes ---------------------------------------------------------
+    def learner_beat(self) -> None:
+        self._add(self.keys.beat, 1, "the learner's heartbeat")
+
+    def learner_beats(self) -> int:
+        """The learner's heartbeat counter (0 before its first beat)."""
+        return self._add(self.keys.beat, 0, "the learner's heartbeat")
+
     def beat(self, cid: int, inc: int) -> None:
         self._add(self.keys.alive(cid, inc), 1, f"collector {cid}'s heartbeat")
 

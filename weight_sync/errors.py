@@ -19,6 +19,8 @@ __all__ = [
     "ClosedError",
     "CollectorFailed",
     "ConfigError",
+    "IntegrityError",
+    "AuthenticationError",
 ]
 
 
@@ -65,6 +67,17 @@ class InvalidWeightsError(WeightSyncError, ValueError):
 
 class ProtocolError(WeightSyncError):
     """The peers disagree on the protocol: a wrong version, a torn message, a misuse."""
+
+
+class IntegrityError(ProtocolError):
+    """A message's payload does not match its checksum (corrupted or truncated in
+    transit); it was refused, nothing applied."""
+
+
+class AuthenticationError(WeightSyncError):
+    """A peer could not prove it knows the shared secret (a join without it or with a
+    wrong one), or a message or signal is not authenticated (forged or replayed).
+    Nothing was admitted or applied."""
 
 
 class DuplicateCollectorError(ProtocolError):

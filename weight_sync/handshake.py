@@ -5,6 +5,9 @@ offers, probes the offers, and writes a :class:`~weight_sync.protocol.Hello`; th
 learner answers with a :class:`~weight_sync.protocol.Verdict`. The rules are the same
 at every moment:
 
+* with a shared secret, a collector that cannot prove it knows it is refused
+  (``AuthenticationError``), and a collector with a secret refuses a verdict the
+  learner did not prove (:mod:`weight_sync.auth`);
 * a collector whose layout differs is refused (``LayoutMismatchError``, listing the
   differences) and raises before any weight moves;
 * a collector id already served by a live process on the learner's host is refused
@@ -19,25 +22,37 @@ The collector raises the refusal; the learner raises it too where it waits for t
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import socket
 import time
 from collections.abc import Mapping
 
+from weight_sync.auth import StreamKey, new_nonce
 from weight_sync.control import Control
 from weight_sync.errors import (
+    AuthenticationError,
     ConnectionFailed,
     DuplicateCollectorError,
     LayoutMismatchError,
     WeightSyncError,
 )
 from weight_sync.layout import BufferLayout
-from weight_sync.protocol import REFUSED_DUPLICATE, REFUSED_LAYOUT, Hello, Verdict
+from weight_sync.protocol import (
+    REFUSED_AUTH,
+    REFUSED_DUPLICATE,
+    REFUSED_LAYOUT,
+    Hello,
+    Verdict,
+)
 from weight_sync.sender_link import SenderLink
 from weight_sync.transports.base import Offer
 from weight_sync.transports.registry import TransportSpec, get_transport, transport_names
 
 __all__ = ["join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
+
+log = logging.getLogger(__name__)
 
 #: :attr:`Verdict.refusal` of a collector that can use none of the proposed transports.
 REFUSED_TRANSPORT = "transport"
@@ -56,6 +71,8 @@ def refusal_error(verdict: Verdict, who: str, differences: tuple[str, ...] = ())
         return _layout_error(who, differences)
     if verdict.refusal == REFUSED_DUPLICATE:
         return DuplicateCollectorError(f"{who}: refused by the learner: {verdict.reason}")
+    if verdict.refusal == REFUSED_AUTH:
+        return AuthenticationError(f"{who}: refused by the learner: {verdict.reason}")
     return ConnectionFailed(f"{who}: refused by the learner: {verdict.reason}")
 
 
@@ -70,12 +87,14 @@ def _probe(offers: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]
     return evidence
 
 
-def join(control: Control, layout: BufferLayout, cid: int,
-         deadline: float) -> tuple[int, Verdict]:
-    """Collector side: join the stream as collector ``cid``; returns the incarnation and
-    the learner's (admitting) verdict.
+def join(control: Control, layout: BufferLayout, cid: int, deadline: float,
+         secret: bytes | None = None) -> tuple[int, Verdict, StreamKey | None]:
+    """Collector side: join the stream as collector ``cid``; returns the incarnation,
+    the learner's (admitting) verdict, and with a ``secret`` the stream's key.
 
     Raises:
+        AuthenticationError: with a secret, the learner refused this collector's proof
+            or did not prove its verdict; without one, the learner requires a secret.
         LayoutMismatchError: this collector's layout differs (checked here, and the
             learner is told, before anything else happens).
         DuplicateCollectorError: a live process already serves ``cid``.
@@ -83,28 +102,47 @@ def join(control: Control, layout: BufferLayout, cid: int,
     """
     inc = control.join(cid)
     who = f"collector {cid}"
-    layout_json, offers = control.read_stream(deadline - time.monotonic())
+    layout_json, offers, learner_nonce = control.read_stream(deadline - time.monotonic())
+    key = None if secret is None else StreamKey(secret, control.name, learner_nonce)
     diffs = layout.differences(layout_json)
-    control.say_hello(cid, inc, Hello(pid=os.getpid(), host=socket.gethostname(),
-                                      refused=tuple(diffs), evidence=_probe(offers)))
+    hello = Hello(pid=os.getpid(), host=socket.gethostname(), refused=tuple(diffs),
+                  evidence=_probe(offers), nonce=new_nonce())
+    if key is not None:
+        hello = dataclasses.replace(hello, proof=key.hello_proof(cid, inc, hello))
+    control.say_hello(cid, inc, hello)
     if diffs:
         raise _layout_error(who, diffs)
     verdict = control.wait_verdict(cid, inc, deadline - time.monotonic())
+    if verdict.refusal == REFUSED_AUTH:
+        raise refusal_error(verdict, who)
+    if key is not None and not key.verdict_valid(cid, inc, hello.nonce, verdict):
+        log.error("%s: the learner's verdict is not authenticated (a learner without the "
+                  "secret, or a forged answer): refused", who)
+        raise AuthenticationError(f"{who}: the learner's answer does not prove it knows the "
+                                  f"shared secret; not connecting")
     if not verdict.admitted:
         raise refusal_error(verdict, who)
-    return inc, verdict
+    return inc, verdict, key
 
 
 def judge(hello: Hello, cid: int, inc: int, current: SenderLink | None,
-          chain: list[TransportSpec], offers: Mapping[str, Offer]) -> Verdict:
-    """Learner side: the verdict on collector ``cid``'s incarnation ``inc``.
+          chain: list[TransportSpec], offers: Mapping[str, Offer],
+          key: StreamKey | None = None) -> Verdict:
+    """Learner side: the verdict on collector ``cid``'s incarnation ``inc`` (unsigned:
+    the caller signs it with ``key``).
 
     Args:
+        key: with a shared secret, the stream's key: the hello must carry a valid
+            proof.
         current: the link that serves ``cid`` now, if any.
         chain: the proposed transport and its fallbacks, in order.
         offers: the learner's offers, by transport name.
     """
     who = f"collector {cid} (incarnation {inc}, pid {hello.pid} on {hello.host})"
+    if key is not None and not key.hello_valid(cid, inc, hello):
+        return Verdict(refusal=REFUSED_AUTH,
+                       reason=f"{who} did not prove it knows the shared secret "
+                              f"({'a wrong proof' if hello.proof else 'no proof'})")
     if hello.refused:
         return Verdict(refusal=REFUSED_LAYOUT,
                        reason=f"{who} has another layout ({len(hello.refused)} differences)")

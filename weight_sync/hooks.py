@@ -33,5 +33,7 @@ class ReceiverHooks:
     stream it in pieces (``"relay"``); a hook that blocks holds the transfer there."""
     after_receive: Callable[[int, torch.Tensor], None] | None = None
     """``(version, message)``: the transport delivered the message, before its header
-    is checked (a hook may corrupt it here to test the check; for a lending transport
-    this is the collector's copy-on-write view, the learner's memory stays intact)."""
+    and checksum (or digest) are checked (a hook may corrupt it here to test the checks;
+    for a lending transport this is the collector's copy-on-write view, the learner's
+    memory stays intact, and a refused message's mapping is refreshed when it is sent
+    again)."""

@@ -17,6 +17,11 @@ key                              written by read by    meaning
                                                        started with only an address
 ``offers``                       learner    collector  JSON {transport: params}: what a
                                                        collector must prove to use one
+``nonce``                        learner    collector  this learner's fresh nonce (binds
+                                                       join proofs and message MACs to it)
+``beat``                         learner    collector  the learner's heartbeat counter,
+                                                       ``add(+1)`` per beat (a background
+                                                       thread: a busy learner still beats)
 ``join/<cid>``                   collector  learner    counter; ``add(+1)`` = incarnation
 ``joins``                        collector  learner    counter of all joins (cheap to poll)
 ``hello/<cid>/<inc>``            collector  learner    :class:`Hello` (JSON)
@@ -25,11 +30,15 @@ key                              written by read by    meaning
                                                        gloo pair group's keys, or fields a
                                                        transport publishes)
 ``update/<cid>/<inc>/<seq>``     learner,   collector  :class:`Update`: message seq carries
-                                 collector             version v (and the transport's note);
+                                 collector             version v (and the transport's note,
+                                                       and with a secret its digest and MAC);
                                                        ``-1`` = closed (written by the
                                                        learner, or by the collector's own
                                                        ``close()`` to wake its listener)
 ``ack/<cid>/<inc>/<v>``          collector  learner    version v is applied
+``resend/<cid>/<inc>/<seq>``     collector  learner    message seq failed its checksum: send
+                                                       its version again (as seq+1); the
+                                                       learner deletes the key as it reads it
 ``alive/<cid>/<inc>``            collector  learner    heartbeat counter, ``add(+1)`` per beat;
                                                        :data:`LEFT` added when it closes
 ``bye/<cid>/<inc>``              collector  learner    the collector reads no more (it read
@@ -53,8 +62,8 @@ from typing import Any
 
 from weight_sync.errors import ProtocolError
 
-__all__ = ["CLOSED", "LEFT", "Keys", "Hello", "Verdict", "Update", "REFUSED_LAYOUT",
-           "REFUSED_DUPLICATE"]
+__all__ = ["CLOSED", "LEFT", "MAX_RESENDS", "Keys", "Hello", "Verdict", "Update",
+           "REFUSED_LAYOUT", "REFUSED_DUPLICATE", "REFUSED_AUTH"]
 
 #: Version carried by an ``update`` that ends the stream.
 CLOSED = -1
@@ -63,6 +72,10 @@ LEFT = -(1 << 40)
 #: :attr:`Verdict.refusal` kinds.
 REFUSED_LAYOUT = "layout"
 REFUSED_DUPLICATE = "duplicate"
+REFUSED_AUTH = "auth"
+#: How often in a row a collector asks for a message again after a failed checksum
+#: (and a learner sends one version again) before the link fails.
+MAX_RESENDS = 3
 
 
 def _decode_json(what: str, raw: bytes) -> dict[str, Any]:
@@ -85,12 +98,22 @@ class Hello:
         refused: the layout differences it found, if it refused the learner's layout.
         evidence: per offered transport, what it found when probing the offer (e.g.
             the token it read from the learner's shared memory).
+        nonce: the collector's fresh nonce for this join.
+        proof: with a shared secret, the HMAC over the rest (``""`` without).
     """
 
     pid: int
     host: str
     refused: tuple[str, ...] = ()
     evidence: dict[str, dict[str, str]] = field(default_factory=dict)
+    nonce: str = ""
+    proof: str = ""
+
+    def signed_body(self) -> str:
+        """Every field but the proof, canonically (what the proof covers)."""
+        body = {**asdict(self), "refused": list(self.refused)}
+        del body["proof"]
+        return json.dumps(body, sort_keys=True)
 
     def encode(self) -> str:
         return json.dumps({**asdict(self), "refused": list(self.refused)})
@@ -101,7 +124,8 @@ class Hello:
         try:
             return cls(pid=int(value["pid"]), host=str(value["host"]),
                        refused=tuple(value.get("refused") or ()),
-                       evidence=dict(value.get("evidence") or {}))
+                       evidence=dict(value.get("evidence") or {}),
+                       nonce=str(value.get("nonce", "")), proof=str(value.get("proof", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed hello in the store: {raw[:200]!r}") from exc
 
@@ -115,15 +139,21 @@ class Verdict:
         refusal: ``""`` when admitted, else :data:`REFUSED_LAYOUT` or
             :data:`REFUSED_DUPLICATE`.
         reason: why it was refused, for the collector's error message.
+        proof: with a shared secret, the HMAC over the rest and the hello's nonce.
     """
 
     transport: str = ""
     refusal: str = ""
     reason: str = ""
+    proof: str = ""
 
     @property
     def admitted(self) -> bool:
         return not self.refusal
+
+    def signed_body(self) -> str:
+        """Every field but the proof, canonically (what the proof covers)."""
+        return json.dumps([self.transport, self.refusal, self.reason])
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -140,23 +170,32 @@ class Verdict:
 @dataclass(frozen=True)
 class Update:
     """Message ``seq`` of a link carries ``version``; ``note`` is the transport's own
-    detail (e.g. the shared-memory segment holding it), ``""`` if it needs none."""
+    detail (e.g. the shared-memory segment holding it), ``""`` if it needs none. With a
+    shared secret, ``digest`` is the message's BLAKE3 digest and ``tag`` the HMAC of the
+    signal (:class:`~weight_sync.auth.StreamKey`).
+
+    Spelled ``<version>[/<tag>/<digest>][ <note>]``."""
 
     version: int
     note: str = ""
+    digest: str = ""
+    tag: str = ""
 
     @property
     def closed(self) -> bool:
         return self.version == CLOSED
 
     def encode(self) -> str:
-        return f"{self.version} {self.note}" if self.note else str(self.version)
+        head = f"{self.version}/{self.tag}/{self.digest}" if self.tag else str(self.version)
+        return f"{head} {self.note}" if self.note else head
 
     @classmethod
     def decode(cls, raw: bytes) -> Update:
-        version, _, note = raw.decode(errors="replace").partition(" ")
+        head, _, note = raw.decode(errors="replace").partition(" ")
+        version, _, signature = head.partition("/")
+        tag, _, digest = signature.partition("/")
         try:
-            return cls(int(version), note)
+            return cls(int(version), note, digest=digest, tag=tag)
         except ValueError as exc:
             raise ProtocolError(f"malformed update signal in the store: {raw[:200]!r}") from exc
 
@@ -180,6 +219,14 @@ class Keys:
         return self.prefix + "offers"
 
     @property
+    def nonce(self) -> str:
+        return self.prefix + "nonce"
+
+    @property
+    def beat(self) -> str:
+        return self.prefix + "beat"
+
+    @property
     def joins(self) -> str:
         return self.prefix + "joins"
 
@@ -201,6 +248,9 @@ class Keys:
 
     def ack(self, cid: int, inc: int, version: int) -> str:
         return f"{self.prefix}ack/{cid}/{inc}/{version}"
+
+    def resend(self, cid: int, inc: int, seq: int) -> str:
+        return f"{self.prefix}resend/{cid}/{inc}/{seq}"
 
     def alive(self, cid: int, inc: int) -> str:
         return f"{self.prefix}alive/{cid}/{inc}"

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from weight_sync.auth import resolve_secret
 from weight_sync.config import ConnectionInfo, ReceiverConfig, wire_dtype
 from weight_sync.control import Control
 from weight_sync.errors import (
@@ -43,6 +44,7 @@ from weight_sync.errors import (
 from weight_sync.handshake import join
 from weight_sync.hooks import ReceiverHooks
 from weight_sync.layout import BufferLayout, named_leaves
+from weight_sync.liveness import LearnerWatch
 from weight_sync.packing import copy_in, swap_in
 from weight_sync.receiver_link import ReceiverLink
 from weight_sync.transports.base import LinkSpec
@@ -104,6 +106,13 @@ class WeightReceiver:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._secret = resolve_secret(self.config.secret, "ReceiverConfig")
+        if self.config.learner_timeout <= info.heartbeat_s:
+            raise ConfigError(f"ReceiverConfig.learner_timeout must exceed the learner's "
+                              f"beat interval ({info.heartbeat_s}s), got "
+                              f"{self.config.learner_timeout!r}")
+        self._watch = LearnerWatch(self._who(), self.config.learner_timeout)
+        self._learner_lost = False  # frozen or gone: close() makes no store call
 
     def __enter__(self) -> WeightReceiver:
         return self
@@ -113,6 +122,12 @@ class WeightReceiver:
 
     def _who(self) -> str:
         return f"collector {self.collector_id}"
+
+    @property
+    def refused(self) -> int:
+        """Messages refused so far as corrupted in transit (each asked for again;
+        none of them applied)."""
+        return 0 if self._link is None else self._link.refused
 
     def _control(self, timeout: float) -> Control:
         return Control.connect(self.info.host, self.info.port, self.info.name,
@@ -128,6 +143,8 @@ class WeightReceiver:
             ConnectionFailed: no store at ``info.host:info.port`` within ``timeout``.
             LayoutMismatchError: this policy differs from the learner's (listed).
             DuplicateCollectorError: a live process already serves this id.
+            AuthenticationError: with a shared secret on either side, the other side
+                could not prove it knows it.
             WeightSyncTimeout: the learner did not complete the sync in time.
         """
         if self._closed:
@@ -135,7 +152,8 @@ class WeightReceiver:
         deadline = time.monotonic() + timeout
         # One client per thread: this one (acks), the listener's, the heartbeat's.
         control = self._control(timeout)
-        inc, verdict = join(control, self.layout, self.collector_id, deadline)
+        inc, verdict, key = join(control, self.layout, self.collector_id, deadline,
+                                 self._secret)
         self.transport = verdict.transport
         spec = LinkSpec(self.collector_id, inc, self.wire_layout, backend=self.info.backend,
                         timeout=self.config.timeout,
@@ -147,13 +165,14 @@ class WeightReceiver:
             transport = get_transport(verdict.transport)
             link = ReceiverLink(spec, transport.receiver(spec),
                                 self._control(deadline - time.monotonic()), control,
-                                self._hooks, lends=transport.lends)
+                                self._hooks, lends=transport.lends, key=key)
             self._link = link
             link.connect(deadline - time.monotonic())
             version = self._initial_sync(link, spec, deadline)
         except BaseException:
             self.close()
             raise
+        self._start_thread(self._watch_learner, self._watch, "watch")
         self._start_thread(self._listen, link, "rx")
         log.info("%s connected (incarnation %d) over %r, version %d", self._who(), inc,
                  verdict.transport, version)
@@ -166,7 +185,9 @@ class WeightReceiver:
         # each message is copied in (and widened, with a wire dtype).
         self._can_swap = self.wire_layout == self.layout and all(
             t.device == spec.device for t in self._targets)
-        message = link.receive(self._staging(), max(deadline - time.monotonic(), 0.001))
+        message = None
+        while message is None and (left := deadline - time.monotonic()) > 0:
+            message = link.receive(self._staging(), left)  # None: refused, asked again
         if message is None:
             raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
                                     f"in time")
@@ -239,18 +260,30 @@ class WeightReceiver:
 
     def _heartbeat(self, beat: tuple[Control, int]) -> None:
         """Beat now and every ``info.heartbeat_s``, so the learner can tell a live but
-        slow collector from a vanished one."""
+        slow collector from a vanished one; read the learner's beat meanwhile."""
         control, inc = beat
         while True:
             try:
                 control.beat(self.collector_id, inc)
+                self._watch.saw(control.learner_beats())
             except PeerGone as exc:
                 # The listener may be stuck in a transfer the dead learner cut short
                 # (gloo only notices at its timeout): report it now instead.
+                self._learner_lost = True
                 raise PeerGone(f"{self._who()}: the learner's store went away "
                                f"(heartbeat failed): {exc}") from exc
             if self._stop.wait(self.info.heartbeat_s):
                 return
+
+    def _watch_learner(self, watch: LearnerWatch) -> None:
+        """Every beat interval, check the learner's beat moved lately; this thread
+        makes no store call, so a frozen learner cannot hold it up."""
+        while not self._stop.wait(self.info.heartbeat_s):
+            try:
+                watch.check()
+            except PeerGone:
+                self._learner_lost = True
+                raise
 
     def _listen(self, link: ReceiverLink) -> None:
         """Receive each next message, hand it over, wait for its apply."""
@@ -279,7 +312,11 @@ class WeightReceiver:
 
         Raises:
             ClosedError: the learner closed the stream, or this receiver is closed.
-            PeerGone: the learner died.
+            PeerGone: the learner died, or gave no sign of life for
+                ``config.learner_timeout`` s (frozen, cut off).
+            AuthenticationError: with a secret, a forged or replayed signal (nothing
+                applied).
+            IntegrityError: messages kept arriving corrupted (nothing applied).
             ProtocolError: an out-of-order or repeated version (nothing applied).
             WeightSyncError: whatever ended the background receive, as it ended it.
         """
@@ -324,15 +361,16 @@ class WeightReceiver:
         self._ready = None
         self._stop.set()
         self._applied.set()
+        reach = not self._learner_lost
         if self._link is not None:
-            self._link.stop()  # wakes the listener's wait for the next message
+            self._link.stop(reach_learner=reach)  # wakes the listener's wait
         # A listener inside a transfer (one the learner cut short, or will never finish
         # now that this collector left) is woken by closing the transport end; daemon
         # threads, so the waits stay short.
         self._join_threads(_CLOSE_JOIN_S)
         self._views.clear()
         if self._link is not None:
-            self._link.close()
+            self._link.close(reach_learner=reach)
         self._join_threads(_CLOSE_JOIN_S)
         for thread in self._threads:
             if thread.is_alive():

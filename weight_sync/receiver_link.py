@@ -2,20 +2,31 @@
 
 Waits for the learner's signal of the next message, has the transport end (any
 :class:`~weight_sync.transports.base.ReceiverTransport`) fill a flat buffer, and checks
-the message's header against the signalled version, the same for every transport.
+the message before it is handed over, the same for every transport: with a shared
+secret, the signal's HMAC before anything is received (a forged or replayed signal
+ends the stream) and the message's BLAKE3 digest after; the header against the signalled
+version; without a secret, the payload against the header's checksum. A message that
+fails its digest or checksum is refused and asked for again (the learner sends its
+version again as the next message), at most ``MAX_RESENDS`` times in a row.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from weight_sync.auth import StreamKey, message_digest
 from weight_sync.control import Control
-from weight_sync.errors import ClosedError, ProtocolError
+from weight_sync.errors import AuthenticationError, ClosedError, IntegrityError, ProtocolError
 from weight_sync.hooks import ReceiverHooks
-from weight_sync.packing import read_header
+from weight_sync.packing import check_payload, read_header
+from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
 from weight_sync.transports.base import LinkSpec, ReceiverTransport
 
 __all__ = ["ReceiverLink"]
+
+log = logging.getLogger(__name__)
 
 
 class ReceiverLink:
@@ -29,12 +40,18 @@ class ReceiverLink:
             (a TCPStore client must not be shared between threads).
         hooks: fault-injection and instrumentation hooks.
         lends: the transport lends its messages (zero-copy) instead of filling buffers.
+        key: with a shared secret, the stream's key: only signals it authenticates are
+            acted on.
     """
 
     def __init__(self, spec: LinkSpec, end: ReceiverTransport, listener: Control,
                  acker: Control, hooks: ReceiverHooks | None = None, *,
-                 lends: bool = False) -> None:
+                 lends: bool = False, key: StreamKey | None = None) -> None:
         self.spec = spec
+        self._key = key
+        self._refusals = 0  # messages refused in a row (failed digest or checksum)
+        self.refused = 0
+        """Messages refused so far as corrupted (each asked for again)."""
         self.lends = lends
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
@@ -58,7 +75,8 @@ class ReceiverLink:
                 timeout: float) -> tuple[int, torch.Tensor] | None:
         """Receive the next message if the learner signals one within ``timeout``
         (``0`` polls): its version and the tensor holding it (``buffer``, filled, or the
-        transport's own when it lends; ``buffer`` is ``None`` then), or ``None``.
+        transport's own when it lends; ``buffer`` is ``None`` then), or ``None`` (also
+        when the message was refused as corrupted and asked for again).
 
         The acknowledgement is separate (:meth:`ack`), sent once the weights are used.
 
@@ -68,11 +86,22 @@ class ReceiverLink:
                 short (``buffer`` then holds garbage: do not apply it).
             ProtocolError: a message whose header is not ours or names another
                 version (torn or foreign).
+            AuthenticationError: with a secret, a signal without a valid HMAC (forged,
+                or replayed from another message).
+            IntegrityError: ``MAX_RESENDS`` messages in a row failed their digest or
+                checksum.
         """
         cid, inc = self.collector_id, self.incarnation
         update = self._listener.next_update(cid, inc, self._seq, timeout)
         if update is None:
             return None
+        if self._key is not None and not self._key.authentic(cid, inc, self._seq, update):
+            log.error("%s: message %d's signal %r is not authenticated (forged or "
+                      "replayed): refused, nothing applied", self.spec.who(), self._seq,
+                      update.encode()[:80])
+            raise AuthenticationError(f"{self.spec.who()}: message {self._seq}'s signal is not "
+                                      f"authenticated (forged or replayed); refused, nothing "
+                                      f"applied")
         if update.closed:
             self._listener.bye(cid, inc)  # the learner keeps its store up until we did
             raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
@@ -86,12 +115,39 @@ class ReceiverLink:
         if got != update.version:
             raise ProtocolError(f"{self.spec.who()}: message announced as version "
                                 f"{update.version} carries version {got}")
+        try:
+            self._check(data, update)
+        except IntegrityError as exc:
+            self._refuse(exc)
+            return None
+        self._refusals = 0
         # The learner sent this message after reading the previous one's ack: both
         # keys are spent. Deleted by collect_garbage(), off the latency path.
         self._spent.append((self._seq, self._last_version))
         self._last_version = update.version
         self._seq += 1
         return update.version, data
+
+    def _check(self, data: torch.Tensor, update: Update) -> None:
+        """Raise ``IntegrityError`` unless the message is the one its signal announced
+        (with a secret) or matches its header's checksum (without)."""
+        if self._key is None:
+            check_payload(data, self.spec.who())
+        elif message_digest(data) != update.digest:
+            raise IntegrityError(f"{self.spec.who()}: version {update.version}'s BLAKE3 digest "
+                                 f"does not match its signal (corrupted in transit)")
+
+    def _refuse(self, exc: IntegrityError) -> None:
+        """Refuse the current message and ask the learner for its version again."""
+        self._refusals += 1
+        self.refused += 1
+        if self._refusals > MAX_RESENDS:
+            raise IntegrityError(f"{exc} ({self._refusals} messages in a row; giving up)"
+                                 ) from exc
+        log.warning("%s; refused, nothing applied, asking for it again", exc)
+        self._listener.ask_resend(self.collector_id, self.incarnation, self._seq)
+        self._spent.append((self._seq, None))
+        self._seq += 1
 
     def collect_garbage(self) -> None:
         """Delete the store keys of messages already received and acked (listener)."""
@@ -107,22 +163,32 @@ class ReceiverLink:
         """
         self._acker.ack(self.collector_id, self.incarnation, version)
 
-    def stop(self) -> None:
+    def stop(self, *, reach_learner: bool = True) -> None:
         """Tell the learner this collector leaves, and wake a :meth:`receive` waiting
-        for the next message (it raises ``ClosedError``); idempotent."""
+        for the next message (it raises ``ClosedError``); idempotent.
+
+        Args:
+            reach_learner: ``False`` once the learner is known gone or frozen: a store
+                call to a frozen learner never returns, so none is made.
+        """
         if self._stopped:
             return
         self._stopped = True
+        if not reach_learner:
+            return
         self._acker.leave(self.collector_id, self.incarnation)
-        self._acker.post_closed(self.collector_id, self.incarnation, self._seq)
+        closed = Update(CLOSED)
+        if self._key is not None:
+            closed = self._key.sign(self.collector_id, self.incarnation, self._seq, closed)
+        self._acker.post_closed(self.collector_id, self.incarnation, self._seq, closed)
 
-    def close(self) -> None:
+    def close(self, *, reach_learner: bool = True) -> None:
         """:meth:`stop`, then release the transport end and the store clients;
         idempotent. Call it once no thread uses the link's messages any more."""
         if self._closed:
             return
         self._closed = True
-        self.stop()
+        self.stop(reach_learner=reach_learner)
         self._end.close()
         # The listener may still be inside a call on its client: the client's socket
         # closes when that call returns.

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from weight_sync.admission import Admissions, is_local
+from weight_sync.auth import StreamKey, new_nonce, resolve_secret
 from weight_sync.config import ConnectionInfo, SenderConfig, wire_dtype
 from weight_sync.control import Control
 from weight_sync.errors import (
@@ -37,6 +38,7 @@ from weight_sync.errors import (
     WeightSyncTimeout,
 )
 from weight_sync.layout import BufferLayout, named_leaves
+from weight_sync.liveness import LearnerHeartbeat
 from weight_sync.metrics import AckResult, SyncRecord, SyncStats
 from weight_sync.protocol import Hello
 from weight_sync.sender_link import SenderLink
@@ -96,11 +98,16 @@ class WeightSender:
         self.layout = BufferLayout.from_weights(policy)
         self.wire_layout = self.layout.on_wire(wire_dtype(self.config.wire_dtype))
         """The layout of each message (``layout`` unless ``wire_dtype`` narrows it)."""
+        nonce = new_nonce()
+        secret = resolve_secret(self.config.secret, "SenderConfig")
+        self._key = None if secret is None else StreamKey(secret, self.config.name, nonce)
         self._server = StoreServer(self.config.host, self.config.port, self.config.timeout)
         self._offers: dict[str, Offer] = {}
         self._sides: dict[str, LearnerSide] = {}
         try:
             self._control = self._new_control()
+            self._heartbeat = LearnerHeartbeat(self._new_control(),
+                                               self.connection_info.heartbeat_s)
             for spec in chain:
                 if spec.offer is not None and self.config.backend in spec.backends:
                     self._offers[spec.name] = spec.offer()
@@ -108,20 +115,23 @@ class WeightSender:
                     self._sides[spec.name] = spec.learner(self.config)
             self._control.publish_stream(
                 self.layout.to_json(), self.connection_info.to_json(),
-                {name: offer.params for name, offer in self._offers.items()})
+                {name: offer.params for name, offer in self._offers.items()}, nonce)
         except BaseException:
             self._release_offers()
             self._server.stop()
             raise
         self._pool = SnapshotPool(self.wire_layout, self._device(),
-                                  shared=chain[0].shared_snapshots)
+                                  shared=chain[0].shared_snapshots,
+                                  # with a secret, the signed digest covers it all
+                                  checksum=self.config.checksum and self._key is None,
+                                  digests=self._key is not None)
         self._latest: Snapshot | None = None
         self.links: dict[int, SenderLink] = {}
         """The live collectors' links, by collector id."""
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
         self._admissions = Admissions(self._control, self._make_link, chain, self._offers,
-                                      max_collectors, self._new_control)
+                                      max_collectors, self._new_control, self._key)
         self._joins_read = 0.0  # when joins were last looked for
         self.version = 0
         self.stats = SyncStats()
@@ -229,7 +239,8 @@ class WeightSender:
             end = spec.sender(link_spec)
         return SenderLink(link_spec, end, spec.name, self._control,
                           liveness_timeout=self.config.liveness_timeout,
-                          peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends)
+                          peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends,
+                          key=self._key)
 
     def _admit_joins(self, *, force: bool = False) -> None:
         """Install collectors that (re)joined, catching them up with the newest
@@ -429,6 +440,7 @@ class WeightSender:
             self._latest = None
         self._pool.close()
         self._release_offers()
+        self._heartbeat.close()
         self._control.close()
         # Collectors normally read the close first (ClosedError); one that reads later
         # sees PeerGone.

@@ -5,7 +5,8 @@ acked the previous one. Versions published meanwhile collapse into the newest pe
 snapshot, so a slow collector never builds a backlog and a send never sits waiting on a
 busy receiver long enough to trip a transport's timeout. The bytes move through the
 link's transport end (any :class:`~weight_sync.transports.base.SenderTransport`); acks,
-liveness and the no-backlog rule live here, the same for every transport.
+liveness, the no-backlog rule, resends of a message a collector found corrupted, and
+(with a shared secret) signing the signals live here, the same for every transport.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import logging
 import os
 import time
 
+from weight_sync.auth import StreamKey
 from weight_sync.control import Control
 from weight_sync.errors import CollectorFailed, ConnectionFailed, WeightSyncError
-from weight_sync.protocol import Update
+from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
 from weight_sync.snapshots import Snapshot
 from weight_sync.transports.base import LinkSpec, SenderTransport, Sending
 
@@ -46,11 +48,13 @@ def process_alive(pid: int) -> bool:
 class _InFlight:
     """A message sent to the collector and not yet acknowledged."""
 
-    def __init__(self, seq: int, snapshot: Snapshot, sending: Sending | None) -> None:
+    def __init__(self, seq: int, snapshot: Snapshot, sending: Sending | None,
+                 resends: int = 0) -> None:
         self.seq = seq
         self.version = snapshot.version
         self.snapshot: Snapshot | None = snapshot
         self.sending = sending
+        self.resends = resends  # times this version was sent again on request
 
 
 class SenderLink:
@@ -67,12 +71,16 @@ class SenderLink:
         peer_pid: the collector's pid when it runs on this host (checked for liveness).
         lends: the collector uses each snapshot in place until it acks a newer one (a
             zero-copy transport): the link holds the acked snapshot until then.
+        key: with a shared secret, the stream's key: every signal is signed with it
+            (the snapshots then carry their digest).
     """
 
     def __init__(self, spec: LinkSpec, end: SenderTransport, transport: str,
                  control: Control, *, liveness_timeout: float | None = None,
-                 peer_pid: int | None = None, lends: bool = False) -> None:
+                 peer_pid: int | None = None, lends: bool = False,
+                 key: StreamKey | None = None) -> None:
         self.spec = spec
+        self._key = key
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self.transport = transport
@@ -166,12 +174,38 @@ class SenderLink:
         except WeightSyncError as exc:
             self._fail(exc)
 
-    def _start(self, snapshot: Snapshot) -> None:
+    def _signal(self, update: Update, digest: str = "") -> Update:
+        if self._key is None:
+            return update
+        return self._key.sign(self.collector_id, self.incarnation, self._seq, update, digest)
+
+    def _start(self, snapshot: Snapshot, resends: int = 0) -> None:
         sending = self._end.send(snapshot)
-        self._in_flight = _InFlight(self._seq, snapshot, sending)
+        self._in_flight = _InFlight(self._seq, snapshot, sending, resends)
         self._control.post_update(self.collector_id, self.incarnation, self._seq,
-                                  Update(snapshot.version, sending.note))
+                                  self._signal(Update(snapshot.version, sending.note),
+                                               snapshot.digest))
         self._seq += 1
+
+    def _resend(self, flight: _InFlight) -> None:
+        """The collector refused ``flight`` (failed checksum): send its version again,
+        or the newest pending one, as the next message."""
+        if flight.resends >= MAX_RESENDS:
+            raise CollectorFailed(
+                f"{self._who()} refused version {flight.version} {flight.resends + 1} "
+                f"times (corrupted in transit each time)", self.collector_id)
+        log.warning("%s refused version %d (corrupted in transit): sending it again",
+                    self._who(), flight.version)
+        sending, flight.sending = flight.sending, None
+        if sending is not None:
+            sending.finish(self.spec.timeout)  # received (corrupted): over
+        snapshot, flight.snapshot = flight.snapshot, None
+        self._in_flight = None
+        assert snapshot is not None
+        if self._pending is not None:  # newer weights meanwhile: send those (no backlog)
+            snapshot.release()
+            snapshot, self._pending = self._pending, None
+        self._start(snapshot, flight.resends + 1)  # the snapshot's reference moves on
 
     def _finish(self, flight: _InFlight) -> None:
         """The collector acked ``flight``: the transfer is over, and the snapshot it
@@ -204,6 +238,9 @@ class SenderLink:
             raise CollectorFailed(
                 f"{self._who()} (pid {self.peer_pid}) died before acking version "
                 f"{flight.version}", self.collector_id)
+        if self._control.take_resend(self.collector_id, self.incarnation, flight.seq):
+            self._resend(flight)
+            return
         self._check_heartbeat(flight)
 
     def _check_heartbeat(self, flight: _InFlight) -> None:
@@ -221,6 +258,8 @@ class SenderLink:
         self._beat_read = now
         beats = self._control.heartbeats(self.collector_id, self.incarnation)
         if beats < 0:
+            if self._control.acked(self.collector_id, self.incarnation, flight.version):
+                return  # it acked, then left, since the ack was read: the next call sees it
             raise CollectorFailed(f"{self._who()} closed its receiver with version "
                                   f"{flight.version} unacked", self.collector_id)
         if beats != self._beats:
@@ -250,6 +289,7 @@ class SenderLink:
             return
         self._closed = True
         # Also to a failed link: a collector declared dead may only have been frozen.
-        self._control.post_closed(self.collector_id, self.incarnation, self._seq)
+        self._control.post_closed(self.collector_id, self.incarnation, self._seq,
+                                  self._signal(Update(CLOSED)))
         self._drop_snapshots()
         self._end.close()

@@ -14,6 +14,7 @@ from multiprocessing import shared_memory
 
 import torch
 
+from weight_sync.auth import message_digest
 from weight_sync.layout import BufferLayout
 from weight_sync.packing import pack, write_header
 from weight_sync.shm import create_segment
@@ -31,6 +32,8 @@ class Snapshot:
         self.version = -1
         self.segment: str | None = None
         """Name of the shared-memory segment holding the buffer, if any."""
+        self.digest = ""
+        """BLAKE3 digest of the message, when the pool computes digests (a shared secret)."""
         self._refs = 0
 
     def retain(self) -> Snapshot:
@@ -54,9 +57,15 @@ class SnapshotPool:
     Args:
         shared: allocate the buffers in named shared-memory segments (CPU only), so
             that collectors on this host can read them (``transport="shm"``).
+        checksum: stamp each message's header with a checksum of its payload.
+        digests: compute each message's BLAKE3 digest (:attr:`Snapshot.digest`), for signed
+            signals.
     """
 
-    def __init__(self, layout: BufferLayout, device: torch.device, shared: bool = False) -> None:
+    def __init__(self, layout: BufferLayout, device: torch.device, shared: bool = False, *,
+                 checksum: bool = False, digests: bool = False) -> None:
+        self.checksum = checksum
+        self.digests = digests
         self.layout = layout
         self.device = device
         self.shared = shared
@@ -80,7 +89,8 @@ class SnapshotPool:
             snap.segment = None if segment is None else segment.name
             self.allocated += 1
         pack(sources, snap.views)
-        write_header(snap.buffer, self.layout, version)
+        write_header(snap.buffer, self.layout, version, checksum=self.checksum)
+        snap.digest = message_digest(snap.buffer) if self.digests else ""
         snap.version = version
         return snap.retain()
 

@@ -441,6 +441,7 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         gate = PolicyGate()
         receiver = WeightReceiver(
             model, info, collector_id, timeout=self._config.timeout,
+            secret=self._config.secret,  # the scheme travels to its workers by pickle
             hooks=ReceiverHooks(after_receive=lambda version, buffer: gate.arrived.set()))
         end = WorkerEnd(receiver, model, worker)
         self._worker_end = end
