@@ -30,9 +30,9 @@ import hmac
 import os
 import secrets
 
-import blake3
 import torch
 
+from weight_sync import hashing
 from weight_sync.errors import ConfigError
 from weight_sync.packing import host_bytes
 from weight_sync.protocol import Hello, Update, Verdict
@@ -65,9 +65,11 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def message_digest(message: torch.Tensor) -> str:
-    """BLAKE3-256 of a whole message (header and payload), hex."""
-    return blake3.blake3(host_bytes(message)).hexdigest()
+def message_digest(message: torch.Tensor, like: str = "") -> str:
+    """The digest of a whole message (header and payload), ``"<algorithm>:<hex>"``:
+    BLAKE3 with the ``fast`` extra, SHA-256 without (:mod:`weight_sync.hashing`); with
+    ``like``, the algorithm that digest names."""
+    return hashing.digest(host_bytes(message), like)
 
 
 def _mac(key: bytes, *fields: object) -> str:

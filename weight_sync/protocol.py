@@ -171,8 +171,8 @@ class Verdict:
 class Update:
     """Message ``seq`` of a link carries ``version``; ``note`` is the transport's own
     detail (e.g. the shared-memory segment holding it), ``""`` if it needs none. With a
-    shared secret, ``digest`` is the message's BLAKE3 digest and ``tag`` the HMAC of the
-    signal (:class:`~weight_sync.auth.StreamKey`).
+    shared secret, ``digest`` is the message's digest (``"<algorithm>:<hex>"``) and
+    ``tag`` the HMAC of the signal (:class:`~weight_sync.auth.StreamKey`).
 
     Spelled ``<version>[/<tag>/<digest>][ <note>]``."""
 

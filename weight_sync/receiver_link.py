@@ -133,8 +133,8 @@ class ReceiverLink:
         (with a secret) or matches its header's checksum (without)."""
         if self._key is None:
             check_payload(data, self.spec.who())
-        elif message_digest(data) != update.digest:
-            raise IntegrityError(f"{self.spec.who()}: version {update.version}'s BLAKE3 digest "
+        elif message_digest(data, like=update.digest) != update.digest:
+            raise IntegrityError(f"{self.spec.who()}: version {update.version}'s digest "
                                  f"does not match its signal (corrupted in transit)")
 
     def _refuse(self, exc: IntegrityError) -> None:
