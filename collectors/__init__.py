@@ -13,7 +13,9 @@ Example::
             group.update_weights(timeout=30)
 
 Collectors as Ray actors: ``collectors.ray_launcher.RayLauncher`` (the ``ray`` extra; not
-imported here).
+imported here). Collectors started by someone else (torchrun, SLURM, a shell on another
+host), batches back over the network: :class:`~collectors.remote.NetworkLauncher` and
+``python -m collectors.remote``.
 """
 
 from collectors.errors import (
@@ -25,6 +27,7 @@ from collectors.errors import (
 )
 from collectors.group import BatchRecord, CollectorGroup, RestartRecord
 from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
+from collectors.remote import NetworkLauncher, RemoteWorker
 from collectors.transport import decode_message, encode_message
 from collectors.worker import (
     CHECKSUM_KEY,
@@ -38,7 +41,7 @@ from collectors.worker import (
 
 __all__ = [
     "CollectorGroup", "BatchRecord", "RestartRecord", "WorkerSpec", "VersionTagger", "run_worker",
-    "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle",
+    "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle", "NetworkLauncher", "RemoteWorker",
     "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout", "PlacementTimeout",
     "VERSION_KEY", "WORKER_KEY", "CHECKSUM_KEY", "policy_checksum",
     "encode_message", "decode_message",

@@ -1,0 +1,109 @@
+"""Collectors started by someone else (``python -m collectors.remote``, as torchrun,
+SLURM or a shell on another host would start them), their batches back over the
+network to the learner's ``CollectorGroup`` through a :class:`NetworkLauncher`. Real
+processes on 127.0.0.1, every one reaped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from collectors import CollectorDied, CollectorGroup
+from collectors.remote import NetworkLauncher
+from collectors.task import collect, make_env, make_policy
+from collectors.worker import VERSION_KEY, WORKER_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = 64
+WAIT_S = 60.0  # hang guard on a loaded 2-core machine
+
+
+def remote(address: tuple[str, int], cid: int, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "WEIGHT_SYNC_COLLECTORS": f"{address[0]}:{address[1]}",
+           "RANK": str(cid)}
+    return subprocess.Popen([sys.executable, "-m", "collectors.remote", *extra], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def reap(procs: list[subprocess.Popen[str]]) -> list[int]:
+    codes = []
+    for proc in procs:
+        try:
+            proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT_S)
+        codes.append(proc.returncode)
+    return codes
+
+
+def group_with(launcher: NetworkLauncher, **kwargs: Any) -> CollectorGroup:
+    torch.manual_seed(0)
+    return CollectorGroup(make_policy(), make_env, make_policy, collect, num_collectors=2,
+                          frames_per_batch=FRAMES, launcher=launcher, connect_timeout=WAIT_S,
+                          batch_timeout=WAIT_S, **kwargs)
+
+
+def test_remote_collectors_send_version_tagged_batches_over_the_network() -> None:
+    launcher = NetworkLauncher(num_collectors=2)
+    group = group_with(launcher)
+    procs = [remote(launcher.address, cid) for cid in range(2)]
+    try:
+        with group:
+            seen: set[int] = set()
+            for step, batch in enumerate(group):
+                assert batch.batch_size == torch.Size([FRAMES])
+                assert set(batch[VERSION_KEY].tolist()) <= set(range(group.version + 1))
+                seen.update(batch[WORKER_KEY].unique().tolist())
+                assert group.update_weights(timeout=30).complete
+                if step >= 3 and seen == {0, 1}:
+                    break
+                assert step < 30, "both remote collectors should deliver"
+            assert {w.host for w in group.workers} != {""}  # type: ignore[attr-defined]
+    finally:
+        codes = reap(procs)
+    assert codes == [0, 0], [p.stderr.read() if p.stderr else "" for p in procs]
+
+
+def test_a_remote_collector_that_dies_is_reported_by_id() -> None:
+    launcher = NetworkLauncher(num_collectors=2)
+    group = group_with(launcher)
+    procs = [remote(launcher.address, cid) for cid in range(2)]
+    try:
+        with group:
+            next(group)
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].wait(WAIT_S)
+            with pytest.raises(CollectorDied) as info:
+                for _ in range(50):
+                    next(group)
+            assert info.value.worker_id == 0
+    finally:
+        reap(procs)
+
+
+def test_bad_ids_and_an_absent_learner_are_refused_bounded() -> None:
+    launcher = NetworkLauncher(num_collectors=1, handshake_timeout=5.0)
+    try:
+        # outside [0, 1): refused at once, exit 2 with the reason
+        out_of_range = remote(launcher.address, 5)
+        assert reap([out_of_range]) == [2]
+        assert "outside [0, 1)" in (out_of_range.stderr.read() if out_of_range.stderr else "")
+        # never launched within the handshake bound: refused
+        unlaunched = remote(launcher.address, 0)
+        assert reap([unlaunched]) == [2]
+        assert "not launched" in (unlaunched.stderr.read() if unlaunched.stderr else "")
+    finally:
+        launcher.shutdown(5.0)
+    # nothing listens any more: the entry point gives up within its timeout
+    gone = remote(launcher.address, 0, "--timeout", "2")
+    assert reap([gone]) == [2]
+    assert "no learner answered" in (gone.stderr.read() if gone.stderr else "")
