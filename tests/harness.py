@@ -54,6 +54,7 @@ import functools
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -66,7 +67,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 __all__ = ["CTX", "ChildFailed", "ChildTimeout", "Cluster", "Msg", "Procs", "free_port",
-           "pipe", "recv", "run_processes", "spawn_collectors"]
+           "process_gone", "pipe", "recv", "run_processes", "spawn_collectors"]
 
 #: The context every test process, and every pipe or event shared with one, comes from.
 CTX = mp.get_context("spawn")
@@ -495,3 +496,17 @@ class Cluster(_Children):
         for conn in [*self.cmds.values(), *self.readers, *self._conns]:
             conn.close()
         assert not alive, f"processes left alive: {alive}"
+
+
+def process_gone(pid: int | None, timeout: float = 0.0) -> bool:
+    """True once process ``pid`` has ended (waits up to ``timeout`` s on its pidfd)."""
+    assert pid is not None
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import select
 import signal
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import process_gone
 from tensordict import TensorDict
 
 from collectors import (
@@ -69,18 +69,6 @@ def broken_policy() -> Any:
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _gone(pid: int | None, timeout: float = 0.0) -> bool:
-    """True once process ``pid`` has ended (waits up to ``timeout`` s on its pidfd)."""
-    assert pid is not None
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def _perturb(policy: torch.nn.Module, step: int) -> None:
@@ -150,7 +138,7 @@ def test_lifecycle_version_tags_and_clean_shutdown() -> None:
         assert summary["staleness_max"] >= 0 and summary["p99_s"] >= summary["p50_s"]
     # Closed: every collector stopped cleanly (exit code 0, not terminated), none left.
     assert [w.exitcode for w in group.workers] == [0, 0]
-    assert all(_gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     with pytest.raises(CollectorError, match="after close"):
         group.next_batch(1.0)
 
@@ -176,7 +164,7 @@ def test_worker_that_raises_is_reported_with_its_traceback() -> None:
     assert err.traceback is not None and "boom from the test collector" in err.traceback
     assert "crash_on_second_batch" in err.traceback
     assert group.workers[1].exitcode == 1
-    assert all(_gone(pid) for pid in group.pids)
+    assert all(process_gone(pid) for pid in group.pids)
 
 
 def test_worker_killed_is_reported_by_name() -> None:
@@ -192,7 +180,7 @@ def test_worker_killed_is_reported_by_name() -> None:
         assert "collector 0" in str(info.value) and "SIGKILL" in str(info.value)
         with pytest.raises(CollectorDied):  # the failure is sticky
             group.update_weights(timeout=30)
-    assert all(_gone(pid) for pid in group.pids)
+    assert all(process_gone(pid) for pid in group.pids)
 
 
 def test_exception_in_learner_stops_every_collector() -> None:
@@ -200,7 +188,7 @@ def test_exception_in_learner_stops_every_collector() -> None:
     with pytest.raises(KeyboardInterrupt), group:  # as Ctrl-C in the learner would
         next(group)
         raise KeyboardInterrupt
-    assert all(_gone(pid) for pid in group.pids)
+    assert all(process_gone(pid) for pid in group.pids)
 
 
 def test_collector_failing_at_start_up_is_reported() -> None:
@@ -208,7 +196,7 @@ def test_collector_failing_at_start_up_is_reported() -> None:
     with pytest.raises(CollectorCrashed, match="cannot build this policy") as info, group:
         pass
     assert info.value.worker_id in (0, 1)
-    assert all(_gone(pid) for pid in group.pids)
+    assert all(process_gone(pid) for pid in group.pids)
 
 
 def test_no_batch_times_out_and_stuck_collectors_are_terminated() -> None:
@@ -216,11 +204,11 @@ def test_no_batch_times_out_and_stuck_collectors_are_terminated() -> None:
     with group:
         with pytest.raises(CollectorTimeout, match="no batch"):
             group.next_batch(timeout=2.0)
-        assert not any(_gone(pid) for pid in group.pids)
+        assert not any(process_gone(pid) for pid in group.pids)
     # Stuck in their rollouts, they ignored the stop signal: close() terminated them.
     codes = [w.exitcode for w in group.workers]
     assert set(codes) <= {0, -signal.SIGTERM} and -signal.SIGTERM in codes
-    assert all(_gone(pid) for pid in group.pids)
+    assert all(process_gone(pid) for pid in group.pids)
 
 
 def _learner_then_die(pids_out: Any) -> None:
@@ -240,7 +228,7 @@ def test_collectors_exit_when_the_learner_dies() -> None:
     pids = reader.recv()
     learner.join(30)
     assert learner.exitcode == -signal.SIGKILL
-    assert all(_gone(pid, timeout=30) for pid in pids), "collectors outlived their learner"
+    assert all(process_gone(pid, timeout=30) for pid in pids), "collectors outlived their learner"
 
 
 def _learner_then_freeze(pids_out: Any) -> None:
@@ -262,7 +250,8 @@ def test_collectors_exit_when_the_learner_freezes() -> None:
     try:
         assert reader.poll(120), "the learner never reported its collectors"
         pids = reader.recv()
-        assert all(_gone(pid, timeout=60) for pid in pids), "collectors outlived their learner"
+        assert all(process_gone(pid, timeout=60) for pid in pids), \
+            "collectors outlived their learner"
     finally:
         assert learner.pid is not None
         os.kill(learner.pid, signal.SIGKILL)
@@ -314,7 +303,7 @@ def test_max_restarts_replaces_a_killed_collector_and_the_others_never_stop() ->
         assert rejoined
         [restart] = group.restarts
         assert restart.worker_id == 0 and "SIGKILL" in restart.reason
-        assert group.workers[0].pid != old_pid and _gone(old_pid, timeout=10)
+        assert group.workers[0].pid != old_pid and process_gone(old_pid, timeout=10)
         # no restart left: the next death is raised, named
         os.kill(group.workers[0].pid, signal.SIGKILL)  # type: ignore[arg-type]
         with pytest.raises(CollectorDied) as info:
@@ -322,4 +311,4 @@ def test_max_restarts_replaces_a_killed_collector_and_the_others_never_stop() ->
                 next(group)
                 group.update_weights(timeout=30)
         assert info.value.worker_id == 0
-    assert all(_gone(pid, timeout=10) for pid in group.pids)
+    assert all(process_gone(pid, timeout=10) for pid in group.pids)

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import free_port
+from harness import free_port, process_gone
 
 # conftest.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before anything imported Ray: its
 # processes then bind 127.0.0.1 only (checked by the fixture).
@@ -56,18 +56,6 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _gone(pid: int | None, timeout: float = 0.0) -> bool:
-    """True once process ``pid`` has ended (waits up to ``timeout`` s on its pidfd)."""
-    assert pid is not None
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def _marked(marker: bytes) -> dict[int, str]:
@@ -179,7 +167,7 @@ def test_actors_deliver_version_tagged_batches_with_the_learners_weights(
             group.update_weights(timeout=30)
             checksums[group.version] = policy_checksum(policy)
         pids = group.pids
-    assert all(_gone(pid, timeout=30) for pid in pids), "actors outlived the group"
+    assert all(process_gone(pid, timeout=30) for pid in pids), "actors outlived the group"
     assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
     assert launcher.workers == {} and ray.is_initialized()  # not the launcher's Ray to stop
 
@@ -202,7 +190,7 @@ def test_killed_actor_is_restarted_then_a_second_death_is_raised(ray_cluster: An
             assert step < 80, "the restarted collector should deliver within a few batches"
         [restart] = group.restarts
         assert restart.worker_id == 0 and "killed by `ray.kill`" in restart.reason
-        assert group.workers[0].pid not in (None, old_pid) and _gone(old_pid, timeout=30)
+        assert group.workers[0].pid not in (None, old_pid) and process_gone(old_pid, timeout=30)
 
         ray.kill(group.workers[0].actor)  # type: ignore[attr-defined]
         with pytest.raises(CollectorDied) as info:
@@ -213,7 +201,7 @@ def test_killed_actor_is_restarted_then_a_second_death_is_raised(ray_cluster: An
         with pytest.raises(CollectorDied, match="collector 0 died before answering"):
             launcher.get_all(launcher.run_all("pid"), timeout=30)
         pids = group.pids
-    assert all(_gone(pid, timeout=30) for pid in pids)
+    assert all(process_gone(pid, timeout=30) for pid in pids)
 
 
 def test_collectors_that_cannot_be_placed_raise_placement_timeout(ray_cluster: Any) -> None:
@@ -260,7 +248,7 @@ def _wait_gone(marker: bytes, timeout: float) -> dict[int, str]:
     """The processes carrying ``marker`` still alive after up to ``timeout`` s."""
     deadline = time.monotonic() + timeout
     return {pid: cmd for pid, cmd in _marked(marker).items()
-            if not _gone(pid, max(deadline - time.monotonic(), 0))}
+            if not process_gone(pid, max(deadline - time.monotonic(), 0))}
 
 
 @contextlib.contextmanager
