@@ -73,6 +73,7 @@ class _Procs:
         self.timeout = timeout
         self.procs: list[subprocess.Popen[str]] = []
         self.errs: list[Path] = []
+        self.pending: dict[int, bytes] = {}  # per pid: bytes read but not yet a line
 
     def start(self, host: testbed.Host, role: str, args: dict[str, Any]
               ) -> subprocess.Popen[str]:
@@ -89,17 +90,24 @@ class _Procs:
         """The next JSON line of ``proc`` (bounded)."""
         assert proc.stdout is not None
         deadline = time.monotonic() + (timeout or self.timeout)
+        fd, pending = proc.stdout.fileno(), self.pending.setdefault(proc.pid, b"")
         while True:
+            while b"\n" in pending:
+                text, pending = pending.split(b"\n", 1)
+                self.pending[proc.pid] = pending
+                if text.startswith(b"{"):
+                    return json.loads(text)
+            # Raw reads: a buffered readline() may pull several lines into Python's
+            # buffer, after which select() would wait on an empty pipe.
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
                 raise TimeoutError(f"no line from {proc.args[-2]} within "
                                    f"{timeout or self.timeout:.0f}s{self._why(proc)}")
-            text = proc.stdout.readline()
-            if not text:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 raise RuntimeError(f"{proc.args[-2]} ended (rc {proc.wait(5)})"
                                    f"{self._why(proc)}")
-            if text.startswith("{"):
-                return json.loads(text)
+            pending += chunk
 
     def _why(self, proc: subprocess.Popen[str]) -> str:
         err = self.errs[self.procs.index(proc)]

@@ -266,13 +266,15 @@ def _ray_start_head(port: int, auth: dict[str, str], marker: str,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert head.stdout is not None
-        deadline, seen = time.monotonic() + timeout, b""
+        # Raw reads of the pipe: a buffered readline() may pull several lines into
+        # Python's buffer, after which select() waits on an empty pipe for ever.
+        fd, deadline, seen = head.stdout.fileno(), time.monotonic() + timeout, b""
         while b"Ray runtime started" not in seen:  # printed once the head serves
             remaining = deadline - time.monotonic()
-            readable, _, _ = select.select([head.stdout], [], [], max(remaining, 0))
-            line = head.stdout.readline() if readable else b""
-            assert line, f"ray start --head not up within {timeout}s: {seen.decode()[-2000:]}"
-            seen += line
+            readable, _, _ = select.select([fd], [], [], max(remaining, 0))
+            chunk = os.read(fd, 65536) if readable else b""
+            assert chunk, f"ray start --head not up within {timeout}s: {seen.decode()[-2000:]}"
+            seen += chunk
         yield
     finally:
         head.terminate()
