@@ -190,14 +190,14 @@ def test_pickled_scheme_carries_only_connection_info() -> None:
         copy_ = pickle.loads(blob)
         assert copy_.infos == scheme.infos and len(copy_.infos) == WORKERS
         assert all(isinstance(i, ConnectionInfo) for i in copy_.infos)
-        assert copy_._ends is None and copy_._worker_end is None
+        assert copy_._learner is None and copy_._worker is None
         assert not copy_.initialized_on_sender and not copy_.synchronized_on_sender
         with pytest.raises(ProtocolError):
             scheme.send()  # before connect()
     finally:
         scheme.shutdown()
     with pytest.raises(ClosedError):
-        scheme._require_ends("send")
+        scheme._require_learner("send")
 
 
 @pytest.mark.timeout(90)
