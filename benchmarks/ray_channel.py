@@ -35,7 +35,8 @@ import ray
 import torch
 
 from collectors.launcher import LocalLauncher, LocalWorker
-from collectors.ray_launcher import RayLauncher, RayWorker, _Outbox
+from collectors.ray_actor import _Outbox
+from collectors.ray_launcher import RayLauncher, RayWorker
 from collectors.task import collect, make_env, make_policy
 from collectors.transport import decode_message, encode_message
 
