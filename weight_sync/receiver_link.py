@@ -156,8 +156,8 @@ class ReceiverLink:
         part = self._delta_buffer[:spec.nbytes(layout)]
         if self._hooks.before_receive is not None:
             self._hooks.before_receive(update.version, part)
-        part = self._end.receive(update.note, part, self.spec.timeout)  # always: the
-        # learner's send is posted and waits for this receive
+        # Received even when it will be refused: the learner's send is posted and waits.
+        part = self._end.receive(update.note, part, self.spec.timeout)
         if buffer is None or held is None or spec.base != self._last_version:
             self._refuse(IntegrityError(
                 f"{self.spec.who()}: version {update.version} came as changes against "
