@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +38,12 @@ from weight_sync import (
 )
 from weight_sync.delta import DeltaSpec, spans
 from weight_sync.layout import HEADER_BYTES
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the test bed is used from the checkout, not installed
+    sys.path.insert(0, str(ROOT))
+
+import testbed  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -365,3 +375,27 @@ def test_rejoined_collector_gets_a_whole_message_then_deltas(cluster: Cluster) -
                 assert msg[2] == sender.version and msg[3] == _fingerprint(weights)
         for cid in (0, 1):
             cluster.cmds[cid].send("stop")
+
+
+# -- the wire-format benchmark on the test bed (slow) -----------------------------------
+_BED = testbed.available()
+
+
+@pytest.mark.skipif(_BED is not None, reason=f"no test bed here: {_BED}")
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_wire_format_benchmark_checks_weights_and_bytes(tmp_path: Path) -> None:
+    """``python -m benchmarks.wire_formats --quick``: every format bit-exact (bfloat16:
+    exactly the rounding), and the bytes each puts on the wire per round (no timing
+    asserted): half with bfloat16, the head's half with changed-only, a quarter with both."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.wire_formats", "--quick",
+                           "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = tmp_path.glob("wire_formats-*.json")
+    series = json.loads(result.read_text())["series"]
+    assert all(s["correct"] for s in series.values()), series
+    full = series["fp32"]["bytes_median"]
+    assert full == series["fp32"]["full_nbytes"]
+    for name, share in (("bf16", 0.5), ("changed_only", 0.5), ("bf16_changed_only", 0.25)):
+        assert abs(series[name]["bytes_median"] / full - share) < 0.01, (name, series[name])
