@@ -66,11 +66,15 @@ def rate_bits(rate: str) -> float:
     raise ValueError(f"rate {rate!r}: use a number with kbit, mbit or gbit")
 
 
-class _Procs:
-    """The processes of one run: started on hosts, read line by line, always reaped."""
+class Procs:
+    """The processes of one run: started on hosts, read line by line, always reaped.
 
-    def __init__(self, timeout: float) -> None:
+    Each is ``python -m <module> <role> <json args>`` (``module``: where the roles are).
+    """
+
+    def __init__(self, timeout: float, module: str = "benchmarks.fanout_nodes") -> None:
         self.timeout = timeout
+        self.module = module
         self.procs: list[subprocess.Popen[str]] = []
         self.errs: list[Path] = []
         self.pending: dict[int, bytes] = {}  # per pid: bytes read but not yet a line
@@ -79,7 +83,7 @@ class _Procs:
               ) -> subprocess.Popen[str]:
         with tempfile.NamedTemporaryFile("w", prefix=f"fanout-{role}-", suffix=".err",
                                          delete=False) as err:
-            proc = host.popen([sys.executable, "-m", "benchmarks.fanout_nodes", role,
+            proc = host.popen([sys.executable, "-m", self.module, role,
                                json.dumps(args)], stdout=subprocess.PIPE, stderr=err,
                               text=True, cwd=str(ROOT))
         self.procs.append(proc)
@@ -127,7 +131,7 @@ class _Procs:
 
 def _ws(bed: TestBed, hosts: int, numel: int, transport: str, a: dict[str, Any]
         ) -> dict[str, Any]:
-    procs = _Procs(a["timeout"] * 3)
+    procs = Procs(a["timeout"] * 3)
     try:
         home = bed.hosts[0]
         learner = procs.start(home, "ws_learner", {**a, "address": home.address, "n": hosts,
@@ -150,7 +154,7 @@ def _ws(bed: TestBed, hosts: int, numel: int, transport: str, a: dict[str, Any]
 
 
 def _torchrl(bed: TestBed, hosts: int, numel: int, a: dict[str, Any]) -> dict[str, Any]:
-    procs = _Procs(a["timeout"] * 3)
+    procs = Procs(a["timeout"] * 3)
     with tempfile.TemporaryDirectory(prefix="fanout-trl-") as tmp:
         scheme_file = str(Path(tmp) / "scheme.pkl")
         try:
@@ -169,7 +173,7 @@ def _torchrl(bed: TestBed, hosts: int, numel: int, a: dict[str, Any]) -> dict[st
 
 
 def _chain(bed: TestBed, hosts: int, nbytes: int, a: dict[str, Any]) -> dict[str, Any]:
-    procs = _Procs(a["timeout"] * 3)
+    procs = Procs(a["timeout"] * 3)
     port, done_port = 29555, 29556
     total = a["warmup"] + a["rounds"]
     try:

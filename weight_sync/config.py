@@ -107,6 +107,14 @@ class SenderConfig:
     Collectors then copy each message into their policy (no zero-copy). ``""``: off."""
     relay: RelayConfig = dataclasses.field(default_factory=RelayConfig)
     """Settings of ``transport="relay"``."""
+    changed_only: bool = False
+    """Send each collector only the leaves whose bytes changed since the version it
+    holds (frozen encoders, unchanged buffers); it still ends up bit-exact to the
+    learner's version, checked on the whole message before apply
+    (:mod:`weight_sync.delta`). Whole messages for the initial sync, (re)joins and
+    resends. Needs a transport that carries a message per collector (``"distributed"``;
+    not ``"shm"`` nor ``"relay"``) on ``"gloo"``; costs each link one buffer of a message
+    on the learner and each collector one more."""
     checksum: bool = True
     """Stamp each message with a checksum of its payload, which collectors verify before
     applying it (a corrupted message is refused and sent again): XXH3-64 with the
@@ -121,6 +129,12 @@ class SenderConfig:
     Never sent, logged, or shown in a ``repr``."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.changed_only, bool):
+            raise ConfigError(f"SenderConfig.changed_only must be a bool, "
+                              f"got {self.changed_only!r}")
+        if self.changed_only and self.backend != "gloo":
+            raise ConfigError(f"SenderConfig.changed_only needs backend 'gloo' (CPU "
+                              f"buffers), got {self.backend!r}")
         if not isinstance(self.checksum, bool):
             raise ConfigError(f"SenderConfig.checksum must be a bool, got {self.checksum!r}")
         if not isinstance(self.secret, (str, bytes)):

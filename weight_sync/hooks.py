@@ -27,13 +27,15 @@ class ReceiverHooks:
     """``(collector_id, incarnation)``: admitted, before the transport's rendezvous."""
     before_receive: Callable[[int, torch.Tensor | None], None] | None = None
     """``(version, buffer)``: the message was signalled, before the transport fills
-    ``buffer`` (``None`` for a transport that lends its messages, e.g. ``"shm"``)."""
+    ``buffer`` (``None`` for a transport that lends its messages, e.g. ``"shm"``; for a
+    changed-only message, the smaller buffer its changed leaves are received into)."""
     during_receive: Callable[[int, int], None] | None = None
     """``(version, bytes so far)``: after each piece of a message, for transports that
     stream it in pieces (``"relay"``); a hook that blocks holds the transfer there."""
     after_receive: Callable[[int, torch.Tensor], None] | None = None
     """``(version, message)``: the transport delivered the message, before its header
-    and checksum (or digest) are checked (a hook may corrupt it here to test the checks;
-    for a lending transport this is the collector's copy-on-write view, the learner's
+    and checksum (or digest) are checked (a changed-only message already composed into
+    the whole one, which is what is checked; a hook may corrupt it here to test the
+    checks; for a lending transport this is the collector's copy-on-write view, the learner's
     memory stays intact, and a refused message's mapping is refreshed when it is sent
     again)."""

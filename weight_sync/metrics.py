@@ -41,9 +41,21 @@ class SyncStats:
     """The recent sync rounds (bounded) with their quantiles."""
 
     records: deque[SyncRecord] = field(default_factory=lambda: deque(maxlen=10_000))
+    messages_sent: int = 0
+    """Messages handed to the transports, all collectors together (resends included)."""
+    bytes_sent: int = 0
+    """Their bytes: a whole message's size each, or a changed-only one's."""
+    changed_only_sent: int = 0
+    """How many of them were changed-only messages (``SenderConfig.changed_only``)."""
 
     def add(self, record: SyncRecord) -> None:
         self.records.append(record)
+
+    def count_message(self, nbytes: int, *, changed_only: bool) -> None:
+        """One message of ``nbytes`` handed to a transport."""
+        self.messages_sent += 1
+        self.bytes_sent += nbytes
+        self.changed_only_sent += changed_only
 
     @property
     def last(self) -> SyncRecord | None:
@@ -54,7 +66,8 @@ class SyncStats:
         return _quantile([r.round_s for r in self.records], q)
 
     def summary(self) -> dict[str, float]:
-        """Rounds, p50/p90/p99 latency (s), median GB/s and bytes per message."""
+        """Rounds, p50/p90/p99 latency (s), median GB/s, bytes per whole message, and the
+        bytes handed to the transports in all."""
         return {
             "rounds": float(len(self.records)),
             "p50_s": self.latency(0.5),
@@ -62,6 +75,7 @@ class SyncStats:
             "p99_s": self.latency(0.99),
             "gbps_median": _quantile([r.gbps for r in self.records], 0.5),
             "nbytes": float(self.records[-1].nbytes) if self.records else 0.0,
+            "bytes_sent": float(self.bytes_sent),
         }
 
 

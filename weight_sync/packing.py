@@ -23,7 +23,7 @@ from weight_sync.errors import IntegrityError, InvalidWeightsError, ProtocolErro
 from weight_sync.layout import HEADER_BYTES, BufferLayout
 
 __all__ = ["MAGIC", "write_header", "read_header", "check_payload", "host_bytes", "pack",
-           "swap_in", "copy_in", "layout_tag"]
+           "swap_in", "copy_in", "layout_tag", "leaf_digests"]
 
 MAGIC = 0x5753594E43  # "WSYNC"
 _HEADER_WORDS = HEADER_BYTES // 8
@@ -36,6 +36,14 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     return tensor.numpy().data
+
+
+def leaf_digests(buffer: torch.Tensor, layout: BufferLayout) -> tuple[int, ...]:
+    """The checksum of each leaf's bytes in a packed message, in layout order (what
+    changed-only messages compare, :mod:`weight_sync.delta`)."""
+    kind = hashing.checksum_kind()
+    return tuple(hashing.checksum(host_bytes(buffer[e.offset:e.offset + e.nbytes]), kind)
+                 for e in layout.entries)
 
 
 def layout_tag(layout: BufferLayout) -> int:

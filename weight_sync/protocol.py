@@ -31,7 +31,9 @@ key                              written by read by    meaning
                                                        transport publishes)
 ``update/<cid>/<inc>/<seq>``     learner,   collector  :class:`Update`: message seq carries
                                  collector             version v (and the transport's note,
-                                                       and with a secret its digest and MAC);
+                                                       the changed leaves of a changed-only
+                                                       message, and with a secret its
+                                                       digest and MAC);
                                                        ``-1`` = closed (written by the
                                                        learner, or by the collector's own
                                                        ``close()`` to wake its listener)
@@ -174,28 +176,33 @@ class Update:
     shared secret, ``digest`` is the message's digest (``"<algorithm>:<hex>"``) and
     ``tag`` the HMAC of the signal (:class:`~weight_sync.auth.StreamKey`).
 
-    Spelled ``<version>[/<tag>/<digest>][ <note>]``."""
+    Spelled ``<version>[@<delta>][/<tag>/<digest>][ <note>]``."""
 
     version: int
     note: str = ""
     digest: str = ""
     tag: str = ""
+    delta: str = ""
+    """``""`` for a whole message; else the message carries only the leaves that changed
+    since the version the collector holds (:class:`weight_sync.delta.DeltaSpec`)."""
 
     @property
     def closed(self) -> bool:
         return self.version == CLOSED
 
     def encode(self) -> str:
-        head = f"{self.version}/{self.tag}/{self.digest}" if self.tag else str(self.version)
+        version = f"{self.version}@{self.delta}" if self.delta else str(self.version)
+        head = f"{version}/{self.tag}/{self.digest}" if self.tag else version
         return f"{head} {self.note}" if self.note else head
 
     @classmethod
     def decode(cls, raw: bytes) -> Update:
         head, _, note = raw.decode(errors="replace").partition(" ")
         version, _, signature = head.partition("/")
+        version, _, delta = version.partition("@")
         tag, _, digest = signature.partition("/")
         try:
-            return cls(int(version), note, digest=digest, tag=tag)
+            return cls(int(version), note, digest=digest, tag=tag, delta=delta)
         except ValueError as exc:
             raise ProtocolError(f"malformed update signal in the store: {raw[:200]!r}") from exc
 

@@ -97,6 +97,7 @@ class WeightReceiver:
         self._device = torch.device("cpu")
         self._private: list[torch.Tensor] = []  # buffers a copying transport fills
         self._active: torch.Tensor | None = None  # the message the policy points at
+        self._held: torch.Tensor | None = None  # the message last applied (swapped or copied)
         self._ready: torch.Tensor | None = None  # received, handed over, not applied yet
         self._views: dict[int, list[torch.Tensor]] = {}  # data_ptr -> per-leaf views
         self._can_swap = True
@@ -227,6 +228,7 @@ class WeightReceiver:
             self._active = data
         else:
             copy_in(self._targets, views)
+        self._held = data
 
     def _keep_private(self) -> None:
         """Move the policy off a lent message (the learner's memory) onto a private
@@ -288,7 +290,7 @@ class WeightReceiver:
     def _listen(self, link: ReceiverLink) -> None:
         """Receive each next message, hand it over, wait for its apply."""
         while not self._stop.is_set():
-            message = link.receive(self._staging(), self.config.idle_slice)
+            message = link.receive(self._staging(), self.config.idle_slice, self._held)
             if message is None:
                 continue
             version, self._ready = message

@@ -8,6 +8,10 @@ ends the stream) and the message's BLAKE3 digest after; the header against the s
 version; without a secret, the payload against the header's checksum. A message that
 fails its digest or checksum is refused and asked for again (the learner sends its
 version again as the next message), at most ``MAX_RESENDS`` times in a row.
+
+A changed-only message (the signal names its changed leaves) is received into a buffer
+of the link's own and composed with the held message into the whole one before any
+of these checks (:mod:`weight_sync.delta`), so the checks cover what is applied.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from weight_sync.auth import StreamKey, message_digest
 from weight_sync.control import Control
+from weight_sync.delta import DeltaSpec, compose
 from weight_sync.errors import AuthenticationError, ClosedError, IntegrityError, ProtocolError
 from weight_sync.hooks import ReceiverHooks
 from weight_sync.packing import check_payload, read_header
@@ -62,6 +67,7 @@ class ReceiverLink:
         self._seq = 0  # next message number
         self._spent: list[tuple[int, int | None]] = []  # (seq, previous version) to delete
         self._last_version: int | None = None
+        self._delta_buffer: torch.Tensor | None = None  # made on the first delta
         self._stopped = False
         self._closed = False
 
@@ -71,12 +77,17 @@ class ReceiverLink:
             self._hooks.before_connect(self.collector_id, self.incarnation)
         self._end.connect(self._listener.link(self.collector_id, self.incarnation), timeout)
 
-    def receive(self, buffer: torch.Tensor | None,
-                timeout: float) -> tuple[int, torch.Tensor] | None:
+    def receive(self, buffer: torch.Tensor | None, timeout: float,
+                held: torch.Tensor | None = None) -> tuple[int, torch.Tensor] | None:
         """Receive the next message if the learner signals one within ``timeout``
         (``0`` polls): its version and the tensor holding it (``buffer``, filled, or the
         transport's own when it lends; ``buffer`` is ``None`` then), or ``None`` (also
         when the message was refused as corrupted and asked for again).
+
+        ``held`` is the message of the version last received (the one applied), what a
+        changed-only message is composed with; ``buffer`` may be that same tensor (a
+        collector that copies messages into its policy): then only the changed leaves
+        are written into it.
 
         The acknowledgement is separate (:meth:`ack`), sent once the weights are used.
 
@@ -105,10 +116,15 @@ class ReceiverLink:
         if update.closed:
             self._listener.bye(cid, inc)  # the learner keeps its store up until we did
             raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
-        if self._hooks.before_receive is not None:
-            self._hooks.before_receive(update.version, None if self.lends else buffer)
-        data = self._end.receive(update.note, None if self.lends else buffer,
-                                 self.spec.timeout)
+        if update.delta:
+            data = self._receive_delta(update, buffer, held)
+        else:
+            if self._hooks.before_receive is not None:
+                self._hooks.before_receive(update.version, None if self.lends else buffer)
+            data = self._end.receive(update.note, None if self.lends else buffer,
+                                     self.spec.timeout)
+        if data is None:
+            return None
         if self._hooks.after_receive is not None:
             self._hooks.after_receive(update.version, data)
         got = read_header(data, self.spec.layout)
@@ -127,6 +143,28 @@ class ReceiverLink:
         self._last_version = update.version
         self._seq += 1
         return update.version, data
+
+    def _receive_delta(self, update: Update, buffer: torch.Tensor | None,
+                       held: torch.Tensor | None) -> torch.Tensor | None:
+        """Receive a changed-only message and compose the whole one into ``buffer``;
+        ``None`` if it was refused (not against the version held): asked for again."""
+        layout = self.spec.layout
+        spec = DeltaSpec.decode(update.delta, len(layout.entries))
+        if self._delta_buffer is None:
+            self._delta_buffer = torch.empty(layout.nbytes, dtype=torch.uint8,
+                                             device=self.spec.device)
+        part = self._delta_buffer[:spec.nbytes(layout)]
+        if self._hooks.before_receive is not None:
+            self._hooks.before_receive(update.version, part)
+        # Received even when it will be refused: the learner's send is posted and waits.
+        part = self._end.receive(update.note, part, self.spec.timeout)
+        if buffer is None or held is None or spec.base != self._last_version:
+            self._refuse(IntegrityError(
+                f"{self.spec.who()}: version {update.version} came as changes against "
+                f"version {spec.base}, but this collector holds {self._last_version}"))
+            return None
+        compose(part, spec, held, buffer, layout)
+        return buffer
 
     def _check(self, data: torch.Tensor, update: Update) -> None:
         """Raise ``IntegrityError`` unless the message is the one its signal announced

@@ -88,6 +88,11 @@ class WeightSender:
             raise ConfigError(f"max_collectors must be an int >= num_collectors "
                               f"({num_collectors}), got {max_collectors!r}")
         chain = fallback_chain(self.config.transport)
+        if self.config.changed_only and not all(spec.deltas for spec in chain):
+            raise ConfigError(f"SenderConfig.changed_only needs a transport that sends each "
+                              f"collector its own message (registered with deltas=True, "
+                              f"e.g. 'distributed'); transport {self.config.transport!r} "
+                              f"cannot")
         if self.config.backend not in chain[0].backends:
             raise ConfigError(f"SenderConfig.transport {chain[0].name!r} needs backend "
                               f"{' or '.join(map(repr, chain[0].backends))}, got "
@@ -124,7 +129,8 @@ class WeightSender:
                                   shared=chain[0].shared_snapshots,
                                   # with a secret, the signed digest covers it all
                                   checksum=self.config.checksum and self._key is None,
-                                  digests=self._key is not None)
+                                  digests=self._key is not None,
+                                  leaf_digests=self.config.changed_only)
         self._latest: Snapshot | None = None
         self.links: dict[int, SenderLink] = {}
         """The live collectors' links, by collector id."""
@@ -240,7 +246,8 @@ class WeightSender:
         return SenderLink(link_spec, end, spec.name, self._control,
                           liveness_timeout=self.config.liveness_timeout,
                           peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends,
-                          key=self._key)
+                          key=self._key, changed_only=self.config.changed_only,
+                          stats=self.stats)
 
     def _admit_joins(self, *, force: bool = False) -> None:
         """Install collectors that (re)joined, catching them up with the newest

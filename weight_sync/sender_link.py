@@ -17,7 +17,9 @@ import time
 
 from weight_sync.auth import StreamKey
 from weight_sync.control import Control
+from weight_sync.delta import DeltaEncoder
 from weight_sync.errors import CollectorFailed, ConnectionFailed, WeightSyncError
+from weight_sync.metrics import SyncStats
 from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
 from weight_sync.snapshots import Snapshot
 from weight_sync.transports.base import LinkSpec, SenderTransport, Sending
@@ -73,14 +75,20 @@ class SenderLink:
             zero-copy transport): the link holds the acked snapshot until then.
         key: with a shared secret, the stream's key: every signal is signed with it
             (the snapshots then carry their digest).
+        changed_only: send only the leaves that changed since the version the collector
+            acked (:mod:`weight_sync.delta`; the snapshots then carry leaf digests).
+        stats: where each message handed to the transport is counted.
     """
 
     def __init__(self, spec: LinkSpec, end: SenderTransport, transport: str,
                  control: Control, *, liveness_timeout: float | None = None,
                  peer_pid: int | None = None, lends: bool = False,
-                 key: StreamKey | None = None) -> None:
+                 key: StreamKey | None = None, changed_only: bool = False,
+                 stats: SyncStats | None = None) -> None:
         self.spec = spec
         self._key = key
+        self._delta = DeltaEncoder(spec.layout) if changed_only else None
+        self._stats = stats
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self.transport = transport
@@ -180,11 +188,19 @@ class SenderLink:
         return self._key.sign(self.collector_id, self.incarnation, self._seq, update, digest)
 
     def _start(self, snapshot: Snapshot, resends: int = 0) -> None:
-        sending = self._end.send(snapshot)
+        message, delta = snapshot, None
+        if self._delta is not None:
+            if resends:  # what the collector holds may be what it refused: go whole
+                self._delta.forget()
+            message, delta = self._delta.encode(snapshot)
+        sending = self._end.send(message)
+        if self._stats is not None:
+            self._stats.count_message(message.buffer.numel(), changed_only=delta is not None)
         self._in_flight = _InFlight(self._seq, snapshot, sending, resends)
+        update = Update(snapshot.version, sending.note,
+                        delta="" if delta is None else delta.encode())
         self._control.post_update(self.collector_id, self.incarnation, self._seq,
-                                  self._signal(Update(snapshot.version, sending.note),
-                                               snapshot.digest))
+                                  self._signal(update, snapshot.digest))
         self._seq += 1
 
     def _resend(self, flight: _InFlight) -> None:
@@ -220,6 +236,8 @@ class SenderLink:
                 self._in_use.release()
                 self._in_use = None
             if snapshot is not None:
+                if self._delta is not None:
+                    self._delta.held(snapshot)
                 if self.lends:
                     self._in_use = snapshot
                 else:

@@ -16,7 +16,7 @@ import torch
 
 from weight_sync.auth import message_digest
 from weight_sync.layout import BufferLayout
-from weight_sync.packing import pack, write_header
+from weight_sync.packing import leaf_digests, pack, write_header
 from weight_sync.shm import create_segment
 
 __all__ = ["Snapshot", "SnapshotPool"]
@@ -34,6 +34,8 @@ class Snapshot:
         """Name of the shared-memory segment holding the buffer, if any."""
         self.digest = ""
         """BLAKE3 digest of the message, when the pool computes digests (a shared secret)."""
+        self.leaf_digests: tuple[int, ...] = ()
+        """Checksum of each leaf, when the pool computes them (changed-only messages)."""
         self._refs = 0
 
     def retain(self) -> Snapshot:
@@ -60,12 +62,20 @@ class SnapshotPool:
         checksum: stamp each message's header with a checksum of its payload.
         digests: compute each message's BLAKE3 digest (:attr:`Snapshot.digest`), for signed
             signals.
+        leaf_digests: compute each leaf's checksum (:attr:`Snapshot.leaf_digests`), for
+            changed-only messages.
+
+    Buffers are zeroed when allocated, so the alignment padding between leaves (never
+    written by a pack) is the same bytes in every snapshot: a collector that keeps
+    unchanged spans from an older message ends up with the learner's exact bytes.
     """
 
     def __init__(self, layout: BufferLayout, device: torch.device, shared: bool = False, *,
-                 checksum: bool = False, digests: bool = False) -> None:
+                 checksum: bool = False, digests: bool = False,
+                 leaf_digests: bool = False) -> None:
         self.checksum = checksum
         self.digests = digests
+        self.leaf_digests = leaf_digests
         self.layout = layout
         self.device = device
         self.shared = shared
@@ -84,13 +94,15 @@ class SnapshotPool:
                 segment, buffer = create_segment(self.layout.nbytes)
                 self._segments.append(segment)
             else:
-                buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+                buffer = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=self.device)
             snap = Snapshot(self, buffer)
             snap.segment = None if segment is None else segment.name
             self.allocated += 1
         pack(sources, snap.views)
         write_header(snap.buffer, self.layout, version, checksum=self.checksum)
         snap.digest = message_digest(snap.buffer) if self.digests else ""
+        snap.leaf_digests = (leaf_digests(snap.buffer, self.layout) if self.leaf_digests
+                             else ())
         snap.version = version
         return snap.retain()
 

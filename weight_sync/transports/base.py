@@ -136,7 +136,8 @@ class ReceiverTransport(Protocol):
         ``timeout`` s, and return the flat tensor that holds it.
 
         A transport registered with ``lends=False`` fills ``buffer`` (a private
-        ``uint8`` buffer of ``layout.nbytes`` bytes) and returns it. One registered with
+        ``uint8`` buffer of ``layout.nbytes`` bytes, or of a changed-only message's
+        size for one registered with ``deltas=True``) and returns it. One registered with
         ``lends=True`` gets ``buffer=None`` and returns a tensor over the learner's own
         memory (zero-copy); the learner keeps that memory unchanged until this
         collector acks a newer version.

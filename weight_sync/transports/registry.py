@@ -59,6 +59,12 @@ class TransportSpec:
         offer: learner side, for a transport only some collectors can use: makes the
             :class:`Offer` published to collectors (``None``: every collector can).
         probe: collector side: what it finds probing the offer's parameters.
+        deltas: each link carries its own messages, of any size: the learner's end sends
+            whatever ``buffer`` it is given, the collector's end fills the buffer it is
+            given whatever its size. Only such a transport can carry changed-only
+            messages (``SenderConfig.changed_only``), whose size and content differ per
+            collector; one shared write (``"shm"``) or one stream for all (``"relay"``)
+            cannot.
     """
 
     name: str
@@ -71,6 +77,7 @@ class TransportSpec:
     offer: Callable[[], Offer] | None = None
     probe: Callable[[Mapping[str, str]], dict[str, str]] | None = None
     learner: Callable[[SenderConfig], LearnerSide] | None = None
+    deltas: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or " " in self.name:
@@ -128,7 +135,7 @@ def fallback_chain(name: str) -> list[TransportSpec]:
 
 
 register_transport(TransportSpec("distributed", sender=DistributedSender,
-                                 receiver=DistributedReceiver))
+                                 receiver=DistributedReceiver, deltas=True))
 register_transport(TransportSpec("shm", sender=ShmSender, receiver=ShmReceiver,
                                  backends=("gloo",), fallback="distributed",
                                  shared_snapshots=True, lends=True, offer=ShmOffer,
