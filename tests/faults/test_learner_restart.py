@@ -220,3 +220,80 @@ def test_no_learner_comes_back(cluster: Cluster) -> None:
     assert "no learner came back" in text, text
     assert elapsed >= wait_s, f"gave up after {elapsed:.1f}s, before reattach_timeout"
     assert msg[4] == expected(1), "weights changed after the learner died"
+
+
+# -- the collectors package: a remote collector taken over by a restarted group ----------
+def group_learner(out: Connection, go: Connection, weight_port: int, launcher_port: int,
+                  version: int, batches: int, park: bool) -> None:
+    """A learner whose CollectorGroup serves one remote collector (NetworkLauncher) on
+    the given ports (0: any), starting at ``version``; reports each batch and updates
+    the weights after it; after ``batches`` batches it parks (``park``: no more
+    updates, until the test kills it) or closes the group."""
+    from collectors import CollectorGroup
+    from collectors.remote import NetworkLauncher
+    from collectors.task import collect, make_env, make_policy
+    from collectors.worker import VERSION_KEY
+
+    torch.manual_seed(0)
+    policy = make_policy()
+    launcher = NetworkLauncher(num_collectors=1, port=launcher_port)
+    sender = WeightSender(policy, 1, port=weight_port, timeout=RX_TIMEOUT_S, version=version)
+    group = CollectorGroup(policy, make_env, make_policy, collect, num_collectors=1,
+                           frames_per_batch=32, launcher=launcher, sender=sender,
+                           connect_timeout=90, batch_timeout=60)
+    out.send(("ports", sender.connection_info.port, launcher.address[1], os.getpid()))
+    with group:
+        for n, batch in enumerate(group):
+            tags = batch[VERSION_KEY]
+            out.send(("batch", group.pids[0], int(tags.min()), int(tags.max()), group.version,
+                      os.getpid()))
+            if n + 1 >= batches:
+                if park:
+                    go.poll(600)
+                break
+            group.update_weights(timeout=30)
+    out.send(("closed", os.getpid()))
+
+
+@pytest.mark.slow
+def test_remote_collector_taken_over_by_a_restarted_group() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cluster = Cluster(learner=group_learner)
+    proc: subprocess.Popen[str] | None = None
+    try:
+        first, _ = cluster.start_learner(0, 0, 0, 2, True)
+        _, weight_port, launcher_port, _ = cluster.take(lambda m: m[0] == "ports", 90,
+                                                        "the first group's ports")
+        env = {**os.environ, "WEIGHT_SYNC_COLLECTORS": f"127.0.0.1:{launcher_port}",
+               "RANK": "0"}
+        proc = subprocess.Popen([sys.executable, "-m", "collectors.remote",
+                                 "--reattach-timeout", str(REATTACH_S)], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2):
+            got = cluster.take(lambda m: m[0] == "batch" and m[5] == first.pid, 120,
+                               "a batch for the first group")
+        assert got[1] == proc.pid and got[4] == 1  # parked: no update after this batch
+        os.kill(first.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        first.join(10)
+        resume = int(got[4])  # the first group's last version: its "checkpoint"
+        second, _ = cluster.start_learner(weight_port, launcher_port, resume, 4, False)
+        batches = [cluster.take(lambda m: m[0] == "batch" and m[5] == second.pid,
+                                REATTACH_S + MARGIN_S, "a batch for the restarted group")
+                   for _ in range(4)]
+        assert proc.poll() is None, "the collector process ended"
+        assert {b[1] for b in batches} == {proc.pid}, "not the same collector process"
+        # The new group's updates reach it: its last batch acts with the new learner's
+        # weights (versions go on from the checkpoint).
+        assert batches[-1][2] > resume, batches
+        assert all(b[2] >= resume for b in batches[1:]), batches
+        cluster.take(lambda m: m[0] == "closed", 60, "the second group to close")
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        cluster.shutdown()
