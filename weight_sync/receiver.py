@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 # close() waits this long for the background threads, before and after it closes the
 # transport end.
 _CLOSE_JOIN_S = 1.0
+# receive_weights gives up on a reattach this long after reattach_timeout even if the
+# background attempt has not ended: a store call to a frozen learner never returns.
+_REATTACH_GRACE_S = 5.0
 
 
 @dataclass(eq=False)
@@ -83,6 +87,7 @@ class _Attachment:
     nonce: str = ""
     lost: bool = False
     fresh: bool = True  # its first message is not applied yet
+    deadline: float = math.inf  # a reattach: when receive_weights gives up on it
 
 
 @dataclass(frozen=True, eq=False)
@@ -405,7 +410,8 @@ class WeightReceiver:
         self._keep_private()
         if old.link is not None:
             self._refused_before += old.link.refused
-        new = self._att = _Attachment()
+        new = self._att = _Attachment(
+            deadline=time.monotonic() + self.config.reattach_timeout + _REATTACH_GRACE_S)
         log.warning("%s: lost the learner at %s:%d (%s); keeping version %d and waiting "
                     "up to %.1fs for a new learner", self._who(), self.info.host,
                     self.info.port, cause, self.version, self.config.reattach_timeout)
@@ -465,6 +471,7 @@ class WeightReceiver:
             try:
                 item = self._inbox.get(block=left > 0, timeout=left if left > 0 else None)
             except queue.Empty:
+                self._check_reattach_deadline()
                 if timeout is None:
                     raise WeightSyncTimeout(f"{self._who()}: no new weights after version "
                                             f"{self.version} within {wait:.2f}s") from None
@@ -479,6 +486,21 @@ class WeightReceiver:
                 self._error = item.error
                 raise item.error
             return self._apply_item(att, item.version, item.data)
+
+    def _check_reattach_deadline(self) -> None:
+        """Raise if a reattach outlived its bound without a word from its thread (stuck
+        in a store call to a learner that froze while it was joined)."""
+        att = self._att
+        if not att.fresh or time.monotonic() <= att.deadline:
+            return
+        att.lost = True
+        att.stop.set()
+        self._error = PeerGone(
+            f"{self._who()}: no learner took this collector back at {self.info.host}:"
+            f"{self.info.port} (stream {self.info.name!r}) within reattach_timeout "
+            f"{self.config.reattach_timeout}s (+{_REATTACH_GRACE_S}s): the learner found "
+            f"there does not answer")
+        raise self._error
 
     def _apply_item(self, att: _Attachment, version: int, data: torch.Tensor | None) -> int:
         if att.fresh:

@@ -55,14 +55,15 @@ def restarting_learner(out: Connection, go: Connection, port: int, version: int,
 
 def stepping_collector(info: ConnectionInfo, cid: int, out: Connection, cmds: Connection,
                        reattach_timeout: float, accept_rewind: bool = False,
-                       secret: str = "") -> None:
+                       secret: str = "", learner_timeout: float = 10.0) -> None:
     """Step an 'environment' with the policy, polling for weights between steps;
     report every apply (with the epoch and the steps so far) and the error that ends
     the stream."""
     weights = make_weights(-7)
     pid = os.getpid()
     rx = WeightReceiver(weights, info, cid, timeout=RX_TIMEOUT_S, secret=secret,
-                        reattach_timeout=reattach_timeout, accept_rewind=accept_rewind)
+                        reattach_timeout=reattach_timeout, accept_rewind=accept_rewind,
+                        learner_timeout=learner_timeout)
     steps = 0
     obs = torch.ones(8)
     try:
@@ -220,6 +221,25 @@ def test_no_learner_comes_back(cluster: Cluster) -> None:
     assert "no learner came back" in text, text
     assert elapsed >= wait_s, f"gave up after {elapsed:.1f}s, before reattach_timeout"
     assert msg[4] == expected(1), "weights changed after the learner died"
+
+
+@pytest.mark.slow
+def test_frozen_learner_with_reattach_still_ends_bounded(cluster: Cluster) -> None:
+    """A SIGSTOPped learner still accepts connections (the kernel does) but answers no
+    store call: the reattach to it cannot finish, and receive_weights still raises
+    within learner_timeout + reattach_timeout + its grace."""
+    learner, _, info = _learner(cluster, 0, 0)
+    cluster.start(info, 0, extra=(3.0, False, "", 3.0))
+    assert cluster.applied(0, 0, 90)[3] == expected(0)
+    os.kill(learner.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+    stopped = time.monotonic()
+    bound = 3.0 + 3.0 + 5.0
+    msg = _error(cluster, bound + MARGIN_S)
+    assert time.monotonic() - stopped < bound + MARGIN_S
+    assert msg[2] == "PeerGone", msg
+    assert f"{info.host}:{info.port}" in str(msg[3]) and "reattach_timeout" in str(msg[3]), msg
+    assert msg[4] == expected(0), "weights changed while the learner was frozen"
+    cluster.take(lambda m: m[0] == "exit" and m[1] == 0, 30, "the collector to exit")
 
 
 # -- the collectors package: a remote collector taken over by a restarted group ----------
