@@ -169,7 +169,8 @@ class ReceiverConfig:
     the background, waits up to this many seconds for a new learner at the same address
     and stream, joins it again (secret and layout checked anew) and applies its initial
     weights, which a later ``receive_weights`` returns; ``PeerGone`` naming the address
-    if none answers in time."""
+    if none answers in time (at most 5 s later when the process found there is frozen).
+    A learner that closes the stream (``ClosedError``) is not waited for."""
     accept_rewind: bool = False
     """With ``reattach_timeout``: what to do with a new learner whose first version is
     lower than the one applied here (it resumed from an older checkpoint). ``False``
