@@ -392,10 +392,19 @@ class _Channel:
                          name="weight-sync-remote-reconnect").start()
 
     def _reconnect(self) -> None:
+        deadline = time.monotonic() + self._reattach_timeout
         try:
-            conn, _, max_inflight = connect(self._address, self._worker_id,
-                                            authkey=self._authkey,
-                                            timeout=self._reattach_timeout)
+            while True:
+                try:
+                    conn, _, max_inflight = connect(
+                        self._address, self._worker_id, authkey=self._authkey,
+                        timeout=max(deadline - time.monotonic(), 0.1))
+                    break
+                except ValueError:
+                    # Refused: e.g. the new learner's group had not launched this id yet
+                    # (the launcher itself waits its handshake_timeout first).
+                    if time.monotonic() >= deadline:
+                        raise
             credits = _Credits(max_inflight)
             with self._lock:
                 hello, closed = self._hello, self._closed
