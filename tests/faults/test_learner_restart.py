@@ -22,7 +22,14 @@ import torch
 from harness import Cluster
 from versioned import MARGIN_S, RX_TIMEOUT_S, expected, fingerprint, make_weights, set_version
 
-from weight_sync import ConnectionInfo, WeightReceiver, WeightSender, WeightSyncError
+from weight_sync import (
+    ConnectionInfo,
+    ProtocolError,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+)
+from weight_sync.reattach import check_first_version
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,6 +149,13 @@ def _error(cluster: Cluster, timeout: float) -> tuple[object, ...]:
 
 
 # -- tests -------------------------------------------------------------------------------
+def test_the_version_rule_across_learners() -> None:
+    for version, accept_rewind in [(5, False), (6, False), (5, True), (1, True)]:
+        check_first_version("collector 0", "h:1", version, 5, accept_rewind)  # accepted
+    with pytest.raises(ProtocolError, match=r"h:1 starts at version 1, older than version 5"):
+        check_first_version("collector 0", "h:1", 1, 5, False)
+
+
 @pytest.mark.parametrize("secret", ["", pytest.param("s3cret", marks=pytest.mark.slow,
                                                      id="secret")])
 def test_collector_reattaches_to_a_restarted_learner(cluster: Cluster, secret: str) -> None:
