@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -306,25 +307,122 @@ class _Credits:
         self._semaphore.release()
 
 
-class _Control:
-    """Credits and the stop signal, as the learner sends them."""
+class _Channel:
+    """The collector's end of its connection to the learner's launcher: the sink of its
+    messages (:class:`~collectors.worker.MessageSink`), its credits and its stop signal.
 
-    def __init__(self, conn: Connection, max_inflight: int) -> None:
-        self.credits = _Credits(max_inflight)
+    Without ``reattach_timeout``, the connection ending stops the worker. With it, a
+    connection that ends without a stop signal (the learner died) is replaced: the
+    channel connects to the same address again (bounded by ``reattach_timeout``), says
+    the worker's hello again (its first message) and takes the new learner's credits;
+    messages sent meanwhile are dropped with the learner they were for. If no learner
+    answers in time, :attr:`failed` says why and the worker is stopped.
+    """
+
+    def __init__(self, address: tuple[str, int], worker_id: int, conn: Connection,
+                 max_inflight: int, *, authkey: bytes | None = None,
+                 reattach_timeout: float = 0.0) -> None:
         self.stop = threading.Event()
-        threading.Thread(target=self._read, args=(conn,), daemon=True,
+        self.failed = ""
+        self._address, self._worker_id, self._authkey = address, worker_id, authkey
+        self._reattach_timeout = reattach_timeout
+        self._lock = threading.Lock()
+        self._conn: Connection | None = conn
+        self._credits = _Credits(max_inflight)
+        self._hello: bytes | None = None
+        self._closed = False
+        self._read_from(conn, self._credits)
+
+    def _read_from(self, conn: Connection, credits: _Credits) -> None:
+        threading.Thread(target=self._read, args=(conn, credits), daemon=True,
                          name="weight-sync-remote-control").start()
 
-    def _read(self, conn: Connection) -> None:
+    def _read(self, conn: Connection, credits: _Credits) -> None:
         try:
             while True:
                 what = conn.recv_bytes()
                 if what == _CREDIT:
-                    self.credits.release()
+                    credits.release()
                 elif what == _STOP:
                     self.stop.set()
         except (EOFError, OSError):
-            self.stop.set()  # the learner went away: stop after this step
+            if self._reattach_timeout > 0 and not self.stop.is_set():
+                self._lost(conn)
+            else:
+                self.stop.set()  # the learner went away: stop after this step
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        """Take a credit of the learner connected now."""
+        return self._credits.acquire(block, timeout)
+
+    def send_bytes(self, buf: bytes | bytearray) -> None:
+        with self._lock:
+            conn = self._conn
+            if self._hello is None:
+                self._hello = bytes(buf)
+        if conn is None:  # between two learners
+            log.debug("collector %d: a message dropped (no learner connected)",
+                      self._worker_id)
+            return
+        try:
+            conn.send_bytes(buf)
+        except OSError:
+            if self._reattach_timeout <= 0:
+                raise
+            self._lost(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _lost(self, conn: Connection) -> None:
+        """``conn``'s learner is gone: connect to the next one in the background."""
+        with self._lock:
+            if self._conn is not conn or self._closed:
+                return  # already replaced, or closing
+            self._conn = None
+        with contextlib.suppress(OSError):
+            conn.close()
+        log.warning("collector %d: lost the learner at %s:%d; waiting up to %.1fs for a "
+                    "new one", self._worker_id, *self._address, self._reattach_timeout)
+        threading.Thread(target=self._reconnect, daemon=True,
+                         name="weight-sync-remote-reconnect").start()
+
+    def _reconnect(self) -> None:
+        deadline = time.monotonic() + self._reattach_timeout
+        try:
+            while True:
+                try:
+                    conn, _, max_inflight = connect(
+                        self._address, self._worker_id, authkey=self._authkey,
+                        timeout=max(deadline - time.monotonic(), 0.1))
+                    break
+                except ValueError:
+                    # Refused: e.g. the new learner's group had not launched this id yet
+                    # (the launcher itself waits its handshake_timeout first).
+                    if time.monotonic() >= deadline:
+                        raise
+            credits = _Credits(max_inflight)
+            with self._lock:
+                hello, closed = self._hello, self._closed
+            if closed:
+                conn.close()
+                return
+            if hello is not None:
+                conn.send_bytes(hello)  # the new learner's group waits for it
+        except (CollectorTimeout, ValueError, OSError, EOFError) as exc:
+            self.failed = f"collector {self._worker_id}: no learner took it back: {exc}"
+            log.error("%s", self.failed)
+            self.stop.set()
+            return
+        with self._lock:
+            self._conn, self._credits = conn, credits
+        log.info("collector %d: connected to a new learner at %s:%d", self._worker_id,
+                 *self._address)
+        self._read_from(conn, credits)
 
 
 def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None = None,
@@ -376,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=os.environ.get(ADDRESS_ENV))
     parser.add_argument("--id", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--reattach-timeout", type=float, default=0.0,
+                        help="when the learner dies, wait this long for a new one at the "
+                             "same addresses (weights and batches) instead of exiting")
     args = parser.parse_args(argv)
     if not args.address or ":" not in args.address:
         parser.error(f"--address HOST:PORT (or {ADDRESS_ENV}) is needed")
@@ -390,8 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CollectorTimeout, ValueError, OSError, EOFError) as exc:
         log.error("%s", exc)
         return 2
-    control = _Control(conn, max_inflight)
-    return run_worker(spec, conn, control.stop, control.credits)
+    if args.reattach_timeout > 0:
+        spec = dataclasses.replace(spec, reattach_timeout=args.reattach_timeout)
+    channel = _Channel((host, int(port)), worker_id, conn, max_inflight,
+                       reattach_timeout=args.reattach_timeout)
+    code = run_worker(spec, channel, channel.stop, channel)
+    return 1 if channel.failed else code
 
 
 if __name__ == "__main__":

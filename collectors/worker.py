@@ -122,6 +122,11 @@ class WorkerSpec:
     """Bound on the receiver's connect (rendezvous + initial sync), in seconds."""
     receiver_timeout: float = 60.0
     """Bound on each store operation and transfer of the receiver, in seconds."""
+    reattach_timeout: float = 0.0
+    """``> 0``: a lost learner is waited for this long at the same address instead of
+    ending the worker (``ReceiverConfig.reattach_timeout``; the worker keeps its weights
+    and its environment meanwhile). ``python -m collectors.remote --reattach-timeout``
+    sets it, and reconnects its batch channel too."""
 
     @property
     def env_seed(self) -> int:
@@ -210,7 +215,8 @@ def _serve(spec: WorkerSpec, conn: MessageSink, stop: _Event, credits: _Credits)
     env = spec.env_factory(spec.env_seed)
     policy = spec.policy_factory()
     _send(conn, "hello", worker_id=spec.worker_id, pid=os.getpid())
-    receiver = WeightReceiver(policy, spec.info, spec.worker_id, timeout=spec.receiver_timeout)
+    receiver = WeightReceiver(policy, spec.info, spec.worker_id, timeout=spec.receiver_timeout,
+                              reattach_timeout=spec.reattach_timeout)
     try:
         receiver.connect(spec.connect_timeout)
         actor = VersionTagger(policy, receiver, spec.worker_id, stop, spec.poll_every_step,

@@ -51,7 +51,11 @@ def test_sender_config_rejects_and_quotes(overrides: dict[str, object], quoted: 
 
 @pytest.mark.parametrize(("field", "value"), [("timeout", 0.0), ("idle_slice", -1),
                                               ("idle_slice", math.nan),
-                                              ("learner_timeout", 0.0)])
+                                              ("learner_timeout", 0.0),
+                                              ("reattach_timeout", -1.0),
+                                              ("reattach_timeout", math.inf),
+                                              ("reattach_timeout", True),
+                                              ("accept_rewind", 1)])
 def test_receiver_config_rejects_and_quotes(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"ReceiverConfig\.{field} .* got {value!r}"):
         ReceiverConfig(**{field: value})  # type: ignore[arg-type]
@@ -103,6 +107,7 @@ def test_connection_info_max_collectors_defaults_and_validates() -> None:
     ({"num_collectors": 1, "transport": "shm", "backend": "nccl"},
      "transport 'shm' needs backend 'gloo', got 'nccl'"),
     ({"num_collectors": 1, "transport": ""}, "SenderConfig.transport .* got ''"),
+    ({"num_collectors": 1, "version": -1}, "version must be an int >= 0, got -1"),
 ])
 def test_sender_arguments_validated_before_binding(kwargs: dict[str, object],
                                                    match: str) -> None:

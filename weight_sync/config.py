@@ -176,6 +176,21 @@ class ReceiverConfig:
     (its background heartbeat, read through its store) for this long: a frozen
     learner, a cut link or a vanished host, not only a closed socket. Must exceed the
     learner's beat interval (``ConnectionInfo.heartbeat_s``, 1 s by default)."""
+    reattach_timeout: float = 0.0
+    """``0`` (the default): a lost learner ends the stream (``receive_weights`` raises
+    ``PeerGone``). ``> 0``: once ``receive_weights`` sees the learner lost (its store
+    gone, or silent for ``learner_timeout``), this collector keeps its weights and, in
+    the background, waits up to this many seconds for a new learner at the same address
+    and stream, joins it again (secret and layout checked anew) and applies its initial
+    weights, which a later ``receive_weights`` returns; ``PeerGone`` naming the address
+    if none answers in time (at most 5 s later when the process found there is frozen).
+    A learner that closes the stream (``ClosedError``) is not waited for."""
+    accept_rewind: bool = False
+    """With ``reattach_timeout``: what to do with a new learner whose first version is
+    lower than the one applied here (it resumed from an older checkpoint). ``False``
+    refuses it (``ProtocolError`` naming both versions; nothing applied, the stream
+    ends); ``True`` applies it as a new epoch (``WeightReceiver.epoch``; versions then
+    grow again from there). A version equal or higher is always accepted."""
     secret: str | bytes = field(default="", repr=False)
     """The secret shared with the learner (``""``: the environment variable
     ``WEIGHT_SYNC_SECRET``, if set). With one, this collector proves it at its join,
@@ -186,6 +201,14 @@ class ReceiverConfig:
         _positive("ReceiverConfig", "timeout", self.timeout)
         _positive("ReceiverConfig", "idle_slice", self.idle_slice)
         _positive("ReceiverConfig", "learner_timeout", self.learner_timeout)
+        if (not isinstance(self.reattach_timeout, (int, float))
+                or isinstance(self.reattach_timeout, bool)
+                or not (self.reattach_timeout >= 0 and math.isfinite(self.reattach_timeout))):
+            raise ConfigError(f"ReceiverConfig.reattach_timeout must be a finite number of "
+                              f"seconds >= 0 (0: off), got {self.reattach_timeout!r}")
+        if not isinstance(self.accept_rewind, bool):
+            raise ConfigError(f"ReceiverConfig.accept_rewind must be a bool, "
+                              f"got {self.accept_rewind!r}")
         if not isinstance(self.secret, (str, bytes)):
             raise ConfigError(f"ReceiverConfig.secret must be str or bytes, got a "
                               f"{type(self.secret).__name__}")

@@ -50,12 +50,30 @@ from weight_sync.sender_link import SenderLink
 from weight_sync.transports.base import Offer
 from weight_sync.transports.registry import TransportSpec, get_transport, transport_names
 
-__all__ = ["join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
+__all__ = ["Joined", "join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
 
 log = logging.getLogger(__name__)
 
 #: :attr:`Verdict.refusal` of a collector that can use none of the proposed transports.
 REFUSED_TRANSPORT = "transport"
+
+
+@dataclasses.dataclass(frozen=True)
+class Joined:
+    """What a collector holds once admitted (:func:`join`).
+
+    Attributes:
+        incarnation: the incarnation of its id it claimed.
+        verdict: the learner's admitting verdict (its transport).
+        key: with a shared secret, the stream's key; ``None`` without.
+        learner_nonce: the admitting learner's nonce: a learner started anew at the
+            same address has another one.
+    """
+
+    incarnation: int
+    verdict: Verdict
+    key: StreamKey | None
+    learner_nonce: str
 
 
 def _layout_error(who: str, diffs: list[str] | tuple[str, ...]) -> LayoutMismatchError:
@@ -88,9 +106,8 @@ def _probe(offers: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]
 
 
 def join(control: Control, layout: BufferLayout, cid: int, deadline: float,
-         secret: bytes | None = None) -> tuple[int, Verdict, StreamKey | None]:
-    """Collector side: join the stream as collector ``cid``; returns the incarnation,
-    the learner's (admitting) verdict, and with a ``secret`` the stream's key.
+         secret: bytes | None = None) -> Joined:
+    """Collector side: join the stream as collector ``cid``.
 
     Raises:
         AuthenticationError: with a secret, the learner refused this collector's proof
@@ -122,7 +139,7 @@ def join(control: Control, layout: BufferLayout, cid: int, deadline: float,
                                   f"shared secret; not connecting")
     if not verdict.admitted:
         raise refusal_error(verdict, who)
-    return inc, verdict, key
+    return Joined(inc, verdict, key, learner_nonce)
 
 
 def judge(hello: Hello, cid: int, inc: int, current: SenderLink | None,

@@ -10,6 +10,12 @@ error that ended the stream) into it and waits until the collector applied it, s
 never overwrites a buffer the collector may still be switching to. Any exception in a
 background thread becomes the stream's error, raised by the next ``receive_weights``.
 
+With ``ReceiverConfig.reattach_timeout``, a lost learner does not end the stream: the
+receiver retires its link to it (no store call to the dead store), and a background
+thread waits for a new learner at the same address, joins it as a new *attachment*
+and hands its initial weights over through the same queue; items of an attachment
+left behind are dropped. Each new learner (a new nonce) is a new :attr:`epoch`.
+
 Example::
 
     receiver = WeightReceiver(policy, info, collector_id=i)
@@ -23,9 +29,12 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +45,7 @@ from weight_sync.control import Control
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
+    ConnectionFailed,
     PeerGone,
     ProtocolError,
     WeightSyncError,
@@ -46,6 +56,7 @@ from weight_sync.hooks import ReceiverHooks
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.liveness import LearnerWatch
 from weight_sync.packing import copy_in, swap_in
+from weight_sync.reattach import check_first_version, wait_for_store
 from weight_sync.receiver_link import ReceiverLink
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import address_towards
@@ -58,7 +69,36 @@ log = logging.getLogger(__name__)
 # close() waits this long for the background threads, before and after it closes the
 # transport end.
 _CLOSE_JOIN_S = 1.0
+# receive_weights gives up on a reattach this long after reattach_timeout even if the
+# background attempt has not ended: a store call to a frozen learner never returns.
+_REATTACH_GRACE_S = 5.0
 
+
+@dataclass(eq=False)
+class _Attachment:
+    """One learner this receiver is (or was) attached to: its link and the threads that
+    serve it. ``stop`` ends them; ``lost`` means no store call may reach that learner
+    (frozen or gone: the call would never return)."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    link: ReceiverLink | None = None
+    watch: LearnerWatch | None = None
+    nonce: str = ""
+    lost: bool = False
+    fresh: bool = True  # its first message is not applied yet
+    deadline: float = math.inf  # a reattach: when receive_weights gives up on it
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    """What the background threads hand the collector: a received version and the
+    buffer holding it, or the error that ended an attachment's stream."""
+
+    attachment: _Attachment
+    version: int = -1
+    data: torch.Tensor | None = None
+    error: WeightSyncError | None = None
 
 
 class WeightReceiver:
@@ -71,6 +111,13 @@ class WeightReceiver:
         collector_id: this collector's id, ``0 <= id < info.max_collectors``.
         config: waits; keyword arguments override its fields (``timeout``...).
         hooks: callbacks on the receive path (fault injection, instrumentation).
+
+    Versions across learners (with ``reattach_timeout``): :attr:`epoch` counts the
+    learners attached to after the first (a new learner at the same address, told
+    apart by its nonce), and versions grow within an epoch. A new learner's first
+    version must be at least :attr:`version` unless ``accept_rewind`` (then it may be
+    lower: a learner resumed from an older checkpoint), so ``(epoch, version)`` always
+    grows.
     """
 
     def __init__(self, policy: Any, info: ConnectionInfo, collector_id: int,
@@ -91,29 +138,30 @@ class WeightReceiver:
         self.wire_layout = self.layout.on_wire(wire_dtype(info.wire_dtype))
         """The layout of each message (``layout`` unless the learner narrows floats)."""
         self.version = -1
+        self.epoch = 0
+        """Learners attached to after the first (``reattach_timeout``): 0 until a new
+        learner's weights are applied, then +1 per new learner."""
         self.transport = ""
         """The transport the learner chose for this collector (set by :meth:`connect`)."""
-        self._link: ReceiverLink | None = None
+        self._att = _Attachment()
+        self._connected = False
+        self._nonce = ""  # the nonce of the learner whose weights are applied
+        self._refused_before = 0  # refusals on the links of learners left behind
         self._device = torch.device("cpu")
         self._private: list[torch.Tensor] = []  # buffers a copying transport fills
         self._active: torch.Tensor | None = None  # the message the policy points at
         self._held: torch.Tensor | None = None  # the message last applied (swapped or copied)
-        self._ready: torch.Tensor | None = None  # received, handed over, not applied yet
         self._views: dict[int, list[torch.Tensor]] = {}  # data_ptr -> per-leaf views
         self._can_swap = True
-        self._inbox: queue.SimpleQueue[int | WeightSyncError] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._applied = threading.Event()  # staging may be refilled
         self._error: WeightSyncError | None = None  # the stream's end, once raised
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._closed = False
         self._secret = resolve_secret(self.config.secret, "ReceiverConfig")
         if self.config.learner_timeout <= info.heartbeat_s:
             raise ConfigError(f"ReceiverConfig.learner_timeout must exceed the learner's "
                               f"beat interval ({info.heartbeat_s}s), got "
                               f"{self.config.learner_timeout!r}")
-        self._watch = LearnerWatch(self._who(), self.config.learner_timeout)
-        self._learner_lost = False  # frozen or gone: close() makes no store call
 
     def __enter__(self) -> WeightReceiver:
         return self
@@ -125,10 +173,16 @@ class WeightReceiver:
         return f"collector {self.collector_id}"
 
     @property
+    def _link(self) -> ReceiverLink | None:
+        """The link to the learner attached to now (``None`` while re-attaching)."""
+        return self._att.link
+
+    @property
     def refused(self) -> int:
         """Messages refused so far as corrupted in transit (each asked for again;
         none of them applied)."""
-        return 0 if self._link is None else self._link.refused
+        link = self._att.link
+        return self._refused_before + (0 if link is None else link.refused)
 
     def _control(self, timeout: float) -> Control:
         return Control.connect(self.info.host, self.info.port, self.info.name,
@@ -151,36 +205,56 @@ class WeightReceiver:
         if self._closed:
             raise ClosedError(f"{self._who()}: connect() after close()")
         deadline = time.monotonic() + timeout
+        att = self._att
         # One client per thread: this one (acks), the listener's, the heartbeat's.
         control = self._control(timeout)
-        inc, verdict, key = join(control, self.layout, self.collector_id, deadline,
-                                 self._secret)
+        try:
+            version, data = self._attach(att, control, deadline)
+            self._apply(data)
+            del data
+            self.version = version
+            self._nonce, att.fresh = att.nonce, False
+            assert att.link is not None
+            att.link.ack(version)
+        except BaseException:
+            self.close()
+            raise
+        self._connected = True
+        self._start_thread(att, "watch", lambda: self._watch_learner(att))
+        self._start_thread(att, "rx", lambda: self._listen(att))
+        log.info("%s connected over %r, version %d", self._who(), self.transport, version)
+        return version
+
+    def _attach(self, att: _Attachment, control: Control,
+                deadline: float) -> tuple[int, torch.Tensor]:
+        """Join the learner at ``info``'s address through ``control`` (the acking
+        client, which the link takes over), start beating, connect the link and receive
+        its first message (not applied): its version and buffer."""
+        try:
+            joined = join(control, self.layout, self.collector_id, deadline, self._secret)
+        except BaseException:
+            control.close()
+            raise
+        inc, verdict = joined.incarnation, joined.verdict
+        att.nonce = joined.learner_nonce
         self.transport = verdict.transport
         spec = LinkSpec(self.collector_id, inc, self.wire_layout, backend=self.info.backend,
                         timeout=self.config.timeout,
                         bind_host=address_towards(self.info.host, self.info.port),
                         progress=None if self._hooks is None else self._hooks.during_receive)
-        self._start_thread(self._heartbeat, (self._control(deadline - time.monotonic()), inc),
-                           "beat")
+        att.watch = LearnerWatch(self._who(), self.config.learner_timeout)
+        beat = self._control(deadline - time.monotonic())
+        self._start_thread(att, "beat", lambda: self._heartbeat(att, beat, inc))
+        transport = get_transport(verdict.transport)
         try:
-            transport = get_transport(verdict.transport)
             link = ReceiverLink(spec, transport.receiver(spec),
                                 self._control(deadline - time.monotonic()), control,
-                                self._hooks, lends=transport.lends, key=key)
-            self._link = link
-            link.connect(deadline - time.monotonic())
-            version = self._initial_sync(link, spec, deadline)
+                                self._hooks, lends=transport.lends, key=joined.key)
         except BaseException:
-            self.close()
+            control.close()
             raise
-        self._start_thread(self._watch_learner, self._watch, "watch")
-        self._start_thread(self._listen, link, "rx")
-        log.info("%s connected (incarnation %d) over %r, version %d", self._who(), inc,
-                 verdict.transport, version)
-        return version
-
-    def _initial_sync(self, link: ReceiverLink, spec: LinkSpec, deadline: float) -> int:
-        """Receive the first message, apply it and ack it; its version."""
+        att.link = link
+        link.connect(deadline - time.monotonic())
         self._device = spec.device
         # Swapping needs messages in the policy's own dtypes, on its device; otherwise
         # each message is copied in (and widened, with a wire dtype).
@@ -188,20 +262,18 @@ class WeightReceiver:
             t.device == spec.device for t in self._targets)
         message = None
         while message is None and (left := deadline - time.monotonic()) > 0:
-            message = link.receive(self._staging(), left)  # None: refused, asked again
+            message = link.receive(self._staging(link), left)  # None: refused, asked again
         if message is None:
             raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
-                                    f"in time")
-        version, data = message
-        self._apply(data)
-        self.version = version
-        link.ack(version)
-        return version
+                                    f"at {self.info.host}:{self.info.port} in time")
+        log.info("%s attached (incarnation %d) over %r, its version %d", self._who(), inc,
+                 verdict.transport, message[0])
+        return message
 
-    def _staging(self) -> torch.Tensor | None:
+    def _staging(self, link: ReceiverLink) -> torch.Tensor | None:
         """The private buffer the next message goes into (``None`` when the transport
         lends its messages): one the policy does not point at, made on first use."""
-        if self._link is None or self._link.lends:
+        if link.lends:
             return None
         free = [b for b in self._private if b is not self._active]
         if free:
@@ -241,10 +313,10 @@ class WeightReceiver:
         self._views.clear()
         self._apply(own)
 
-    def _start_thread(self, body: Any, arg: Any, role: str) -> None:
+    def _start_thread(self, att: _Attachment, role: str, body: Callable[[], None]) -> None:
         def run() -> None:
             try:
-                body(arg)
+                body()
             except BaseException as exc:  # any failure ends the stream, never silently
                 if not isinstance(exc, WeightSyncError):
                     log.exception("%s: %s thread failed", self._who(), role)
@@ -252,55 +324,114 @@ class WeightReceiver:
                                               f"failed: {exc!r}")
                     wrapped.__cause__ = exc
                     exc = wrapped
-                self._stop.set()
-                self._inbox.put(exc)
+                att.stop.set()
+                self._inbox.put(_Item(att, error=exc))
 
         thread = threading.Thread(target=run, name=f"weight-sync-{role}-{self.collector_id}",
                                   daemon=True)
-        self._threads.append(thread)
+        att.threads.append(thread)
         thread.start()
 
-    def _heartbeat(self, beat: tuple[Control, int]) -> None:
+    def _heartbeat(self, att: _Attachment, control: Control, inc: int) -> None:
         """Beat now and every ``info.heartbeat_s``, so the learner can tell a live but
         slow collector from a vanished one; read the learner's beat meanwhile."""
-        control, inc = beat
-        while True:
-            try:
-                control.beat(self.collector_id, inc)
-                self._watch.saw(control.learner_beats())
-            except PeerGone as exc:
-                # The listener may be stuck in a transfer the dead learner cut short
-                # (gloo only notices at its timeout): report it now instead.
-                self._learner_lost = True
-                raise PeerGone(f"{self._who()}: the learner's store went away "
-                               f"(heartbeat failed): {exc}") from exc
-            if self._stop.wait(self.info.heartbeat_s):
-                return
+        assert att.watch is not None
+        try:
+            while True:
+                try:
+                    control.beat(self.collector_id, inc)
+                    att.watch.saw(control.learner_beats())
+                except PeerGone as exc:
+                    # The listener may be stuck in a transfer the dead learner cut short
+                    # (gloo only notices at its timeout): report it now instead.
+                    att.lost = True
+                    raise PeerGone(f"{self._who()}: the learner's store went away "
+                                   f"(heartbeat failed): {exc}") from exc
+                if att.stop.wait(self.info.heartbeat_s):
+                    return
+        finally:
+            control.close()
 
-    def _watch_learner(self, watch: LearnerWatch) -> None:
+    def _watch_learner(self, att: _Attachment) -> None:
         """Every beat interval, check the learner's beat moved lately; this thread
         makes no store call, so a frozen learner cannot hold it up."""
-        while not self._stop.wait(self.info.heartbeat_s):
+        assert att.watch is not None
+        while not att.stop.wait(self.info.heartbeat_s):
             try:
-                watch.check()
+                att.watch.check()
             except PeerGone:
-                self._learner_lost = True
+                att.lost = True
                 raise
 
-    def _listen(self, link: ReceiverLink) -> None:
+    def _listen(self, att: _Attachment) -> None:
         """Receive each next message, hand it over, wait for its apply."""
-        while not self._stop.is_set():
-            message = link.receive(self._staging(), self.config.idle_slice, self._held)
+        link = att.link
+        assert link is not None
+        while not att.stop.is_set():
+            message = link.receive(self._staging(link), self.config.idle_slice, self._held)
             if message is None:
                 continue
-            version, self._ready = message
-            del message  # no reference of this thread may outlive the apply
             self._applied.clear()
-            self._inbox.put(version)
+            self._inbox.put(_Item(att, *message))
+            del message  # no reference of this thread may outlive the apply
             link.collect_garbage()  # while the collector applies
-            while not self._applied.wait(self.config.idle_slice):
-                if self._stop.is_set():
-                    return
+            if not self._wait_applied(att):
+                return
+
+    def _wait_applied(self, att: _Attachment) -> bool:
+        """Wait until the collector applied the message handed over; False once
+        ``att`` is stopped."""
+        while not self._applied.wait(self.config.idle_slice):
+            if att.stop.is_set():
+                return False
+        return not att.stop.is_set()
+
+    def _reattach(self, old: _Attachment, new: _Attachment, cause: WeightSyncError) -> None:
+        """Retire ``old`` (its learner is lost), wait for a learner at the same address,
+        attach ``new`` to it and hand its first message over; then listen on it."""
+        deadline = time.monotonic() + self.config.reattach_timeout
+        self._retire(old)
+        if not wait_for_store(self.info, deadline, new.stop, self._who(), cause):
+            return
+        version, data = self._attach(new, self._control(deadline - time.monotonic()),
+                                     deadline)
+        if new.stop.is_set():  # closed meanwhile: release what was just built
+            self._retire(new)
+            return
+        self._start_thread(new, "watch", lambda: self._watch_learner(new))
+        self._applied.clear()
+        self._inbox.put(_Item(new, version, data))
+        del data
+        if self._wait_applied(new):
+            self._listen(new)
+
+    def _begin_reattach(self, cause: WeightSyncError) -> None:
+        """Leave the lost learner behind and start waiting for a new one (background)."""
+        old = self._att
+        old.lost = True
+        self._keep_private()
+        if old.link is not None:
+            self._refused_before += old.link.refused
+        new = self._att = _Attachment(
+            deadline=time.monotonic() + self.config.reattach_timeout + _REATTACH_GRACE_S)
+        log.warning("%s: lost the learner at %s:%d (%s); keeping version %d and waiting "
+                    "up to %.1fs for a new learner", self._who(), self.info.host,
+                    self.info.port, cause, self.version, self.config.reattach_timeout)
+        self._start_thread(new, "reattach", lambda: self._reattach(old, new, cause))
+
+    def _first_of(self, att: _Attachment, version: int) -> None:
+        """Check the first version of a learner re-attached to (refused: this stream
+        ends and that learner is told this collector left)."""
+        try:
+            check_first_version(self._who(), f"{self.info.host}:{self.info.port}", version,
+                                self.version, self.config.accept_rewind)
+        except ProtocolError as exc:
+            self._error = exc
+            att.stop.set()
+            self._applied.set()
+            if att.link is not None:
+                att.link.stop()
+            raise
 
     def receive_weights(self, timeout: float | None = 0) -> int | None:
         """Apply the newest received weights, if any.
@@ -310,47 +441,120 @@ class WeightReceiver:
                 new weights; ``None`` waits up to ``config.timeout`` and raises.
 
         Returns:
-            The version just applied, or ``None`` if nothing new arrived.
+            The version just applied, or ``None`` if nothing new arrived (also while
+            re-attaching to a new learner, with ``reattach_timeout``).
 
         Raises:
             ClosedError: the learner closed the stream, or this receiver is closed.
             PeerGone: the learner died, or gave no sign of life for
-                ``config.learner_timeout`` s (frozen, cut off).
-            AuthenticationError: with a secret, a forged or replayed signal (nothing
+                ``config.learner_timeout`` s (frozen, cut off); with
+                ``reattach_timeout``, no new learner answered at its address in time.
+            LayoutMismatchError: (re-attaching) the new learner's weights differ from
+                this policy (listed; nothing applied).
+            AuthenticationError: with a secret, a forged or replayed signal, or
+                (re-attaching) a new learner that does not know the secret (nothing
                 applied).
             IntegrityError: messages kept arriving corrupted (nothing applied).
-            ProtocolError: an out-of-order or repeated version (nothing applied).
+            ProtocolError: an out-of-order or repeated version, or (re-attaching) a
+                new learner starting below :attr:`version` without ``accept_rewind``
+                (nothing applied).
             WeightSyncError: whatever ended the background receive, as it ended it.
         """
         if self._closed:
             raise ClosedError(f"{self._who()}: receive_weights() after close()")
-        if self._link is None:
+        if not self._connected:
             raise ProtocolError(f"{self._who()}: receive_weights() before connect()")
         if self._error is not None:
             raise self._error
         wait = self.config.timeout if timeout is None else timeout
-        try:
-            item = self._inbox.get(block=wait > 0, timeout=wait if wait > 0 else None)
-        except queue.Empty:
-            if timeout is None:
-                raise WeightSyncTimeout(f"{self._who()}: no new weights after version "
-                                        f"{self.version} within {wait:.2f}s") from None
-            return None
-        if isinstance(item, WeightSyncError):
-            self._error = item
-            raise item
-        if item <= self.version:
-            self._error = ProtocolError(f"{self._who()}: received version {item} after "
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                item = self._inbox.get(block=left > 0, timeout=left if left > 0 else None)
+            except queue.Empty:
+                self._check_reattach_deadline()
+                if timeout is None:
+                    raise WeightSyncTimeout(f"{self._who()}: no new weights after version "
+                                            f"{self.version} within {wait:.2f}s") from None
+                return None
+            att = item.attachment
+            if att is not self._att:
+                continue  # from a learner left behind
+            if item.error is not None:
+                if self._may_reattach(att, item.error):
+                    self._begin_reattach(item.error)
+                    continue
+                self._error = item.error
+                raise item.error
+            return self._apply_item(att, item.version, item.data)
+
+    def _check_reattach_deadline(self) -> None:
+        """Raise if a reattach outlived its bound without a word from its thread (stuck
+        in a store call to a learner that froze while it was joined)."""
+        att = self._att
+        if not att.fresh or time.monotonic() <= att.deadline:
+            return
+        att.lost = True
+        att.stop.set()
+        self._error = PeerGone(
+            f"{self._who()}: no learner took this collector back at {self.info.host}:"
+            f"{self.info.port} (stream {self.info.name!r}) within reattach_timeout "
+            f"{self.config.reattach_timeout}s (+{_REATTACH_GRACE_S}s): the learner found "
+            f"there does not answer")
+        raise self._error
+
+    def _apply_item(self, att: _Attachment, version: int, data: torch.Tensor | None) -> int:
+        if att.fresh:
+            self._first_of(att, version)
+        elif version <= self.version:
+            self._error = ProtocolError(f"{self._who()}: received version {version} after "
                                         f"{self.version}; refused, nothing applied")
             raise self._error
-        ready, self._ready = self._ready, None
-        assert ready is not None
-        self._apply(ready)
-        del ready
-        self.version = item
+        assert data is not None and att.link is not None
+        self._apply(data)
+        del data
+        if att.fresh:
+            att.fresh = False
+            if att.nonce != self._nonce:
+                self._nonce = att.nonce
+                self.epoch += 1
+            log.info("%s: re-attached, epoch %d, version %d (was %d)", self._who(),
+                     self.epoch, version, self.version)
+        self.version = version
         self._applied.set()
-        self._link.ack(item)
-        return item
+        try:
+            att.link.ack(version)
+        except ConnectionFailed as exc:  # applied; its learner went away meanwhile
+            if not self._may_reattach(att, exc):
+                raise
+            self._begin_reattach(exc)
+        return version
+
+    def _may_reattach(self, att: _Attachment, error: WeightSyncError) -> bool:
+        """Whether ``error`` (the end of ``att``'s stream) starts a reattach: the
+        learner was lost after it served weights (a failed reattach is final)."""
+        return (self.config.reattach_timeout > 0 and not att.fresh
+                and isinstance(error, ConnectionFailed))
+
+    def _retire(self, att: _Attachment) -> None:
+        """Stop an attachment's threads and release its link (without a store call
+        once its learner is lost)."""
+        att.stop.set()
+        self._applied.set()
+        reach = not att.lost
+        if att.link is not None:
+            att.link.stop(reach_learner=reach)  # wakes the listener's wait
+        # A listener inside a transfer (one the learner cut short, or will never finish
+        # now that this collector left) is woken by closing the transport end; daemon
+        # threads, so the waits stay short.
+        self._join_threads(att, _CLOSE_JOIN_S)
+        if att.link is not None:
+            att.link.close(reach_learner=reach)
+        self._join_threads(att, _CLOSE_JOIN_S)
+        for thread in att.threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                log.warning("%s: %s still busy after close", self._who(), thread.name)
 
     def close(self) -> None:
         """Stop the background threads and release the link; idempotent. The policy
@@ -360,25 +564,14 @@ class WeightReceiver:
             return
         self._closed = True
         self._keep_private()
-        self._ready = None
-        self._stop.set()
-        self._applied.set()
-        reach = not self._learner_lost
-        if self._link is not None:
-            self._link.stop(reach_learner=reach)  # wakes the listener's wait
-        # A listener inside a transfer (one the learner cut short, or will never finish
-        # now that this collector left) is woken by closing the transport end; daemon
-        # threads, so the waits stay short.
-        self._join_threads(_CLOSE_JOIN_S)
+        self._retire(self._att)
+        while not self._inbox.empty():  # drop buffers handed over but never applied
+            self._inbox.get_nowait()
         self._views.clear()
-        if self._link is not None:
-            self._link.close(reach_learner=reach)
-        self._join_threads(_CLOSE_JOIN_S)
-        for thread in self._threads:
-            if thread.is_alive():
-                log.warning("%s: %s still busy after close", self._who(), thread.name)
 
-    def _join_threads(self, timeout: float) -> None:
+    @staticmethod
+    def _join_threads(att: _Attachment, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(deadline - time.monotonic(), 0))
+        for thread in att.threads:
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0))

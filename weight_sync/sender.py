@@ -71,6 +71,10 @@ class WeightSender:
             ``num_collectors..max_collectors-1`` at run time); defaults to N.
         config: where to listen and how long to wait; keyword arguments override
             its fields (``host``, ``port``, ``name``, ``backend``, ``timeout``).
+        version: the version :meth:`connect` syncs first (the next send is +1). A
+            learner resumed from a checkpoint passes the checkpoint's, so that
+            collectors re-attaching to it (``ReceiverConfig.reattach_timeout``) see
+            versions go on growing.
 
     Raises:
         InvalidWeightsError: empty or non-tensor weights.
@@ -78,7 +82,8 @@ class WeightSender:
     """
 
     def __init__(self, policy: Any, num_collectors: int, config: SenderConfig | None = None,
-                 *, max_collectors: int | None = None, **overrides: Any) -> None:
+                 *, max_collectors: int | None = None, version: int = 0,
+                 **overrides: Any) -> None:
         base = config or SenderConfig()
         self.config = SenderConfig(**{**base.__dict__, **overrides})
         if not isinstance(num_collectors, int) or num_collectors < 1:
@@ -97,6 +102,8 @@ class WeightSender:
             raise ConfigError(f"SenderConfig.transport {chain[0].name!r} needs backend "
                               f"{' or '.join(map(repr, chain[0].backends))}, got "
                               f"{self.config.backend!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ConfigError(f"version must be an int >= 0, got {version!r}")
         self.num_collectors = num_collectors
         self.max_collectors = max_collectors
         self._sources = list(named_leaves(policy).values())
@@ -139,7 +146,7 @@ class WeightSender:
         self._admissions = Admissions(self._control, self._make_link, chain, self._offers,
                                       max_collectors, self._new_control, self._key)
         self._joins_read = 0.0  # when joins were last looked for
-        self.version = 0
+        self.version = version
         self.stats = SyncStats()
         self._sent: dict[int, tuple[float, float]] = {}  # version -> (start, pack seconds)
         self._connected = False
