@@ -22,6 +22,7 @@ from collectors.errors import (
     CollectorCrashed,
     CollectorDied,
     CollectorError,
+    CollectorRefused,
     CollectorTimeout,
     PlacementTimeout,
 )
@@ -42,7 +43,8 @@ from collectors.worker import (
 __all__ = [
     "CollectorGroup", "BatchRecord", "RestartRecord", "WorkerSpec", "VersionTagger", "run_worker",
     "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle", "NetworkLauncher", "RemoteWorker",
-    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout", "PlacementTimeout",
+    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorRefused", "CollectorTimeout",
+    "PlacementTimeout",
     "VERSION_KEY", "WORKER_KEY", "CHECKSUM_KEY", "policy_checksum",
     "encode_message", "decode_message",
 ]

@@ -18,7 +18,13 @@ that connects with that id (proving the shared key, ``WEIGHT_SYNC_COLLECTOR_KEY`
 ``multiprocessing``'s challenge) receives it and runs the same worker loop as a local
 process; its messages (hello, version-tagged batches, errors) come back over the
 connection, and credits and the stop signal go the other way. A collector whose
-connection ends is reported by the group like a dead local process.
+connection ends is reported by the group like a dead local process; one cut off (no
+byte arrives, nothing closes) by its weight link's heartbeat (``liveness_timeout``).
+
+With ``CollectorGroup(..., max_restarts=k)`` a failed collector's id is registered
+again instead: the launcher cannot start a process elsewhere, so the group goes on with
+the others, and a process started again with that id (by whoever started the first)
+rejoins and is caught up.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from typing import Any
 
-from collectors.errors import CollectorTimeout
+from collectors.errors import CollectorRefused, CollectorTimeout
 from collectors.launcher import WorkerHandle
 from collectors.worker import WorkerSpec, run_worker
 
@@ -128,7 +135,8 @@ class RemoteWorker:
         return None
 
     def is_alive(self) -> bool:
-        return not self._ended
+        # Never connected and asked to stop: nothing will come from it.
+        return not self._ended and (self._conn is not None or not self._stop_asked)
 
     def _send(self, what: bytes) -> None:
         if self._conn is not None and not self._ended:
@@ -243,7 +251,8 @@ class NetworkLauncher:
                 raise TimeoutError("no hello")
             hello = json.loads(conn.recv_bytes(4096))
             cid, pid, host = int(hello["id"]), int(hello["pid"]), str(hello["host"])
-        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, EOFError, ValueError, KeyError, TypeError,
+                AuthenticationError) as exc:
             log.warning("a collector connection from %s failed its handshake: %s", peer, exc)
             conn.close()
             return
@@ -332,8 +341,10 @@ def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None =
     """Connect to a learner's :class:`NetworkLauncher` as collector ``worker_id``.
 
     Raises:
-        CollectorTimeout: nothing answered at ``address`` within ``timeout``.
-        ValueError: the learner refused this collector (why, in the message).
+        CollectorTimeout: nothing answered at ``address`` within ``timeout``, or what
+            answered did not finish the handshake within it.
+        CollectorRefused: the learner refused this collector (why, in the message:
+            id out of range, already connected, never launched, or a wrong key).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -354,6 +365,15 @@ def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None =
         conn.send_bytes(json.dumps({"id": worker_id, "pid": os.getpid(),
                                     "host": socket.gethostname()}).encode())
         reply = conn.recv_bytes()
+    except AuthenticationError as exc:
+        conn.close()
+        raise CollectorRefused(f"the learner at {address[0]}:{address[1]} refused collector "
+                               f"{worker_id}'s key ({KEY_ENV}): {exc}", worker_id) from None
+    except EOFError:
+        conn.close()
+        raise CollectorRefused(f"the learner at {address[0]}:{address[1]} closed collector "
+                               f"{worker_id}'s connection during the handshake",
+                               worker_id) from None
     except OSError as exc:
         conn.close()
         raise CollectorTimeout(f"the learner at {address[0]}:{address[1]} did not finish "
@@ -362,8 +382,8 @@ def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None =
     _unbounded(conn)
     if reply.startswith(b"{"):
         conn.close()
-        raise ValueError(f"the learner refused collector {worker_id}: "
-                         f"{json.loads(reply)['error']}")
+        raise CollectorRefused(f"the learner refused collector {worker_id}: "
+                               f"{json.loads(reply)['error']}", worker_id)
     spec, max_inflight = pickle.loads(reply)  # from the learner, which proved the key
     return conn, spec, max_inflight
 
@@ -387,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conn, spec, max_inflight = connect((host, int(port)), worker_id,
                                            timeout=args.timeout)
-    except (CollectorTimeout, ValueError, OSError, EOFError) as exc:
+    except (CollectorTimeout, CollectorRefused, OSError) as exc:
         log.error("%s", exc)
         return 2
     control = _Control(conn, max_inflight)

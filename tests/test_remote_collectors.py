@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from collectors import CollectorDied, CollectorGroup
-from collectors.remote import NetworkLauncher
+from collectors import CollectorDied, CollectorGroup, CollectorRefused, CollectorTimeout
+from collectors.remote import NetworkLauncher, connect
 from collectors.task import collect, make_env, make_policy
-from collectors.worker import VERSION_KEY, WORKER_KEY
+from collectors.worker import VERSION_KEY, WORKER_KEY, WorkerSpec
+from weight_sync import ConnectionInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 64
@@ -107,3 +110,43 @@ def test_bad_ids_and_an_absent_learner_are_refused_bounded() -> None:
     gone = remote(launcher.address, 0, "--timeout", "2")
     assert reap([gone]) == [2]
     assert "no learner answered" in (gone.stderr.read() if gone.stderr else "")
+
+
+# -- refusals seen by the connecting side: typed, bounded (real sockets, no worker) ----------
+def spec_for(cid: int) -> WorkerSpec:
+    info = ConnectionInfo(host="127.0.0.1", port=1, name="unused", num_collectors=1)
+    return WorkerSpec(worker_id=cid, info=info, env_factory=make_env,
+                      policy_factory=make_policy, collect_fn=collect)
+
+
+def test_a_second_connection_for_a_served_id_is_refused_and_the_first_kept() -> None:
+    launcher = NetworkLauncher(num_collectors=1, handshake_timeout=5.0)
+    try:
+        handle = launcher.launch(spec_for(0), max_inflight=2)
+        conn, spec, inflight = connect(launcher.address, 0, timeout=10)
+        assert (spec.worker_id, inflight) == (0, 2) and handle.connected
+        with pytest.raises(CollectorRefused, match="collector 0 is already connected") as info:
+            connect(launcher.address, 0, timeout=10)
+        assert info.value.worker_id == 0
+        handle.release_credit()  # the first connection still carries the learner's word
+        assert conn.poll(10) and conn.recv_bytes() == b"c"
+        with pytest.raises(CollectorRefused, match=r"collector 3: .*outside \[0, 1\)"):
+            connect(launcher.address, 3, timeout=10)
+        with pytest.raises(CollectorRefused, match="refused collector 0's key"):
+            connect(launcher.address, 0, authkey=b"not the key", timeout=10)
+        conn.close()
+    finally:
+        launcher.shutdown(5.0)
+
+
+def test_an_address_that_accepts_but_never_answers_times_out_bounded() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), says nothing
+        address = silent.getsockname()[:2]
+        start = time.monotonic()
+        with pytest.raises(CollectorTimeout, match=r"did not finish the handshake within 1\.0s"):
+            connect(address, 0, timeout=1.0)
+        assert time.monotonic() - start < WAIT_S  # a hang guard, not a timing
+    # and once nothing listens there at all
+    with pytest.raises(CollectorTimeout, match="no learner answered") as info:
+        connect(address, 0, timeout=0.5)
+    assert info.value.worker_id == 0
