@@ -18,6 +18,8 @@ host), batches back over the network: :class:`~collectors.remote.NetworkLauncher
 ``python -m collectors.remote``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from collectors.errors import (
     CollectorCrashed,
     CollectorDied,
@@ -28,7 +30,6 @@ from collectors.errors import (
 )
 from collectors.group import BatchRecord, CollectorGroup, RestartRecord
 from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
-from collectors.remote import NetworkLauncher, RemoteWorker
 from collectors.transport import decode_message, encode_message
 from collectors.worker import (
     CHECKSUM_KEY,
@@ -39,6 +40,20 @@ from collectors.worker import (
     policy_checksum,
     run_worker,
 )
+
+if TYPE_CHECKING:
+    from collectors.remote import NetworkLauncher, RemoteWorker
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that `python -m collectors.remote` does not find its own
+    # module already imported by this package (runpy warns, and runs it twice).
+    if name in ("NetworkLauncher", "RemoteWorker"):
+        from collectors import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module 'collectors' has no attribute {name!r}")
+
 
 __all__ = [
     "CollectorGroup", "BatchRecord", "RestartRecord", "WorkerSpec", "VersionTagger", "run_worker",

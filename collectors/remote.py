@@ -204,6 +204,12 @@ class NetworkLauncher:
         threading.Thread(target=self._accept, daemon=True,
                          name="weight-sync-network-launcher").start()
 
+    @property
+    def hosts(self) -> dict[int, str]:
+        """Collector id -> the hostname its process reported, for those connected."""
+        with self._lock:
+            return {cid: w.host for cid, w in sorted(self._workers.items()) if w.connected}
+
     def launch(self, spec: WorkerSpec, max_inflight: int) -> RemoteWorker:
         """Register collector ``spec.worker_id``; it runs once its process connects."""
         worker = RemoteWorker(spec.worker_id, spec, max_inflight)

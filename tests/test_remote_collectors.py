@@ -5,6 +5,7 @@ processes on 127.0.0.1, every one reaped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from collectors import CollectorDied, CollectorGroup, CollectorRefused, CollectorTimeout
+from collectors.demo import main as demo_main
 from collectors.remote import NetworkLauncher, connect
 from collectors.task import collect, make_env, make_policy
 from collectors.worker import VERSION_KEY, WORKER_KEY, WorkerSpec
@@ -150,3 +152,24 @@ def test_an_address_that_accepts_but_never_answers_times_out_bounded() -> None:
     with pytest.raises(CollectorTimeout, match="no learner answered") as info:
         connect(address, 0, timeout=0.5)
     assert info.value.worker_id == 0
+
+
+# -- the demo with collectors over the network -----------------------------------------------
+def test_demo_launcher_network_starts_its_collectors_and_tags_versions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))  # the children's import
+    out = tmp_path / "demo.json"
+    code = demo_main(["--launcher", "network", "--start-collectors", "--iterations", "3",
+                      "--frames-per-batch", "64", "--quiet", "--json-out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    summary, rows = data["summary"], data["iterations"]
+    assert summary["launcher"] == "network" and summary["final_version"] == 3
+    assert summary["collector_hosts"] == [socket.gethostname()] * 2
+    assert summary["collector_exit_codes"] == [0, 0]  # stopped cleanly, reaped
+    for row in rows:  # every step tagged with a version the learner had published
+        assert 0 <= row["batch_version_min"] <= row["batch_version_max"] < row["version"]
+        assert row["frames"] == 2 * 64
+    assert "collector(s) over the network" in " ".join(capsys.readouterr().out.split())
