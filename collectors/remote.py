@@ -48,6 +48,7 @@ from typing import Any
 
 from collectors.errors import CollectorRefused, CollectorTimeout
 from collectors.launcher import WorkerHandle
+from collectors.transport import decode_header
 from collectors.worker import WorkerSpec, run_worker
 
 __all__ = ["NetworkLauncher", "RemoteWorker", "KEY_ENV", "ADDRESS_ENV", "main"]
@@ -342,6 +343,25 @@ class _Control:
             self.stop.set()  # the learner went away: stop after this step
 
 
+class _Reporting:
+    """The collector's connection to the learner, that also logs an error report on this
+    host: a learner cut off from it never reads the report."""
+
+    def __init__(self, conn: Connection, worker_id: int) -> None:
+        self._conn = conn
+        self._worker_id = worker_id
+
+    def send_bytes(self, buf: bytes | bytearray) -> None:
+        header = decode_header(buf)
+        if header["kind"] == "error":
+            log.error("collector %d failed: %s\n%s", self._worker_id, header.get("error"),
+                      header.get("traceback", ""))
+        self._conn.send_bytes(buf)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None = None,
             timeout: float = 60.0) -> tuple[Connection, WorkerSpec, int]:
     """Connect to a learner's :class:`NetworkLauncher` as collector ``worker_id``.
@@ -417,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     control = _Control(conn, max_inflight)
-    return run_worker(spec, conn, control.stop, control.credits)
+    return run_worker(spec, _Reporting(conn, worker_id), control.stop, control.credits)
 
 
 if __name__ == "__main__":
