@@ -1,6 +1,7 @@
 """Remote collectors on simulated hosts (``testbed/``): the demo learns CartPole with its
 collectors on other hosts, batches over the network; a collector host cut off is
-reported by the group, naming the collector, and the run goes on with the others.
+reported by the group, naming the collector, the run goes on with the others, and a new
+process started with the cut-off id once the link is back takes its place.
 
 Needs root and iproute2; skipped with :func:`testbed.available`'s reason otherwise.
 Every process runs on a bed host and is killed and reaped by the bed at the end.
@@ -56,7 +57,8 @@ def test_demo_learns_with_its_collectors_on_other_hosts() -> None:
 
 
 # The learner of the cut test, on host 0: three remote collectors; after a cut it must
-# report the cut-off one and keep going with the other two.
+# report the cut-off one, keep going with the other two, and take the cut-off id back
+# when a new process connects with it.
 CUT_LEARNER = r'''
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -78,6 +80,7 @@ group = CollectorGroup(make_policy(), make_env, make_policy, collect, num_collec
                        batch_timeout=60, shutdown_timeout=3, max_restarts=1,
                        sender_config=SenderConfig(host=address, liveness_timeout=3))
 bad_tags, seen, after, acked_after, failed, ready = 0, {}, {}, set(), None, False
+went_on, rejoined = None, 0
 deadline = time.monotonic() + 150
 with group:
     for batch in group:
@@ -94,17 +97,24 @@ with group:
             say(failed=failed.worker_id, reason=failed.reason, at=failed.at,
                 version=failed.learner_version)
         if failed is not None and record.version_min > failed.learner_version:
-            after[record.worker_id] = after.get(record.worker_id, 0) + 1
+            if went_on is None:
+                after[record.worker_id] = after.get(record.worker_id, 0) + 1
+            elif record.worker_id == failed.worker_id:
+                rejoined += 1
         result = group.update_weights(timeout=30)
-        if failed is not None and not result.failed:
+        if failed is not None and went_on is None and not result.failed:
             acked_after.update(result.acked)
-        if failed is not None and len(after) == n - 1 and min(after.values()) >= 3:
+        if went_on is None and failed is not None and len(after) == n - 1 \
+                and min(after.values()) >= 3:
+            went_on = group.version
+            say(after=after, acked_after=sorted(acked_after), version=went_on)
+        if rejoined >= 2 and failed.worker_id in result.acked:
             break
         if time.monotonic() > deadline:
             say(error="timed out", seen=str(seen), after=after)
             sys.exit(1)
-    say(after=after, acked_after=sorted(acked_after), bad_tags=bad_tags,
-        restarts=len(group.restarts), version=group.version)
+    say(rejoined=rejoined, bad_tags=bad_tags, restarts=len(group.restarts),
+        hosts=launcher.hosts, version=group.version)
 '''
 
 
@@ -123,7 +133,7 @@ def line(proc: subprocess.Popen[Any], timeout: float) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(400)
-def test_a_collector_host_cut_off_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+def test_a_collector_host_cut_off_is_reported_the_others_go_on_and_it_rejoins(tmp_path: Path) -> None:
     script = tmp_path / "learner.py"
     script.write_text(CUT_LEARNER)
     env = {**os.environ, KEY_ENV: secrets.token_hex(16)}
@@ -142,15 +152,23 @@ def test_a_collector_host_cut_off_is_reported_and_the_others_go_on(tmp_path: Pat
         failed = line(learner, WAIT_S)
         assert failed["failed"] == 1 and "collector 1" in failed["reason"], failed
         assert failed["version"] >= ready["version"]
-        final = line(learner, WAIT_S)
-        assert learner.wait(WAIT_S) == 0
-        survivors = [collectors[0].wait(WAIT_S), collectors[2].wait(WAIT_S)]
+        went_on = line(learner, WAIT_S)
         cut_off = collectors[1].wait(WAIT_S)  # it gives up on the silent learner by itself
         cut_off_err = collectors[1].stderr.read() if collectors[1].stderr else ""
-    assert survivors == [0, 0]
-    # the batches and acks after the failure came from the two others only
-    assert set(final["after"]) == {"0", "2"} and final["acked_after"] == [0, 2], final
-    assert final["bad_tags"] == 0 and final["restarts"] == 1
+        bed.restore(2)  # and a new process takes collector 1's place
+        again = bed.hosts[2].popen(
+            [sys.executable, "-m", "collectors.remote", "--id", "1", "--timeout", "120"],
+            env={**env, ADDRESS_ENV: f"{home.address}:{PORT}"}, cwd=str(ROOT),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        final = line(learner, WAIT_S)
+        assert learner.wait(WAIT_S) == 0
+        codes = [collectors[0].wait(WAIT_S), again.wait(WAIT_S), collectors[2].wait(WAIT_S)]
+    assert codes == [0, 0, 0]
+    # meanwhile the batches and acks came from the two others only
+    assert set(went_on["after"]) == {"0", "2"} and went_on["acked_after"] == [0, 2], went_on
     assert cut_off == 1 and "PeerGone" in cut_off_err, cut_off_err[-2000:]
+    # the new process got newer weights and acked them; every batch was tagged right
+    assert final["rejoined"] >= 2 and final["hosts"] == ready["ready"], final
+    assert final["bad_tags"] == 0 and final["restarts"] == 1
     print(f"cut host reported {failed['at'] - cut:.1f}s after the cut "
           f"(liveness_timeout 3 s + shutdown_timeout 3 s)")
