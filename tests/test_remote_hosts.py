@@ -133,7 +133,8 @@ def line(proc: subprocess.Popen[Any], timeout: float) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(400)
-def test_a_collector_host_cut_off_is_reported_the_others_go_on_and_it_rejoins(tmp_path: Path) -> None:
+def test_a_collector_host_cut_off_is_reported_the_others_go_on_and_it_rejoins(
+        tmp_path: Path) -> None:
     script = tmp_path / "learner.py"
     script.write_text(CUT_LEARNER)
     env = {**os.environ, KEY_ENV: secrets.token_hex(16)}
