@@ -37,6 +37,10 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+# A local Ray on 127.0.0.1 only; read when Ray is first imported, which torchrl (imported
+# by collectors.task) already does.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import torch
 
 from collectors.launcher import LocalLauncher, LocalWorker
@@ -162,8 +166,6 @@ def run(channels: list[str], frames: int, batches: int, pace: float, rounds: int
     torch.set_num_threads(1)
     batch = _batch(frames)
     if "ray" in channels:
-        # a local Ray on 127.0.0.1 only (read when Ray is first imported)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
