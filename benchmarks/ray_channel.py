@@ -1,4 +1,5 @@
-"""Cost per batch of the collectors' two channels: a local pipe vs Ray's object store.
+"""Cost per batch of the collectors' channels: a local pipe vs Ray's object store vs the
+network connection of a remote collector.
 
 The same real CartPole batch (``collectors.task.collect``, ``--frames`` frames), encoded
 with ``collectors.transport.encode_message`` and stamped, is sent ``--batches`` times,
@@ -8,7 +9,10 @@ one every ``--pace-ms``, by
   ``LocalLauncher.wait`` + ``LocalWorker.receive`` (what local collectors use);
 * ``ray``: a Ray actor into the ``collectors.ray_launcher`` outbox, taken by the learner
   with ``RayLauncher.wait`` + ``RayWorker.receive`` (``next_messages`` results through the
-  object store: what Ray collectors use).
+  object store: what Ray collectors use);
+* ``network``: a spawned process connected to a ``NetworkLauncher`` with
+  ``collectors.remote.connect`` (over 127.0.0.1), read with ``NetworkLauncher.wait`` +
+  ``RemoteWorker.receive`` (what ``python -m collectors.remote`` collectors use).
 
 Both producers run one thread and send from a thread of their own process; the learner
 runs one thread. Reported per channel, in µs: the end-to-end latency, median and p90
@@ -18,6 +22,7 @@ batch (``process_time``: wait + receive + decode, Ray's own threads in the learn
 included). The channels alternate ``--rounds`` times.
 
     python -m benchmarks.ray_channel --frames 256 --batches 200 --rounds 2
+    python -m benchmarks.ray_channel --channels pipe network    # without Ray
 """
 
 from __future__ import annotations
@@ -26,21 +31,27 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import ray
+# A local Ray on 127.0.0.1 only; read when Ray is first imported, which torchrl (imported
+# by collectors.task) already does.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import torch
 
 from collectors.launcher import LocalLauncher, LocalWorker
-from collectors.ray_actor import _Outbox
-from collectors.ray_launcher import RayLauncher, RayWorker
+from collectors.remote import NetworkLauncher, connect
 from collectors.task import collect, make_env, make_policy
 from collectors.transport import decode_message, encode_message
+from collectors.worker import WorkerSpec
+from weight_sync import ConnectionInfo
 
-CHANNELS = ("pipe", "ray")
+CHANNELS = ("pipe", "ray", "network")
+_WAIT_S = 60.0  # per batch: a hang guard
 
 
 def _batch(frames: int) -> Any:
@@ -61,10 +72,18 @@ def _pipe_producer(conn: Connection, batch: Any, n: int, pace: float) -> None:
     _produce(conn, batch, n, pace)
 
 
+def _network_producer(address: tuple[str, int], batch: Any, n: int, pace: float) -> None:
+    torch.set_num_threads(1)
+    conn, _, _ = connect(address, 0, timeout=_WAIT_S)
+    _produce(conn, batch, n, pace)
+
+
 class _ProducerActor:
     """A stand-in collector actor: the launcher's outbox, fed by a producer thread."""
 
     def __init__(self, batch: Any, n: int, pace: float) -> None:
+        from collectors.ray_actor import _Outbox
+
         torch.set_num_threads(1)
         self._outbox = _Outbox()
         self._args = (batch, n, pace)
@@ -83,12 +102,15 @@ class _ProducerActor:
 
 
 def _drain(launcher: Any, worker: Any, n: int) -> dict[str, float]:
-    latency = []
+    latency: list[float] = []
     cpu0 = time.process_time()
+    deadline = time.monotonic() + _WAIT_S
     while len(latency) < n:
-        if not launcher.wait([worker], 60.0):
-            raise TimeoutError(f"no batch within 60 s after {len(latency)} of {n}")
+        if not launcher.wait([worker], max(deadline - time.monotonic(), 0)) \
+                and time.monotonic() > deadline:
+            raise TimeoutError(f"no batch within {_WAIT_S:.0f} s after {len(latency)} of {n}")
         while (data := worker.receive()) is not None:
+            deadline = time.monotonic() + _WAIT_S
             header, _ = decode_message(data)
             latency.append(time.perf_counter() - header["t0"])
     cpu = (time.process_time() - cpu0) / n
@@ -102,7 +124,19 @@ def _q(values: list[float], q: float) -> float:
 
 
 def measure(channel: str, batch: Any, n: int, pace: float) -> dict[str, float]:
-    """One channel, one producer: per-batch costs in µs."""
+    """One channel, one producer: per-batch costs in µs (``"ray"``: ``ray.init`` first)."""
+    if channel == "network":
+        launcher = NetworkLauncher(1)
+        info = ConnectionInfo(host="127.0.0.1", port=1, name="unused", num_collectors=1)
+        remote = launcher.launch(WorkerSpec(0, info, make_env, make_policy, collect), 2)
+        ctx = mp.get_context("spawn")
+        proc = ctx.Process(target=_network_producer, args=(launcher.address, batch, n, pace))
+        proc.start()
+        try:
+            return _drain(launcher, remote, n)
+        finally:
+            proc.join(30)
+            launcher.shutdown(5.0)
     if channel == "pipe":
         ctx = mp.get_context("spawn")
         reader, writer = ctx.Pipe(duplex=False)
@@ -113,6 +147,10 @@ def measure(channel: str, batch: Any, n: int, pace: float) -> dict[str, float]:
             return _drain(LocalLauncher(), LocalWorker(0, proc, reader, None, None), n)
         finally:
             proc.join(30)
+    import ray
+
+    from collectors.ray_launcher import RayLauncher, RayWorker
+
     actor = ray.remote(_ProducerActor).options(max_concurrency=4, num_cpus=1).remote(
         batch, n, pace)
     worker = RayWorker(0, actor)
@@ -122,25 +160,36 @@ def measure(channel: str, batch: Any, n: int, pace: float) -> dict[str, float]:
         worker.close()
 
 
+def run(channels: list[str], frames: int, batches: int, pace: float, rounds: int
+        ) -> dict[str, list[dict[str, float]]]:
+    """Each of ``channels`` ``rounds`` times, alternating; per channel, per round, µs."""
+    torch.set_num_threads(1)
+    batch = _batch(frames)
+    if "ray" in channels:
+        import ray
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        results: dict[str, list[dict[str, float]]] = {c: [] for c in channels}
+        for _ in range(rounds):
+            for channel in channels:
+                results[channel].append(measure(channel, batch, batches, pace))
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=256)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--pace-ms", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--channels", nargs="+", choices=CHANNELS, default=list(CHANNELS))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    batch = _batch(args.frames)
-    size = len(encode_message("batch", {"seq": 0, "t0": 0.0}, batch))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        results: dict[str, list[dict[str, float]]] = {c: [] for c in CHANNELS}
-        for _ in range(args.rounds):
-            for channel in CHANNELS:
-                results[channel].append(measure(channel, batch, args.batches,
-                                                args.pace_ms / 1e3))
-    finally:
-        ray.shutdown()
+    results = run(args.channels, args.frames, args.batches, args.pace_ms / 1e3, args.rounds)
+    size = len(encode_message("batch", {"seq": 0, "t0": 0.0}, _batch(args.frames)))
     print(f"batch: {args.frames} frames, {size} bytes encoded; {args.batches} batches "
           f"per round, one per {args.pace_ms} ms; µs, median of rounds' p50 / p90")
     print(f"{'channel':8s} {'end to end p50/p90':>20s} {'learner CPU/batch':>18s}")

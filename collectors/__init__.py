@@ -18,16 +18,18 @@ host), batches back over the network: :class:`~collectors.remote.NetworkLauncher
 ``python -m collectors.remote``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from collectors.errors import (
     CollectorCrashed,
     CollectorDied,
     CollectorError,
+    CollectorRefused,
     CollectorTimeout,
     PlacementTimeout,
 )
 from collectors.group import BatchRecord, CollectorGroup, RestartRecord
 from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
-from collectors.remote import NetworkLauncher, RemoteWorker
 from collectors.transport import decode_message, encode_message
 from collectors.worker import (
     CHECKSUM_KEY,
@@ -39,10 +41,25 @@ from collectors.worker import (
     run_worker,
 )
 
+if TYPE_CHECKING:
+    from collectors.remote import NetworkLauncher, RemoteWorker
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that `python -m collectors.remote` does not find its own
+    # module already imported by this package (runpy warns, and runs it twice).
+    if name in ("NetworkLauncher", "RemoteWorker"):
+        from collectors import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module 'collectors' has no attribute {name!r}")
+
+
 __all__ = [
     "CollectorGroup", "BatchRecord", "RestartRecord", "WorkerSpec", "VersionTagger", "run_worker",
     "Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle", "NetworkLauncher", "RemoteWorker",
-    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorTimeout", "PlacementTimeout",
+    "CollectorError", "CollectorCrashed", "CollectorDied", "CollectorRefused", "CollectorTimeout",
+    "PlacementTimeout",
     "VERSION_KEY", "WORKER_KEY", "CHECKSUM_KEY", "policy_checksum",
     "encode_message", "decode_message",
 ]

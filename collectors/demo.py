@@ -28,11 +28,18 @@ starts and stops, or on the cluster of ``--ray-address`` (``auto``, or the ``hos
 that ``ray start --head`` printed); their batches come back through Ray's object store.
 On several nodes, ``--learner-host`` must be an address of this host that the other
 nodes reach. Same bar, summary, JSON.
+
+With ``--launcher network`` the collectors are processes started elsewhere
+(``python -m collectors.remote``, by you, a cluster tool, or the demo itself with
+``--start-collectors``) that connect to ``--listen`` and send their batches back over
+that connection (:mod:`collectors.demo_network`); the summary names the hosts they
+connected from. Same bar, summary, JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -50,6 +57,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from collectors.demo_network import NetworkCollectors, parse_listen
 from collectors.group import BatchRecord, CollectorGroup
 from collectors.launcher import Launcher
 from collectors.task import (
@@ -117,15 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learners", type=int, default=1,
                         help="data-parallel learner ranks on this host, started with "
                              "torchrun; each serves --collectors / --learners collectors (1)")
-    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+    parser.add_argument("--launcher", choices=["local", "ray", "network"], default="local",
                         help="local: collector processes on this host (default); ray: "
-                             "collectors as Ray actors (needs the 'ray' extra)")
+                             "collectors as Ray actors (needs the 'ray' extra); network: "
+                             "collectors started elsewhere connect to --listen")
     parser.add_argument("--ray-address", default=None,
                         help="with --launcher ray: the Ray cluster to join ('auto' or "
                              "host:port); default: start a local Ray for the run")
     parser.add_argument("--learner-host", default="127.0.0.1",
                         help="address the collectors reach the learner's weight stream at "
-                             "(127.0.0.1; on a multi-node Ray cluster, this host's address)")
+                             "(127.0.0.1; on a multi-node Ray cluster or with collectors on "
+                             "other hosts, this host's address)")
+    parser.add_argument("--listen", default="127.0.0.1:0",
+                        help="with --launcher network: HOST:PORT the collectors connect to "
+                             "(127.0.0.1:0, a free port; the demo prints it)")
+    parser.add_argument("--start-collectors", action="store_true",
+                        help="with --launcher network: start the collectors "
+                             "(python -m collectors.remote) on this host")
+    parser.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds to wait for every collector to be up (60)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write per-iteration metrics to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -169,6 +187,8 @@ def _iterate(args: argparse.Namespace, group: _Group, learner: PPOLearner,
             "sync_p99_s": group.stats.latency(0.99),
             "staleness_mean": statistics.fmean(r.staleness for r in records),
             "staleness_max": max(r.staleness for r in records),
+            "batch_version_min": min(r.version_min for r in records),
+            "batch_version_max": max(r.version_max for r in records),
             "frames": data.numel() * world,
             "total_frames": frames,
             "fps": frames / elapsed,
@@ -216,6 +236,7 @@ def _table(summary: dict[str, Any]) -> Table:
     if summary.get("learners", 1) > 1:
         kind += f", {summary['learners']} data-parallel learner ranks"
     kind += " as Ray actors" if summary["launcher"] == "ray" else ""
+    kind += " over the network" if summary["launcher"] == "network" else ""
     table = Table(title=f"weight-sync demo: PPO on {ENV_NAME}, {summary['collectors']} "
                         f"collector(s){kind}, seed {summary['seed']}")
     table.add_column("metric")
@@ -239,13 +260,16 @@ def _table(summary: dict[str, Any]) -> Table:
     table.add_row("frames, frames/s",
                   f"{summary['total_frames']}, {fmt(summary['fps'], '.0f')}")
     table.add_row("wall time (s)", f"{summary['wall_s']:.1f}")
+    if summary.get("collector_hosts"):
+        table.add_row("collector hosts", ", ".join(summary["collector_hosts"]))
     if "ranks_in_sync" in summary:
         table.add_row("learner ranks' weights bit-equal at the end",
                       "yes" if summary["ranks_in_sync"] else "NO")
     return table
 
 
-def _make_group(args: argparse.Namespace, policy: Any) -> _Group:
+def _make_group(args: argparse.Namespace, policy: Any,
+                network: NetworkCollectors | None) -> _Group:
     if args.collector == "torchrl":
         from collectors.torchrl_group import TorchRLGroup
 
@@ -254,11 +278,14 @@ def _make_group(args: argparse.Namespace, policy: Any) -> _Group:
                             sync_timeout=args.sync_timeout)
     return CollectorGroup(policy, make_env, make_policy, num_collectors=args.collectors,
                           frames_per_batch=args.frames_per_batch, seed=args.seed,
-                          collect_fn=collect, launcher=_launcher(args),
-                          sender_config=SenderConfig(host=args.learner_host))
+                          collect_fn=collect, launcher=_launcher(args, network),
+                          sender_config=SenderConfig(host=args.learner_host),
+                          connect_timeout=args.connect_timeout)
 
 
-def _launcher(args: argparse.Namespace) -> Launcher | None:
+def _launcher(args: argparse.Namespace, network: NetworkCollectors | None) -> Launcher | None:
+    if network is not None:
+        return network.launcher
     if args.launcher == "local":
         return None
     from collectors.ray_launcher import RayLauncher
@@ -280,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher == "ray" and args.learners > 1:
         build_parser().error("--launcher ray runs one learner; --learners > 1 starts local "
                              "collector processes per rank")
+    if args.launcher == "network" and (args.collector == "torchrl" or args.learners > 1):
+        build_parser().error("--launcher network serves weight-sync collectors and one "
+                             "learner (not --collector torchrl, not --learners > 1)")
+    if args.start_collectors and args.launcher != "network":
+        build_parser().error("--start-collectors goes with --launcher network")
+    if args.launcher == "network":
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            build_parser().error(str(exc))
     if args.launcher == "ray" and importlib.util.find_spec("ray") is None:
         build_parser().error("--launcher ray needs the 'ray' extra: "
                              "pip install 'weight-sync[ray]'")
@@ -309,13 +346,26 @@ def main(argv: list[str] | None = None) -> int:
                TextColumn("stale {task.fields[stale]:.1f}"),
                TextColumn("{task.fields[fps]:4.0f} fps"), TimeElapsedColumn()]
     start = time.perf_counter()
+    network: NetworkCollectors | None = None
     try:
-        with (rank.group(args, policy) if rank else _make_group(args, policy)) as group, \
-                Progress(*columns, console=console, disable=args.quiet) as progress:
+        if args.launcher == "network":
+            try:
+                network = NetworkCollectors(args, console.print)
+            except OSError as exc:
+                console.print(f"[red]demo failed:[/red] cannot listen at {args.listen}: {exc}")
+                return 1
+        with network or contextlib.nullcontext(), \
+                (rank.group(args, policy) if rank else _make_group(args, policy, network)) \
+                as group, Progress(*columns, console=console, disable=args.quiet) as progress:
             rows = _iterate(args, group, learner, progress, rank)
             summary = _summary(rows, group, time.perf_counter() - start, args)
             if rank is not None:
                 summary |= {"learners": rank.world, "ranks_in_sync": rank.in_sync(policy)}
+            if network is not None:
+                summary["collector_hosts"] = [network.hosts.get(i, "?")
+                                              for i in range(args.collectors)]
+        if network is not None:  # reaped by now
+            summary["collector_exit_codes"] = network.exit_codes()
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: collectors stopped[/yellow]")
         return 130

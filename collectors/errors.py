@@ -15,6 +15,7 @@ __all__ = [
     "CollectorCrashed",
     "CollectorDied",
     "CollectorError",
+    "CollectorRefused",
     "CollectorTimeout",
     "PlacementTimeout",
     "describe_exitcode",
@@ -56,6 +57,12 @@ class CollectorCrashed(CollectorError):
 
 class CollectorDied(CollectorError):
     """The collector process ended without reporting an error (killed, or exited early)."""
+
+
+class CollectorRefused(CollectorError):
+    """The learner would not admit this collector (raised in the collector that tried):
+    its id is outside the learner's range, already connected, or was never launched, or
+    it could not prove the shared key."""
 
 
 class CollectorTimeout(CollectorError, WeightSyncTimeout):

@@ -351,8 +351,8 @@ class CollectorGroup:
         self._inbox.said_hello.discard(wid)
         reason = str(error).splitlines()[0]
         self.restarts.append(RestartRecord(wid, reason, self.version, time.time()))
-        log.warning("collector %d failed (%s); restarted as pid %s (%d of %d restarts)",
-                    wid, reason, self.workers[wid].pid, len(self.restarts), self.max_restarts)
+        log.warning("collector %d failed (%s); launched again: %r (%d of %d restarts)",
+                    wid, reason, self.workers[wid], len(self.restarts), self.max_restarts)
         return True
 
     def _check_running(self, what: str) -> None:

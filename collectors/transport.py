@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["decode_message", "encode_message"]
+__all__ = ["decode_header", "decode_message", "encode_message"]
 
 _LEN = struct.Struct("<Q")
 _ALIGN = 8
@@ -107,13 +107,20 @@ def encode_message(kind: str, fields: dict[str, Any] | None = None,
     return out
 
 
+def decode_header(data: bytes | bytearray) -> dict[str, Any]:
+    """The header dict of a message alone (``"batch"``: the batch's layout, if any)."""
+    (hlen,) = _LEN.unpack_from(data, 0)
+    header: dict[str, Any] = pickle.loads(data[_LEN.size:_LEN.size + hlen])
+    return header
+
+
 def decode_message(data: bytes | bytearray) -> tuple[dict[str, Any], TensorDictBase | None]:
     """Inverse of :func:`encode_message`: the header dict and the batch (or ``None``).
 
     The batch's leaves are views into one fresh storage (the message is copied once).
     """
     (hlen,) = _LEN.unpack_from(data, 0)
-    header: dict[str, Any] = pickle.loads(data[_LEN.size:_LEN.size + hlen])
+    header = decode_header(data)
     spec = header.pop("batch", None)
     if spec is None:
         return header, None

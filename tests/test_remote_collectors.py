@@ -5,20 +5,25 @@ processes on 127.0.0.1, every one reaped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from collectors import CollectorDied, CollectorGroup
-from collectors.remote import NetworkLauncher
+from collectors import CollectorDied, CollectorGroup, CollectorRefused, CollectorTimeout
+from collectors.demo import main as demo_main
+from collectors.remote import NetworkLauncher, connect
 from collectors.task import collect, make_env, make_policy
-from collectors.worker import VERSION_KEY, WORKER_KEY
+from collectors.worker import VERSION_KEY, WORKER_KEY, WorkerSpec
+from weight_sync import ConnectionInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 64
@@ -107,3 +112,64 @@ def test_bad_ids_and_an_absent_learner_are_refused_bounded() -> None:
     gone = remote(launcher.address, 0, "--timeout", "2")
     assert reap([gone]) == [2]
     assert "no learner answered" in (gone.stderr.read() if gone.stderr else "")
+
+
+# -- refusals seen by the connecting side: typed, bounded (real sockets, no worker) ----------
+def spec_for(cid: int) -> WorkerSpec:
+    info = ConnectionInfo(host="127.0.0.1", port=1, name="unused", num_collectors=1)
+    return WorkerSpec(worker_id=cid, info=info, env_factory=make_env,
+                      policy_factory=make_policy, collect_fn=collect)
+
+
+def test_a_second_connection_for_a_served_id_is_refused_and_the_first_kept() -> None:
+    launcher = NetworkLauncher(num_collectors=1, handshake_timeout=5.0)
+    try:
+        handle = launcher.launch(spec_for(0), max_inflight=2)
+        conn, spec, inflight = connect(launcher.address, 0, timeout=10)
+        assert (spec.worker_id, inflight) == (0, 2)
+        with pytest.raises(CollectorRefused, match="collector 0 is already connected") as info:
+            connect(launcher.address, 0, timeout=10)
+        assert info.value.worker_id == 0 and handle.connected
+        handle.release_credit()  # the first connection still carries the learner's word
+        assert conn.poll(10) and conn.recv_bytes() == b"c"
+        with pytest.raises(CollectorRefused, match=r"collector 3: .*outside \[0, 1\)"):
+            connect(launcher.address, 3, timeout=10)
+        with pytest.raises(CollectorRefused, match="refused collector 0's key"):
+            connect(launcher.address, 0, authkey=b"not the key", timeout=10)
+        conn.close()
+    finally:
+        launcher.shutdown(5.0)
+
+
+def test_an_address_that_accepts_but_never_answers_times_out_bounded() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), says nothing
+        address = silent.getsockname()[:2]
+        start = time.monotonic()
+        with pytest.raises(CollectorTimeout, match=r"did not finish the handshake within 1\.0s"):
+            connect(address, 0, timeout=1.0)
+        assert time.monotonic() - start < WAIT_S  # a hang guard, not a timing
+    # and once nothing listens there at all
+    with pytest.raises(CollectorTimeout, match="no learner answered") as info:
+        connect(address, 0, timeout=0.5)
+    assert info.value.worker_id == 0
+
+
+# -- the demo with collectors over the network -----------------------------------------------
+def test_demo_launcher_network_starts_its_collectors_and_tags_versions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))  # the children's import
+    out = tmp_path / "demo.json"
+    code = demo_main(["--launcher", "network", "--start-collectors", "--iterations", "3",
+                      "--frames-per-batch", "64", "--quiet", "--json-out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    summary, rows = data["summary"], data["iterations"]
+    assert summary["launcher"] == "network" and summary["final_version"] == 3
+    assert summary["collector_hosts"] == [socket.gethostname()] * 2
+    assert summary["collector_exit_codes"] == [0, 0]  # stopped cleanly, reaped
+    for row in rows:  # every step tagged with a version the learner had published
+        assert 0 <= row["batch_version_min"] <= row["batch_version_max"] < row["version"]
+        assert row["frames"] == 2 * 64
+    assert "collector(s) over the network" in " ".join(capsys.readouterr().out.split())
