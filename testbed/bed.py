@@ -321,6 +321,35 @@ class TestBed:
         timer.start()
         return timer
 
+    def throttle(self, index: int, rate: str, seconds: float) -> threading.Timer:
+        """Drop host ``index``'s link rate to ``rate`` both ways now (a congestion
+        spike), and back to the bed's rate ``seconds`` later (in a timer thread)."""
+        if self.rate is None:
+            raise TestBedError("throttle() needs a bed with a rate (its links are unshaped)")
+        host = self._host(index)
+        self._set_rate(host, rate)
+
+        def restore() -> None:
+            if self._state == "open":
+                try:
+                    assert self.rate is not None
+                    self._set_rate(host, self.rate)
+                except TestBedError:
+                    log.exception("restoring host %d's rate after a throttle failed", index)
+
+        timer = threading.Timer(seconds, restore)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+        return timer
+
+    def _set_rate(self, host: Host, rate: str) -> None:
+        where = ["parent", "1:1", "handle", "10:"] if self.delay_ms > 0 else [
+            "root", "handle", "1:"]
+        for netns, dev in ((host.netns, "eth0"), (self.switch, host.switch_port)):
+            cmd(["tc", "-n", netns, "qdisc", "change", "dev", dev, *where, "tbf", "rate",
+                 rate, "burst", self.burst, "latency", self.latency])
+
     def _host(self, index: int) -> Host:
         if self._state != "open":
             raise TestBedError(f"test bed {self.prefix} is not running")
