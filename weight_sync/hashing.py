@@ -23,8 +23,8 @@ from types import ModuleType
 
 from weight_sync.errors import ConfigError
 
-__all__ = ["NO_CHECKSUM", "XXH3_64", "CRC32", "checksum_kind", "checksum", "digest",
-           "same_digest"]
+__all__ = ["NO_CHECKSUM", "XXH3_64", "CRC32", "Checksum", "checksum_kind", "checksum",
+           "digest", "same_digest"]
 
 NO_CHECKSUM, XXH3_64, CRC32 = 0, 1, 2
 
@@ -53,15 +53,43 @@ def checksum(data: memoryview, kind: int) -> int:
         ConfigError: ``kind`` needs a library this process lacks.
         ValueError: an unknown kind.
     """
-    if kind == XXH3_64:
-        if _xxhash is None:
-            raise ConfigError(f"the learner checksums its messages with XXH3-64: {_MISSING}")
-        value = int(_xxhash.xxh3_64_intdigest(data))
-    elif kind == CRC32:
-        value = zlib.crc32(data)
-    else:
-        raise ValueError(f"unknown checksum kind {kind}")
-    return value - (1 << 64) if value >= 1 << 63 else value
+    running = Checksum(kind)
+    running.update(data)
+    return running.value()
+
+
+class Checksum:
+    """A checksum computed piece by piece, equal to :func:`checksum` of the pieces
+    joined. :meth:`update` releases the GIL (``xxhash``'s hasher objects and
+    ``zlib.crc32`` do; ``xxhash.xxh3_64_intdigest`` does not), so another thread may
+    copy or receive the next piece meanwhile.
+
+    Raises:
+        ConfigError: ``kind`` needs a library this process lacks.
+        ValueError: an unknown kind.
+    """
+
+    def __init__(self, kind: int) -> None:
+        if kind == XXH3_64:
+            if _xxhash is None:
+                raise ConfigError(f"the learner checksums its messages with XXH3-64: "
+                                  f"{_MISSING}")
+            self._hasher = _xxhash.xxh3_64()
+        elif kind != CRC32:
+            raise ValueError(f"unknown checksum kind {kind}")
+        self.kind = kind
+        self._crc = 0
+
+    def update(self, data: memoryview) -> None:
+        if self.kind == XXH3_64:
+            self._hasher.update(data)
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+
+    def value(self) -> int:
+        """The signed 64-bit word of the bytes so far."""
+        value = int(self._hasher.intdigest()) if self.kind == XXH3_64 else self._crc
+        return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def digest(data: memoryview, like: str = "") -> str:

@@ -22,8 +22,8 @@ from weight_sync import hashing
 from weight_sync.errors import IntegrityError, InvalidWeightsError, ProtocolError
 from weight_sync.layout import HEADER_BYTES, BufferLayout
 
-__all__ = ["MAGIC", "write_header", "read_header", "check_payload", "host_bytes", "pack",
-           "swap_in", "copy_in", "layout_tag", "leaf_digests"]
+__all__ = ["MAGIC", "write_header", "read_header", "header_checksum", "check_payload",
+           "host_bytes", "pack", "swap_in", "copy_in", "layout_tag", "leaf_digests"]
 
 MAGIC = 0x5753594E43  # "WSYNC"
 _HEADER_WORDS = HEADER_BYTES // 8
@@ -56,15 +56,25 @@ def _header(buffer: torch.Tensor) -> torch.Tensor:
 
 
 def write_header(buffer: torch.Tensor, layout: BufferLayout, version: int, *,
-                 checksum: bool = False) -> None:
+                 checksum: bool = False, computed: hashing.Checksum | None = None) -> None:
     """Stamp ``version`` (and magic, size, layout tag) into the message header, and a
-    checksum of the payload if ``checksum`` (call it once the payload is packed)."""
+    checksum of the payload if ``checksum`` (call it once the payload is packed):
+    ``computed``, when the caller already hashed the whole payload, else computed here."""
     words = torch.zeros(_HEADER_WORDS, dtype=torch.int64)
     words[0], words[1], words[2], words[3] = MAGIC, version, layout.nbytes, layout_tag(layout)
     if checksum:
-        kind = hashing.checksum_kind()
-        words[4], words[5] = kind, hashing.checksum(host_bytes(buffer[HEADER_BYTES:]), kind)
+        if computed is None:
+            computed = hashing.Checksum(hashing.checksum_kind())
+            computed.update(host_bytes(buffer[HEADER_BYTES:]))
+        words[4], words[5] = computed.kind, computed.value()
     _header(buffer).copy_(words)
+
+
+def header_checksum(buffer: torch.Tensor) -> tuple[int, int]:
+    """The (kind, value) of the checksum a message's header carries (kind
+    ``NO_CHECKSUM``: none)."""
+    kind, value = _header(buffer)[4:6].tolist()
+    return int(kind), int(value)
 
 
 def read_header(buffer: torch.Tensor, layout: BufferLayout) -> int:
@@ -83,19 +93,22 @@ def read_header(buffer: torch.Tensor, layout: BufferLayout) -> int:
     return int(version)
 
 
-def check_payload(buffer: torch.Tensor, who: str) -> None:
-    """Verify the payload against the checksum in the header, if it carries one.
+def check_payload(buffer: torch.Tensor, who: str, computed: int | None = None) -> None:
+    """Verify the payload against the checksum in the header, if it carries one
+    (``computed``: the payload's checksum of the header's kind, if the transport
+    already hashed it while it arrived).
 
     Raises:
         IntegrityError: the payload was corrupted or truncated (do not apply it).
         ConfigError: the checksum needs a library this process lacks (named).
     """
-    kind, expected = _header(buffer)[4:6].tolist()
+    kind, expected = header_checksum(buffer)
     if kind == hashing.NO_CHECKSUM:
         return
     if kind not in (hashing.XXH3_64, hashing.CRC32):
         raise IntegrityError(f"{who}: message header names an unknown checksum ({kind})")
-    got = hashing.checksum(host_bytes(buffer[HEADER_BYTES:]), kind)
+    got = computed if computed is not None else hashing.checksum(
+        host_bytes(buffer[HEADER_BYTES:]), kind)
     if got != expected:
         raise IntegrityError(f"{who}: message payload checksum {got:#x} does not match its "
                              f"header's {expected:#x} (corrupted or truncated in transit)")

@@ -16,8 +16,9 @@ import torch
 
 from weight_sync.auth import message_digest
 from weight_sync.layout import BufferLayout
-from weight_sync.packing import leaf_digests, pack, write_header
+from weight_sync.packing import leaf_digests
 from weight_sync.shm import create_segment
+from weight_sync.stamping import Stamper
 
 __all__ = ["Snapshot", "SnapshotPool"]
 
@@ -76,6 +77,7 @@ class SnapshotPool:
         self.checksum = checksum
         self.digests = digests
         self.leaf_digests = leaf_digests
+        self._stamper = Stamper(layout, checksum)
         self.layout = layout
         self.device = device
         self.shared = shared
@@ -98,8 +100,7 @@ class SnapshotPool:
             snap = Snapshot(self, buffer)
             snap.segment = None if segment is None else segment.name
             self.allocated += 1
-        pack(sources, snap.views)
-        write_header(snap.buffer, self.layout, version, checksum=self.checksum)
+        self._stamper.pack(sources, snap.views, snap.buffer, version)
         snap.digest = message_digest(snap.buffer) if self.digests else ""
         snap.leaf_digests = (leaf_digests(snap.buffer, self.layout) if self.leaf_digests
                              else ())
@@ -107,7 +108,9 @@ class SnapshotPool:
         return snap.retain()
 
     def close(self) -> None:
-        """Unlink the shared-memory segments (the memory goes with the last mapping)."""
+        """Unlink the shared-memory segments (the memory goes with the last mapping)
+        and stop the hashing thread."""
+        self._stamper.close()
         for segment in self._segments:
             with contextlib.suppress(FileNotFoundError):
                 segment.unlink()
