@@ -19,7 +19,8 @@ On the project's test bed (:mod:`testbed`), a learner on host 0 pushes a policy 
 
 The weights of each version are a function of the version alone, so every collector
 checks every apply exactly (the library's own checksum is on as well). Printed and
-written as JSON: rounds, kills, rejoins, link flaps, throttles, learner restarts,
+written as JSON: rounds, kills (of which killed while still joining: a process is
+killable once started), rejoins, link flaps, throttles, learner restarts,
 re-attaches, collector restarts forced by a learner restart, mismatches (must be 0),
 hangs (must be 0: a round's wait past ``--ack-timeout`` + 2 s, a collector's poll past
 ``--poll-bound-s``, a silence of ``--hang-s`` from the learner, a process not gone at
@@ -71,8 +72,10 @@ class Soak:
         self.learner: subprocess.Popen[bytes] | None = None
         self.learner_up = False
         self.rounds = self.version = 0
-        self.tally = dict(kills=0, rejoins=0, flaps=0, throttles=0, learner_restarts=0,
-                          reattached=0, forced_restarts=0, mismatches=0, hangs=0,
+        self.joining: set[int] = set()  # started, not joined yet
+        self.tally = dict(kills=0, killed_while_joining=0, rejoins=0, flaps=0, throttles=0,
+                          learner_restarts=0, reattached=0, forced_restarts=0, mismatches=0,
+                          hangs=0,
                           unexpected_exits=0, round_failures=0)
         self.hang_notes: list[str] = []
         self.notes: list[str] = []
@@ -119,6 +122,7 @@ class Soak:
         a = self.a
         self.killed.discard(cid)
         self.restart_at.pop(cid, None)
+        self.joining.add(cid)
         self.collectors[cid] = self._start(1 + cid // a.per_host, f"c{cid}", "collector", {
             "address": self.bed.hosts[0].address, "port": PORT, "cid": cid,
             "numel": a.params, "timeout": a.timeout, "connect_timeout": a.connect_timeout,
@@ -192,8 +196,10 @@ class Soak:
         if "mismatch" in msg:
             self.tally["mismatches"] += 1
             self.notes.append(f"collector {cid}: version {msg['mismatch']} not bit-exact")
-        elif "joined" in msg and self.version > 0:
-            self.tally["rejoins"] += 1
+        elif "joined" in msg:
+            self.joining.discard(cid)
+            if self.version > 0:
+                self.tally["rejoins"] += 1
         elif "reattached" in msg:
             self.tally["reattached"] += 1
         elif "slow_poll" in msg:
@@ -223,6 +229,8 @@ class Soak:
             self.killed.add(cid)
             self._kill(self.collectors[cid])
             self.tally["kills"] += 1
+            if cid in self.joining:  # its process had not joined yet: no rejoin to count
+                self.tally["killed_while_joining"] += 1
             self.restart_at[cid] = r + self.rng.randint(1, a.restart_rounds)
         if a.flap_every and self.rng.random() < 1 / a.flap_every:
             self.bed.flap(1 + self.rng.randrange(a.hosts), a.flap_s)
