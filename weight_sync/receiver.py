@@ -29,16 +29,15 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from weight_sync.attachment import Attachment, Item, heartbeat, watch_learner
 from weight_sync.auth import resolve_secret
 from weight_sync.config import ConnectionInfo, ReceiverConfig, wire_dtype
 from weight_sync.control import Control
@@ -55,7 +54,7 @@ from weight_sync.handshake import join
 from weight_sync.hooks import ReceiverHooks
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.liveness import LearnerWatch
-from weight_sync.packing import copy_in, swap_in
+from weight_sync.policy_buffers import PolicyBuffers
 from weight_sync.reattach import check_first_version, wait_for_store
 from weight_sync.receiver_link import ReceiverLink
 from weight_sync.transports.base import LinkSpec
@@ -72,33 +71,6 @@ _CLOSE_JOIN_S = 1.0
 # receive_weights gives up on a reattach this long after reattach_timeout even if the
 # background attempt has not ended: a store call to a frozen learner never returns.
 _REATTACH_GRACE_S = 5.0
-
-
-@dataclass(eq=False)
-class _Attachment:
-    """One learner this receiver is (or was) attached to: its link and the threads that
-    serve it. ``stop`` ends them; ``lost`` means no store call may reach that learner
-    (frozen or gone: the call would never return)."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-    link: ReceiverLink | None = None
-    watch: LearnerWatch | None = None
-    nonce: str = ""
-    lost: bool = False
-    fresh: bool = True  # its first message is not applied yet
-    deadline: float = math.inf  # a reattach: when receive_weights gives up on it
-
-
-@dataclass(frozen=True, eq=False)
-class _Item:
-    """What the background threads hand the collector: a received version and the
-    buffer holding it, or the error that ended an attachment's stream."""
-
-    attachment: _Attachment
-    version: int = -1
-    data: torch.Tensor | None = None
-    error: WeightSyncError | None = None
 
 
 class WeightReceiver:
@@ -133,7 +105,6 @@ class WeightReceiver:
         self.info = info
         self.collector_id = collector_id
         self._hooks = hooks
-        self._targets = list(named_leaves(policy).values())
         self.layout = BufferLayout.from_weights(policy)
         self.wire_layout = self.layout.on_wire(wire_dtype(info.wire_dtype))
         """The layout of each message (``layout`` unless the learner narrows floats)."""
@@ -143,17 +114,13 @@ class WeightReceiver:
         learner's weights are applied, then +1 per new learner."""
         self.transport = ""
         """The transport the learner chose for this collector (set by :meth:`connect`)."""
-        self._att = _Attachment()
+        self._att = Attachment()
         self._connected = False
         self._nonce = ""  # the nonce of the learner whose weights are applied
         self._refused_before = 0  # refusals on the links of learners left behind
-        self._device = torch.device("cpu")
-        self._private: list[torch.Tensor] = []  # buffers a copying transport fills
-        self._active: torch.Tensor | None = None  # the message the policy points at
-        self._held: torch.Tensor | None = None  # the message last applied (swapped or copied)
-        self._views: dict[int, list[torch.Tensor]] = {}  # data_ptr -> per-leaf views
-        self._can_swap = True
-        self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._buffers = PolicyBuffers(list(named_leaves(policy).values()), self.layout,
+                                      self.wire_layout)
+        self._inbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self._applied = threading.Event()  # staging may be refilled
         self._error: WeightSyncError | None = None  # the stream's end, once raised
         self._closed = False
@@ -210,7 +177,7 @@ class WeightReceiver:
         control = self._control(timeout)
         try:
             version, data = self._attach(att, control, deadline)
-            self._apply(data)
+            self._buffers.apply(data)
             del data
             self.version = version
             self._nonce, att.fresh = att.nonce, False
@@ -220,12 +187,12 @@ class WeightReceiver:
             self.close()
             raise
         self._connected = True
-        self._start_thread(att, "watch", lambda: self._watch_learner(att))
+        self._start_thread(att, "watch", lambda: watch_learner(att, self.info.heartbeat_s))
         self._start_thread(att, "rx", lambda: self._listen(att))
         log.info("%s connected over %r, version %d", self._who(), self.transport, version)
         return version
 
-    def _attach(self, att: _Attachment, control: Control,
+    def _attach(self, att: Attachment, control: Control,
                 deadline: float) -> tuple[int, torch.Tensor]:
         """Join the learner at ``info``'s address through ``control`` (the acking
         client, which the link takes over), start beating, connect the link and receive
@@ -244,7 +211,8 @@ class WeightReceiver:
                         progress=None if self._hooks is None else self._hooks.during_receive)
         att.watch = LearnerWatch(self._who(), self.config.learner_timeout)
         beat = self._control(deadline - time.monotonic())
-        self._start_thread(att, "beat", lambda: self._heartbeat(att, beat, inc))
+        self._start_thread(att, "beat", lambda: heartbeat(att, beat, self.collector_id, inc,
+                                                            self.info.heartbeat_s))
         transport = get_transport(verdict.transport)
         try:
             link = ReceiverLink(spec, transport.receiver(spec),
@@ -255,14 +223,11 @@ class WeightReceiver:
             raise
         att.link = link
         link.connect(deadline - time.monotonic())
-        self._device = spec.device
-        # Swapping needs messages in the policy's own dtypes, on its device; otherwise
-        # each message is copied in (and widened, with a wire dtype).
-        self._can_swap = self.wire_layout == self.layout and all(
-            t.device == spec.device for t in self._targets)
+        self._buffers.place(spec.device)
         message = None
         while message is None and (left := deadline - time.monotonic()) > 0:
-            message = link.receive(self._staging(link), left)  # None: refused, asked again
+            # None: refused as corrupted, asked for again.
+            message = link.receive(self._buffers.staging(link.lends), left)
         if message is None:
             raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
                                     f"at {self.info.host}:{self.info.port} in time")
@@ -270,50 +235,7 @@ class WeightReceiver:
                  verdict.transport, message[0])
         return message
 
-    def _staging(self, link: ReceiverLink) -> torch.Tensor | None:
-        """The private buffer the next message goes into (``None`` when the transport
-        lends its messages): one the policy does not point at, made on first use."""
-        if link.lends:
-            return None
-        free = [b for b in self._private if b is not self._active]
-        if free:
-            return free[0]
-        buffer = torch.empty(self.wire_layout.nbytes, dtype=torch.uint8, device=self._device)
-        self._private.append(buffer)
-        return buffer
-
-    def _views_of(self, data: torch.Tensor) -> list[torch.Tensor]:
-        # Per-leaf views made once per buffer or segment (both are few and reused): a
-        # 300-leaf policy's views cost more to build than a small message to receive.
-        key = data.data_ptr()
-        views = self._views.get(key)
-        if views is None:
-            views = self._views[key] = self.wire_layout.views(data)
-        return views
-
-    def _apply(self, data: torch.Tensor) -> None:
-        """Switch the policy to ``data`` in one step (or copy it in, when the policy's
-        tensors live on another device than the messages)."""
-        views = self._views_of(data)
-        if self._can_swap:
-            swap_in(self._targets, views)
-            self._active = data
-        else:
-            copy_in(self._targets, views)
-        self._held = data
-
-    def _keep_private(self) -> None:
-        """Move the policy off a lent message (the learner's memory) onto a private
-        copy, so it stays valid once the link is gone."""
-        active = self._active
-        if active is None or any(active is b for b in self._private):
-            return
-        own = active.clone()
-        self._private = [own]
-        self._views.clear()
-        self._apply(own)
-
-    def _start_thread(self, att: _Attachment, role: str, body: Callable[[], None]) -> None:
+    def _start_thread(self, att: Attachment, role: str, body: Callable[[], None]) -> None:
         def run() -> None:
             try:
                 body()
@@ -325,60 +247,30 @@ class WeightReceiver:
                     wrapped.__cause__ = exc
                     exc = wrapped
                 att.stop.set()
-                self._inbox.put(_Item(att, error=exc))
+                self._inbox.put(Item(att, error=exc))
 
         thread = threading.Thread(target=run, name=f"weight-sync-{role}-{self.collector_id}",
                                   daemon=True)
         att.threads.append(thread)
         thread.start()
 
-    def _heartbeat(self, att: _Attachment, control: Control, inc: int) -> None:
-        """Beat now and every ``info.heartbeat_s``, so the learner can tell a live but
-        slow collector from a vanished one; read the learner's beat meanwhile."""
-        assert att.watch is not None
-        try:
-            while True:
-                try:
-                    control.beat(self.collector_id, inc)
-                    att.watch.saw(control.learner_beats())
-                except PeerGone as exc:
-                    # The listener may be stuck in a transfer the dead learner cut short
-                    # (gloo only notices at its timeout): report it now instead.
-                    att.lost = True
-                    raise PeerGone(f"{self._who()}: the learner's store went away "
-                                   f"(heartbeat failed): {exc}") from exc
-                if att.stop.wait(self.info.heartbeat_s):
-                    return
-        finally:
-            control.close()
-
-    def _watch_learner(self, att: _Attachment) -> None:
-        """Every beat interval, check the learner's beat moved lately; this thread
-        makes no store call, so a frozen learner cannot hold it up."""
-        assert att.watch is not None
-        while not att.stop.wait(self.info.heartbeat_s):
-            try:
-                att.watch.check()
-            except PeerGone:
-                att.lost = True
-                raise
-
-    def _listen(self, att: _Attachment) -> None:
+    def _listen(self, att: Attachment) -> None:
         """Receive each next message, hand it over, wait for its apply."""
         link = att.link
         assert link is not None
         while not att.stop.is_set():
-            message = link.receive(self._staging(link), self.config.idle_slice, self._held)
+            message = link.receive(self._buffers.staging(link.lends), self.config.idle_slice,
+                                   self._buffers.held)
             if message is None:
                 continue
             self._applied.clear()
-            self._inbox.put(_Item(att, *message))
+            self._inbox.put(Item(att, *message))
             del message  # no reference of this thread may outlive the apply
             link.collect_garbage()  # while the collector applies
             if not self._wait_applied(att):
                 return
 
-    def _wait_applied(self, att: _Attachment) -> bool:
+    def _wait_applied(self, att: Attachment) -> bool:
         """Wait until the collector applied the message handed over; False once
         ``att`` is stopped."""
         while not self._applied.wait(self.config.idle_slice):
@@ -386,7 +278,7 @@ class WeightReceiver:
                 return False
         return not att.stop.is_set()
 
-    def _reattach(self, old: _Attachment, new: _Attachment, cause: WeightSyncError) -> None:
+    def _reattach(self, old: Attachment, new: Attachment, cause: WeightSyncError) -> None:
         """Retire ``old`` (its learner is lost), wait for a learner at the same address,
         attach ``new`` to it and hand its first message over; then listen on it."""
         deadline = time.monotonic() + self.config.reattach_timeout
@@ -398,9 +290,9 @@ class WeightReceiver:
         if new.stop.is_set():  # closed meanwhile: release what was just built
             self._retire(new)
             return
-        self._start_thread(new, "watch", lambda: self._watch_learner(new))
+        self._start_thread(new, "watch", lambda: watch_learner(new, self.info.heartbeat_s))
         self._applied.clear()
-        self._inbox.put(_Item(new, version, data))
+        self._inbox.put(Item(new, version, data))
         del data
         if self._wait_applied(new):
             self._listen(new)
@@ -409,17 +301,17 @@ class WeightReceiver:
         """Leave the lost learner behind and start waiting for a new one (background)."""
         old = self._att
         old.lost = True
-        self._keep_private()
+        self._buffers.keep_private()
         if old.link is not None:
             self._refused_before += old.link.refused
-        new = self._att = _Attachment(
+        new = self._att = Attachment(
             deadline=time.monotonic() + self.config.reattach_timeout + _REATTACH_GRACE_S)
         log.warning("%s: lost the learner at %s:%d (%s); keeping version %d and waiting "
                     "up to %.1fs for a new learner", self._who(), self.info.host,
                     self.info.port, cause, self.version, self.config.reattach_timeout)
         self._start_thread(new, "reattach", lambda: self._reattach(old, new, cause))
 
-    def _first_of(self, att: _Attachment, version: int) -> None:
+    def _first_of(self, att: Attachment, version: int) -> None:
         """Check the first version of a learner re-attached to (refused: this stream
         ends and that learner is told this collector left)."""
         try:
@@ -504,7 +396,7 @@ class WeightReceiver:
             f"there does not answer")
         raise self._error
 
-    def _apply_item(self, att: _Attachment, version: int, data: torch.Tensor | None) -> int:
+    def _apply_item(self, att: Attachment, version: int, data: torch.Tensor | None) -> int:
         if att.fresh:
             self._first_of(att, version)
         elif version <= self.version:
@@ -512,7 +404,7 @@ class WeightReceiver:
                                         f"{self.version}; refused, nothing applied")
             raise self._error
         assert data is not None and att.link is not None
-        self._apply(data)
+        self._buffers.apply(data)
         del data
         if att.fresh:
             att.fresh = False
@@ -531,13 +423,13 @@ class WeightReceiver:
             self._begin_reattach(exc)
         return version
 
-    def _may_reattach(self, att: _Attachment, error: WeightSyncError) -> bool:
+    def _may_reattach(self, att: Attachment, error: WeightSyncError) -> bool:
         """Whether ``error`` (the end of ``att``'s stream) starts a reattach: the
         learner was lost after it served weights (a failed reattach is final)."""
         return (self.config.reattach_timeout > 0 and not att.fresh
                 and isinstance(error, ConnectionFailed))
 
-    def _retire(self, att: _Attachment) -> None:
+    def _retire(self, att: Attachment) -> None:
         """Stop an attachment's threads and release its link (without a store call
         once its learner is lost)."""
         att.stop.set()
@@ -563,14 +455,14 @@ class WeightReceiver:
         if self._closed:
             return
         self._closed = True
-        self._keep_private()
+        self._buffers.keep_private()
         self._retire(self._att)
         while not self._inbox.empty():  # drop buffers handed over but never applied
             self._inbox.get_nowait()
-        self._views.clear()
+        self._buffers.forget_views()
 
     @staticmethod
-    def _join_threads(att: _Attachment, timeout: float) -> None:
+    def _join_threads(att: Attachment, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for thread in att.threads:
             if thread is not threading.current_thread():
