@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -73,6 +74,8 @@ class Soak:
         self.learner_up = False
         self.rounds = self.version = 0
         self.joining: set[int] = set()  # started, not joined yet
+        self.stderr: dict[int, str] = {}  # pid -> its stderr file
+        self._seq = itertools.count()
         self.tally = dict(kills=0, killed_while_joining=0, rejoins=0, flaps=0, throttles=0,
                           learner_restarts=0, reattached=0, forced_restarts=0, mismatches=0,
                           hangs=0,
@@ -91,10 +94,14 @@ class Soak:
     # -- processes ---------------------------------------------------------------------
     def _start(self, host: int, tag: str, role: str, args: dict[str, Any],
                stdin: bool = False) -> subprocess.Popen[bytes]:
-        proc = self.bed.hosts[host].popen(
-            [sys.executable, "-m", "benchmarks.soak_hosts_nodes", role, json.dumps(args)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, cwd=str(ROOT))
+        assert self.bed.tmpdir is not None
+        err = os.path.join(self.bed.tmpdir, f"{tag}-{next(self._seq)}.err")
+        with open(err, "wb") as stderr:
+            proc = self.bed.hosts[host].popen(
+                [sys.executable, "-m", "benchmarks.soak_hosts_nodes", role, json.dumps(args)],
+                stdout=subprocess.PIPE, stderr=stderr,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, cwd=str(ROOT))
+        self.stderr[proc.pid] = err
         threading.Thread(target=self._read, args=(tag, proc), daemon=True).start()
         return proc
 
@@ -128,6 +135,15 @@ class Soak:
             "numel": a.params, "timeout": a.timeout, "connect_timeout": a.connect_timeout,
             "reattach_timeout": a.reattach_timeout, "poll_s": 0.05,
             "poll_bound_s": a.poll_bound_s})
+
+    def stderr_tail(self, proc: subprocess.Popen[bytes]) -> str:
+        try:
+            with open(self.stderr[proc.pid], "rb") as file:
+                lines = file.read().decode(errors="replace").splitlines()
+        except (KeyError, OSError):
+            return "(no stderr)"
+        kept = [ln for ln in lines if not ln.startswith(("[W", "frame #", "Exception raised"))]
+        return " | ".join(kept[-6:])
 
     @staticmethod
     def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -190,7 +206,7 @@ class Soak:
             if current and cid not in self.killed and self.rounds < self.a.rounds:
                 self.tally["unexpected_exits"] += 1
                 self.notes.append(f"collector {cid} exited (rc {proc.wait(10)}) at round "
-                                  f"{self.rounds}")
+                                  f"{self.rounds}: {self.stderr_tail(proc)}")
                 self.restart_at[cid] = self.rounds + 1
             return
         if "mismatch" in msg:
@@ -212,7 +228,8 @@ class Soak:
                     self.tally["forced_restarts"] += 1
                 else:
                     self.tally["unexpected_exits"] += 1
-                    self.notes.append(f"collector {cid}: {msg['exit']}")
+                    self.notes.append(f"collector {cid} at round {self.rounds}: "
+                                      f"{msg['exit']}")
                 self.restart_at[cid] = self.rounds + 1
 
     def faults(self) -> None:

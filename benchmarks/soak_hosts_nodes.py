@@ -118,7 +118,13 @@ def collector(a: dict[str, Any]) -> None:
 
     numel, cid = a["numel"], a["cid"]
     weights = make_weights(numel, -1)
-    info = info_from_address(a["address"], a["port"], STREAM, timeout=a["connect_timeout"])
+    try:
+        info = info_from_address(a["address"], a["port"], STREAM,
+                                 timeout=a["connect_timeout"])
+    except WeightSyncError as exc:
+        emit(cid=cid, exit=f"{type(exc).__name__}: {str(exc)[:300]}", applies=0,
+             mismatches=0, slow_polls=0, steps=0, worst_poll_s=0.0, version=-1)
+        return
     rx = WeightReceiver(weights, info, cid, timeout=a["timeout"],
                         reattach_timeout=a["reattach_timeout"])
     applies = bad = slow = steps = 0
@@ -152,7 +158,7 @@ def collector(a: dict[str, Any]) -> None:
                     emit(cid=cid, reattached=version, epoch=epoch)
     except ClosedError:
         end = "closed"
-    except WeightSyncError as exc:
+    except Exception as exc:  # reported, whatever it is: the soak counts it
         end = f"{type(exc).__name__}: {str(exc)[:300]}"
     finally:
         rx.close()

@@ -73,12 +73,14 @@ class Admissions:
                current: SenderLink | None) -> SenderLink | None:
         """Judge one incarnation and write the verdict; its link if admitted."""
         self.seen[cid] = inc  # never judged again: a replayed hello admits nobody
+        self._control.forget_hello(cid, inc)
         verdict = judge(hello, cid, inc, current, self._chain, self._offers, self._key)
         if not verdict.admitted:
             who = f"collector {cid} (pid {hello.pid})"
             self._refused[cid] = (inc, refusal_error(verdict, who, hello.refused))
             log.warning("refused %s, incarnation %d: %s", who, inc, verdict.reason)
-            self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
+            if not hello.refused:  # one that listed layout differences waits for none
+                self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
             return None
         spec = next(s for s in self._chain if s.name == verdict.transport)
         link = self._make_link(cid, inc, hello, spec)

@@ -197,10 +197,20 @@ class Control:
     def admit(self, cid: int, inc: int, verdict: Verdict) -> None:
         self._set(self.keys.admit(cid, inc), verdict.encode(), f"collector {cid}'s admission")
 
+    def forget_hello(self, cid: int, inc: int) -> None:
+        """Learner: delete a hello once judged (read once; a refused flood of joins
+        must not leave a key per attempt)."""
+        key = self.keys.hello(cid, inc)
+        _call(f"deleting collector {cid}'s hello", lambda: self._store.delete_key(key))
+
     def wait_verdict(self, cid: int, inc: int, timeout: float) -> Verdict:
+        """Collector: the learner's verdict on incarnation ``inc``, consumed (its key
+        is deleted: this collector is its only reader)."""
         key = self.keys.admit(cid, inc)
         self._wait([key], timeout, f"the learner to admit collector {cid} (incarnation {inc})")
-        return Verdict.decode(self._get(key, f"collector {cid}'s admission"))
+        verdict = Verdict.decode(self._get(key, f"collector {cid}'s admission"))
+        _call(f"deleting collector {cid}'s admission", lambda: self._store.delete_key(key))
+        return verdict
 
     def link(self, cid: int, inc: int) -> LinkChannel:
         """The store space of one link's transport."""

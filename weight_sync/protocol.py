@@ -24,8 +24,12 @@ key                              written by read by    meaning
                                                        thread: a busy learner still beats)
 ``join/<cid>``                   collector  learner    counter; ``add(+1)`` = incarnation
 ``joins``                        collector  learner    counter of all joins (cheap to poll)
-``hello/<cid>/<inc>``            collector  learner    :class:`Hello` (JSON)
-``admit/<cid>/<inc>``            learner    collector  :class:`Verdict` (JSON)
+``hello/<cid>/<inc>``            collector  learner    :class:`Hello` (JSON); the learner
+                                                       deletes it once judged
+``admit/<cid>/<inc>``            learner    collector  :class:`Verdict` (JSON); the collector
+                                                       deletes it once read (none is
+                                                       written to a hello listing layout
+                                                       differences: it waits for none)
 ``link/<cid>/<inc>/...``         both ends  both ends  the transport's own rendezvous (the
                                                        gloo pair group's keys, or fields a
                                                        transport publishes)

@@ -1,0 +1,94 @@
+"""A flood of joins that must all be refused (wrong or missing secret, ids past
+``max_collectors``): each attempt ends in a typed error within its bound, the served
+collector goes on receiving, and the learner keeps no residue per attempt (store keys,
+threads)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
+
+from weight_sync import (
+    AuthenticationError,
+    ConfigError,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+)
+from weight_sync.auth import SECRET_ENV
+from weight_sync.store import connect_client
+
+pytestmark = pytest.mark.timeout(180)
+
+SECRET = "flood-test secret"
+ATTEMPTS = 24  # refused joins (each a fresh receiver and incarnation of id 1)
+JOIN_S = 30.0  # bound on one refused attempt
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+
+
+def _attempt(sender: WeightSender, cid: int, secret: str) -> BaseException | None:
+    rx = WeightReceiver(make_weights(-7), sender.connection_info, cid, timeout=RX_TIMEOUT_S,
+                        secret=secret)
+    try:
+        rx.connect(JOIN_S)
+    except WeightSyncError as exc:
+        return exc
+    finally:
+        rx.close()
+    return None
+
+
+def test_a_flood_of_refused_joins_leaves_nothing_behind() -> None:
+    weights = make_weights(0)
+    with WeightSender(weights, 1, max_collectors=2, timeout=RX_TIMEOUT_S,
+                      secret=SECRET) as sender, ThreadPoolExecutor(4) as pool:
+        mine = make_weights(-7)
+        good = WeightReceiver(mine, sender.connection_info, 0, timeout=RX_TIMEOUT_S,
+                              secret=SECRET)
+        joined = pool.submit(good.connect, 60)
+        sender.connect(timeout=60)
+        assert joined.result(60) == 0
+        info = sender.connection_info
+        store = connect_client(info.host, info.port, 30)
+
+        def settle() -> None:  # a round, so spent keys are collected on both sides
+            v = publish(sender, weights)
+            assert good.receive_weights(timeout=30) == v
+            assert sender.wait_ack(timeout=30).acked == (0,)
+
+        settle()
+        keys_before, threads_before = store.num_keys(), threading.active_count()
+
+        # Ids outside 0..max_collectors-1 are refused before any store call.
+        for cid in (2, 17, -1):
+            with pytest.raises(ConfigError, match=r"collector_id must be an int in \[0, 2\)"):
+                WeightReceiver(make_weights(-7), info, cid, secret=SECRET)
+
+        # Joins are admitted inside the learner's calls: keep calling while they run.
+        attempts = [pool.submit(_attempt, sender, 1, "guess" if i % 2 else "")
+                    for i in range(ATTEMPTS)]
+        pending = list(attempts)
+        while pending:
+            settle()
+            pending = [a for a in pending if not a.done()]
+        errors = [a.result(0) for a in attempts]
+        assert all(isinstance(e, AuthenticationError) for e in errors), errors
+        assert sorted(sender.links) == [0]
+
+        for _ in range(3):
+            settle()
+        # Not one key or thread per attempt: what is left is bounded by a few.
+        assert store.num_keys() - keys_before <= 8, (keys_before, store.num_keys())
+        assert threading.active_count() - threads_before <= 4
+        v = publish(sender, weights)
+        assert good.receive_weights(timeout=30) == v
+        assert sender.wait_ack(timeout=30).complete
+        assert fingerprint(mine) == expected(v)
+        good.close()
