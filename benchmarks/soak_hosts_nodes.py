@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import threading
 import time
 from typing import Any
 
 import torch
+
+from benchmarks.soak import rss_kib
 
 torch.set_num_threads(1)
 
@@ -46,14 +47,6 @@ def make_weights(numel: int, version: int) -> dict[str, torch.Tensor]:
 def matches(weights: dict[str, torch.Tensor], numel: int, version: int) -> bool:
     want = make_weights(numel, version)
     return all(torch.equal(weights[k], want[k]) for k in want)
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def learner(a: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from collectors.worker import WorkerSpec, run_worker
+from collectors.worker import ThreadCredits, WorkerSpec, run_worker
 
 __all__ = ["ACTOR_METHODS", "CollectorActor"]
 
@@ -50,19 +50,6 @@ class _Outbox:
             return out
 
 
-class _Credits:
-    """``threading.Semaphore`` with the ``multiprocessing`` spelling the worker uses."""
-
-    def __init__(self, value: int) -> None:
-        self._sem = threading.Semaphore(value)
-
-    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        return self._sem.acquire(blocking=block, timeout=timeout if block else None)
-
-    def release(self) -> None:
-        self._sem.release()
-
-
 class CollectorActor:
     """One collector as a Ray actor (threaded): :meth:`run` is its run loop, the learner
     takes its messages with :meth:`next_messages`."""
@@ -71,7 +58,7 @@ class CollectorActor:
         self._spec = spec
         self._outbox = _Outbox()
         self._stop = threading.Event()
-        self._credits = _Credits(max_inflight)
+        self._credits = ThreadCredits(max_inflight)
 
     def run(self) -> int:
         """The collector's loop until it stops; its exit code (0 stopped, 1 reported)."""

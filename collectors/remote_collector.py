@@ -20,25 +20,11 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from collectors.errors import CollectorRefused, CollectorTimeout
 from collectors.remote_wire import ADDRESS_ENV, CREDIT, KEY_ENV, STOP, framed, shared_key, unbounded
 from collectors.transport import decode_header
-from collectors.worker import WorkerSpec, run_worker
+from collectors.worker import ThreadCredits, WorkerSpec, run_worker
 
 __all__ = ["connect", "main"]
 
 log = logging.getLogger(__name__)
-
-
-class _Credits:
-    """A semaphore spelled like ``multiprocessing``'s (``block=``), as the worker loop
-    takes it."""
-
-    def __init__(self, value: int) -> None:
-        self._semaphore = threading.Semaphore(value)
-
-    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        return self._semaphore.acquire(blocking=block, timeout=timeout if block else None)
-
-    def release(self) -> None:
-        self._semaphore.release()
 
 
 class _Channel:
@@ -62,16 +48,16 @@ class _Channel:
         self._reattach_timeout = reattach_timeout
         self._lock = threading.Lock()
         self._conn: Connection | None = conn
-        self._credits = _Credits(max_inflight)
+        self._credits = ThreadCredits(max_inflight)
         self._hello: bytes | None = None
         self._closed = False
         self._read_from(conn, self._credits)
 
-    def _read_from(self, conn: Connection, credits: _Credits) -> None:
+    def _read_from(self, conn: Connection, credits: ThreadCredits) -> None:
         threading.Thread(target=self._read, args=(conn, credits), daemon=True,
                          name="weight-sync-remote-control").start()
 
-    def _read(self, conn: Connection, credits: _Credits) -> None:
+    def _read(self, conn: Connection, credits: ThreadCredits) -> None:
         try:
             while True:
                 what = conn.recv_bytes()
@@ -143,7 +129,7 @@ class _Channel:
                     # (the launcher itself waits its handshake_timeout first).
                     if time.monotonic() >= deadline:
                         raise
-            credits = _Credits(max_inflight)
+            credits = ThreadCredits(max_inflight)
             with self._lock:
                 hello, closed = self._hello, self._closed
             if closed:

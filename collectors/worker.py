@@ -56,6 +56,7 @@ __all__ = [
     "VERSION_KEY",
     "WORKER_KEY",
     "MessageSink",
+    "ThreadCredits",
     "VersionTagger",
     "WorkerSpec",
     "policy_checksum",
@@ -82,6 +83,21 @@ class _Event(Protocol):
 
 class _Credits(Protocol):
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+
+
+class ThreadCredits:
+    """Credits for a worker whose learner end lives in this process's threads (a Ray
+    actor, a remote collector's channel): a ``threading.Semaphore`` spelled like
+    ``multiprocessing``'s (``block=``), as the worker loop takes it."""
+
+    def __init__(self, value: int) -> None:
+        self._semaphore = threading.Semaphore(value)
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        return self._semaphore.acquire(blocking=block, timeout=timeout if block else None)
+
+    def release(self) -> None:
+        self._semaphore.release()
 
 
 class MessageSink(Protocol):

@@ -307,19 +307,8 @@ class TestBed:
         """Cut host ``index`` now and restore it ``down_s`` seconds later (in a timer
         thread; ``join`` the returned timer to wait for the restore)."""
         self.cut(index)
-
-        def restore() -> None:
-            if self._state == "open":
-                try:
-                    self.restore(index)
-                except TestBedError:
-                    log.exception("restoring host %d after a flap failed", index)
-
-        timer = threading.Timer(down_s, restore)
-        timer.daemon = True
-        self._timers.append(timer)
-        timer.start()
-        return timer
+        return self._later(down_s, lambda: self.restore(index),
+                           f"restoring host {index} after a flap")
 
     def throttle(self, index: int, rate: str, seconds: float) -> threading.Timer:
         """Drop host ``index``'s link rate to ``rate`` both ways now (a congestion
@@ -328,16 +317,22 @@ class TestBed:
             raise TestBedError("throttle() needs a bed with a rate (its links are unshaped)")
         host = self._host(index)
         self._set_rate(host, rate)
+        base = self.rate
+        return self._later(seconds, lambda: self._set_rate(host, base),
+                           f"restoring host {index}'s rate after a throttle")
 
-        def restore() -> None:
+    def _later(self, seconds: float, undo: Callable[[], None], what: str) -> threading.Timer:
+        """Run ``undo`` in a timer thread ``seconds`` from now, if the bed is still open
+        (a failure is logged: nobody waits on the timer's thread)."""
+
+        def run() -> None:
             if self._state == "open":
                 try:
-                    assert self.rate is not None
-                    self._set_rate(host, self.rate)
+                    undo()
                 except TestBedError:
-                    log.exception("restoring host %d's rate after a throttle failed", index)
+                    log.exception("%s failed", what)
 
-        timer = threading.Timer(seconds, restore)
+        timer = threading.Timer(seconds, run)
         timer.daemon = True
         self._timers.append(timer)
         timer.start()
