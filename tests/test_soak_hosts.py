@@ -41,4 +41,6 @@ def test_short_soak_with_a_learner_restart(tmp_path: Path) -> None:
     # Every collector alive at the restart re-attached; all ended at the last version.
     assert result["reattached"] >= 1
     assert result["collectors_at_final_version"] == list(range(4))
-    assert result["final_version"] >= 151
+    # One version per round, and a restarted learner resumes at or after the last
+    # version reported (its checkpoint is written before each send).
+    assert result["final_version"] >= 150
