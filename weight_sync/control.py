@@ -243,7 +243,11 @@ class Control:
         return None if raw is None else Update.decode(raw)
 
     def ack(self, cid: int, inc: int, version: int) -> None:
-        self._set(self.keys.ack(cid, inc, version), "1",
+        # An add, not a set: TCPStore answers an add but not a set, so only after an
+        # add is the key on the server before the call returns (a learner checking right
+        # after a set from another client missed 20 of 5,000 here), and a version
+        # published just after an ack is sent at once rather than at the next wait.
+        self._add(self.keys.ack(cid, inc, version), 1,
                   f"collector {cid}'s ack of version {version}")
 
     def acked(self, cid: int, inc: int, version: int) -> bool:
