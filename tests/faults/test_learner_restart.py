@@ -16,10 +16,11 @@ import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import pytest
 import torch
-from harness import Cluster
+from harness import ChildTimeout, Cluster
 from versioned import MARGIN_S, RX_TIMEOUT_S, expected, fingerprint, make_weights, set_version
 
 from weight_sync import (
@@ -34,6 +35,9 @@ from weight_sync.reattach import check_first_version
 pytestmark = pytest.mark.timeout(180)
 
 REATTACH_S = 30.0  # long enough for a new learner process to start on a loaded machine
+# The remote collector's wait covers a new group's whole start (spawn, imports, env and
+# policy, sender and launcher), which took 12-51 s on a loaded machine.
+REMOTE_REATTACH_S = 90.0
 
 
 # -- children ----------------------------------------------------------------------------
@@ -290,23 +294,29 @@ def group_learner(out: Connection, go: Connection, weight_port: int, launcher_po
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_remote_collector_taken_over_by_a_restarted_group() -> None:
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     cluster = Cluster(learner=group_learner)
     proc: subprocess.Popen[str] | None = None
+    err_file = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in the finally below)
     try:
         first, _ = cluster.start_learner(0, 0, 0, 2, True)
         _, weight_port, launcher_port, _ = cluster.take(lambda m: m[0] == "ports", 90,
                                                         "the first group's ports")
         env = {**os.environ, "WEIGHT_SYNC_COLLECTORS": f"127.0.0.1:{launcher_port}",
                "RANK": "0"}
+        # A file, not a pipe: c10d's stack traces as the first learner dies could fill
+        # a pipe nobody reads until the end, and block the collector.
         proc = subprocess.Popen([sys.executable, "-m", "collectors.remote",
-                                 "--reattach-timeout", str(REATTACH_S)], cwd=root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 "--reattach-timeout", str(REMOTE_REATTACH_S)], cwd=root,
+                                env=env, stdout=subprocess.DEVNULL, stderr=err_file,
+                                text=True)
         for _ in range(2):
             got = cluster.take(lambda m: m[0] == "batch" and m[5] == first.pid, 120,
                                "a batch for the first group")
@@ -315,9 +325,13 @@ def test_remote_collector_taken_over_by_a_restarted_group() -> None:
         first.join(10)
         resume = int(got[4])  # the first group's last version: its "checkpoint"
         second, _ = cluster.start_learner(weight_port, launcher_port, resume, 4, False)
-        batches = [cluster.take(lambda m: m[0] == "batch" and m[5] == second.pid,
-                                REATTACH_S + MARGIN_S, "a batch for the restarted group")
-                   for _ in range(4)]
+        try:
+            batches = [cluster.take(lambda m: m[0] == "batch" and m[5] == second.pid,
+                                    REMOTE_REATTACH_S + MARGIN_S,
+                                    "a batch for the restarted group")
+                       for _ in range(4)]
+        except ChildTimeout as exc:  # say what the collector itself said
+            raise AssertionError(f"{exc}\ncollector's stderr:\n{_tail(err_file)}") from exc
         assert proc.poll() is None, "the collector process ended"
         assert {b[1] for b in batches} == {proc.pid}, "not the same collector process"
         # The new group's updates reach it: its last batch acts with the new learner's
@@ -325,9 +339,18 @@ def test_remote_collector_taken_over_by_a_restarted_group() -> None:
         assert batches[-1][2] > resume, batches
         assert all(b[2] >= resume for b in batches[1:]), batches
         cluster.take(lambda m: m[0] == "closed", 60, "the second group to close")
-        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        assert proc.wait(60) == 0, _tail(err_file)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(30)
         cluster.shutdown()
+        err_file.close()
+
+
+def _tail(file: Any) -> str:
+    file.flush()
+    file.seek(0)
+    lines = [ln for ln in file.read().splitlines()
+             if not ln.startswith(("frame #", "Exception raised", "[W"))]
+    return "\n".join(lines[-30:])
