@@ -104,6 +104,8 @@ class DeltaMessage(Snapshot):
         self.segment = None
         self.digest = snapshot.digest
         self.leaf_digests = snapshot.leaf_digests
+        self.abandoned = False
+        self._finished = True  # cut from a packed snapshot: wait_packed never waits
 
     def retain(self) -> DeltaMessage:
         return self

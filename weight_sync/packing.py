@@ -22,12 +22,16 @@ from weight_sync import hashing
 from weight_sync.errors import IntegrityError, InvalidWeightsError, ProtocolError
 from weight_sync.layout import HEADER_BYTES, BufferLayout
 
-__all__ = ["MAGIC", "write_header", "read_header", "header_checksum", "check_payload",
-           "host_bytes", "pack", "swap_in", "copy_in", "layout_tag", "leaf_digests"]
+__all__ = ["MAGIC", "ABANDONED", "write_header", "write_abandoned", "read_header",
+           "header_checksum", "check_payload", "host_bytes", "pack", "swap_in", "copy_in",
+           "layout_tag", "leaf_digests"]
 
 MAGIC = 0x5753594E43  # "WSYNC"
 _HEADER_WORDS = HEADER_BYTES // 8
 # Header word 4 says which checksum word 5 holds (weight_sync.hashing's kinds).
+
+ABANDONED = -1
+"""Header word 4 of a message whose pack failed half-way (:func:`write_abandoned`)."""
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
@@ -55,18 +59,31 @@ def _header(buffer: torch.Tensor) -> torch.Tensor:
     return buffer[:HEADER_BYTES].view(torch.int64)
 
 
+def _header_words(layout: BufferLayout, version: int) -> torch.Tensor:
+    words = torch.zeros(_HEADER_WORDS, dtype=torch.int64)
+    words[0], words[1], words[2], words[3] = MAGIC, version, layout.nbytes, layout_tag(layout)
+    return words
+
+
 def write_header(buffer: torch.Tensor, layout: BufferLayout, version: int, *,
                  checksum: bool = False, computed: hashing.Checksum | None = None) -> None:
     """Stamp ``version`` (and magic, size, layout tag) into the message header, and a
     checksum of the payload if ``checksum`` (call it once the payload is packed):
     ``computed``, when the caller already hashed the whole payload, else computed here."""
-    words = torch.zeros(_HEADER_WORDS, dtype=torch.int64)
-    words[0], words[1], words[2], words[3] = MAGIC, version, layout.nbytes, layout_tag(layout)
+    words = _header_words(layout, version)
     if checksum:
         if computed is None:
             computed = hashing.Checksum(hashing.checksum_kind())
             computed.update(host_bytes(buffer[HEADER_BYTES:]))
         words[4], words[5] = computed.kind, computed.value()
+    _header(buffer).copy_(words)
+
+
+def write_abandoned(buffer: torch.Tensor, layout: BufferLayout, version: int) -> None:
+    """Stamp the header of a message whose pack failed half-way: a collector that
+    receives it refuses it (:func:`check_payload` raises), checksum on or off."""
+    words = _header_words(layout, version)
+    words[4] = ABANDONED
     _header(buffer).copy_(words)
 
 
@@ -105,6 +122,9 @@ def check_payload(buffer: torch.Tensor, who: str, computed: int | None = None) -
     kind, expected = header_checksum(buffer)
     if kind == hashing.NO_CHECKSUM:
         return
+    if kind == ABANDONED:
+        raise IntegrityError(f"{who}: the learner abandoned this message half-way through "
+                             f"packing it")
     if kind not in (hashing.XXH3_64, hashing.CRC32):
         raise IntegrityError(f"{who}: message header names an unknown checksum ({kind})")
     got = computed if computed is not None else hashing.checksum(

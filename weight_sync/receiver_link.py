@@ -9,6 +9,11 @@ version; without a secret, the payload against the header's checksum. A message 
 fails its digest or checksum is refused and asked for again (the learner sends its
 version again as the next message), at most ``MAX_RESENDS`` times in a row.
 
+A transport end that streams (:class:`~weight_sync.transports.base.StreamingReceiver`)
+reports each piece as it lands: the link hashes it then, while the next piece arrives,
+so checking the checksum costs nothing after the last byte. It stops hashing ahead
+once the learner's headers show it sends no checksum.
+
 A changed-only message (the signal names its changed leaves) is received into a buffer
 of the link's own and composed with the held message into the whole one before any
 of these checks (:mod:`weight_sync.delta`), so the checks cover what is applied.
@@ -17,17 +22,20 @@ of these checks (:mod:`weight_sync.delta`), so the checks cover what is applied.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
+from weight_sync import hashing
 from weight_sync.auth import StreamKey, message_digest
 from weight_sync.control import Control
 from weight_sync.delta import DeltaSpec, compose
 from weight_sync.errors import AuthenticationError, ClosedError, IntegrityError, ProtocolError
 from weight_sync.hooks import ReceiverHooks
-from weight_sync.packing import check_payload, read_header
+from weight_sync.layout import HEADER_BYTES
+from weight_sync.packing import check_payload, header_checksum, host_bytes, read_header
 from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
-from weight_sync.transports.base import LinkSpec, ReceiverTransport
+from weight_sync.transports.base import LinkSpec, ReceiverTransport, StreamingReceiver
 
 __all__ = ["ReceiverLink"]
 
@@ -61,6 +69,10 @@ class ReceiverLink:
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self._end = end
+        self._streaming = end if isinstance(end, StreamingReceiver) and end.streams else None
+        # Hash streamed pieces as they land: not when a hook may still change the
+        # message after it landed, nor once the learner is seen to send no checksum.
+        self._hash_ahead = key is None and (hooks is None or hooks.after_receive is None)
         self._listener = listener
         self._acker = acker
         self._hooks = hooks or ReceiverHooks()
@@ -116,13 +128,20 @@ class ReceiverLink:
         if update.closed:
             self._listener.bye(cid, inc)  # the learner keeps its store up until we did
             raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
+        running: hashing.Checksum | None = None
         if update.delta:
             data = self._receive_delta(update, buffer, held)
         else:
+            target = None if self.lends else buffer
             if self._hooks.before_receive is not None:
-                self._hooks.before_receive(update.version, None if self.lends else buffer)
-            data = self._end.receive(update.note, None if self.lends else buffer,
-                                     self.spec.timeout)
+                self._hooks.before_receive(update.version, target)
+            if self._streaming is not None and target is not None:
+                if self._hash_ahead:
+                    running = hashing.Checksum(hashing.checksum_kind())
+                data = self._streaming.receive(update.note, target, self.spec.timeout,
+                                               self._landed(update.version, target, running))
+            else:
+                data = self._end.receive(update.note, target, self.spec.timeout)
         if data is None:
             return None
         if self._hooks.after_receive is not None:
@@ -132,7 +151,7 @@ class ReceiverLink:
             raise ProtocolError(f"{self.spec.who()}: message announced as version "
                                 f"{update.version} carries version {got}")
         try:
-            self._check(data, update)
+            self._check(data, update, running)
         except IntegrityError as exc:
             self._refuse(exc)
             return None
@@ -166,11 +185,34 @@ class ReceiverLink:
         compose(part, spec, held, buffer, layout)
         return buffer
 
-    def _check(self, data: torch.Tensor, update: Update) -> None:
+    def _landed(self, version: int, data: torch.Tensor, running: hashing.Checksum | None
+                ) -> Callable[[int, int], None]:
+        """What a streaming end calls as each span of ``data`` lands: hash it into
+        ``running`` (payload spans land in order), then the ``during_receive`` hook."""
+        got = 0
+        hook = self._hooks.during_receive
+
+        def landed(start: int, end: int) -> None:
+            nonlocal got
+            if running is not None and start >= HEADER_BYTES:
+                running.update(host_bytes(data[start:end]))
+            got += end - start
+            if hook is not None:
+                hook(version, got)
+
+        return landed
+
+    def _check(self, data: torch.Tensor, update: Update,
+               running: hashing.Checksum | None = None) -> None:
         """Raise ``IntegrityError`` unless the message is the one its signal announced
-        (with a secret) or matches its header's checksum (without)."""
+        (with a secret) or matches its header's checksum (without; ``running``: the
+        payload already hashed as it landed)."""
         if self._key is None:
-            check_payload(data, self.spec.who())
+            kind, _ = header_checksum(data)
+            if kind == hashing.NO_CHECKSUM:
+                self._hash_ahead = False  # the learner sends none: stop hashing ahead
+            computed = running.value() if running is not None and running.kind == kind else None
+            check_payload(data, self.spec.who(), computed)
         elif message_digest(data, like=update.digest) != update.digest:
             raise IntegrityError(f"{self.spec.who()}: version {update.version}'s digest "
                                  f"does not match its signal (corrupted in transit)")

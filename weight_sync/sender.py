@@ -281,13 +281,26 @@ class WeightSender:
                 link.send_weights_async(self._latest)
 
     def _publish(self, sources: list[torch.Tensor], version: int) -> None:
+        """Pack ``sources`` as ``version`` and hand it to every link. Idle links whose
+        transport streams get it first, so they signal it and send each piece while
+        the rest is packed. If the pack fails, the exception propagates and nothing of
+        ``version`` is applied anywhere (those links send it marked abandoned)."""
         start = time.perf_counter()
-        snap = self._pool.take(sources, version)
+        snap = self._pool.reserve(version)
+        try:
+            early = [link for link in self.links.values() if link.takes_unpacked]
+            for link in early:
+                link.send_weights_async(snap)
+            self._pool.fill(snap, sources)
+        except BaseException:
+            snap.release()
+            raise
         if self._latest is not None:
             self._latest.release()
         self._latest = snap  # kept so a collector that (re)joins gets exactly this version
         for link in self.links.values():
-            link.send_weights_async(snap)  # a broken link is reported and retired by wait_ack
+            if link not in early:  # a broken link is reported and retired by wait_ack
+                link.send_weights_async(snap)
         self._sent[version] = (start, time.perf_counter() - start)
 
     def send_weights_async(self, weights: Any = None) -> int:
@@ -309,7 +322,11 @@ class WeightSender:
             sources = list(leaves.values())
         self._admit_joins()
         self.version += 1
-        self._publish(sources, self.version)
+        try:
+            self._publish(sources, self.version)
+        except BaseException:
+            self.version -= 1  # never published: the next call reuses the number
+            raise
         return self.version
 
     def send_weights(self, weights: Any = None, timeout: float = 60.0) -> AckResult:

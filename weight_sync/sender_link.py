@@ -22,7 +22,7 @@ from weight_sync.errors import CollectorFailed, ConnectionFailed, WeightSyncErro
 from weight_sync.metrics import SyncStats
 from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
 from weight_sync.snapshots import Snapshot
-from weight_sync.transports.base import LinkSpec, SenderTransport, Sending
+from weight_sync.transports.base import LinkSpec, SenderTransport, Sending, StreamingSender
 
 __all__ = ["SenderLink", "process_alive"]
 
@@ -96,6 +96,7 @@ class SenderLink:
         self.peer_pid = peer_pid
         self.lends = lends
         self._end = end
+        self._streams = isinstance(end, StreamingSender) and end.streams
         self._control = control
         self._seq = 0  # next message number
         self._beats = -1  # heartbeat counter last read
@@ -131,6 +132,15 @@ class SenderLink:
             self._pending.release()
         self._pending = snapshot.retain()
         self.progress()
+
+    @property
+    def takes_unpacked(self) -> bool:
+        """True if the link would start sending a snapshot at once, and can while it is
+        still being packed: it is idle, and its transport streams whole snapshots (no
+        digest to sign first, no changed-only cut to make)."""
+        return (self._streams and self._key is None and self._delta is None
+                and self.failure is None and not self._closed
+                and self._in_flight is None and self._pending is None)
 
     @property
     def target_version(self) -> int:
@@ -210,8 +220,9 @@ class SenderLink:
             raise CollectorFailed(
                 f"{self._who()} refused version {flight.version} {flight.resends + 1} "
                 f"times (corrupted in transit each time)", self.collector_id)
-        log.warning("%s refused version %d (corrupted in transit): sending it again",
-                    self._who(), flight.version)
+        if flight.snapshot is None or not flight.snapshot.abandoned:
+            log.warning("%s refused version %d (corrupted in transit): sending it again",
+                        self._who(), flight.version)
         sending, flight.sending = flight.sending, None
         if sending is not None:
             sending.finish(self.spec.timeout)  # received (corrupted): over
@@ -221,6 +232,9 @@ class SenderLink:
         if self._pending is not None:  # newer weights meanwhile: send those (no backlog)
             snapshot.release()
             snapshot, self._pending = self._pending, None
+        elif snapshot.abandoned:  # its pack failed: nothing to send until the next version
+            snapshot.release()
+            return
         self._start(snapshot, flight.resends + 1)  # the snapshot's reference moves on
 
     def _finish(self, flight: _InFlight) -> None:

@@ -4,6 +4,12 @@
 may step its optimizer while the bytes are in flight. A buffer goes back to the pool
 when every transport that sends it is done, so memory stays bounded by the number of
 sends in flight, and a steady state allocates nothing.
+
+A snapshot can be handed out before it is packed (:meth:`SnapshotPool.reserve`) to a
+transport that streams it: the pack (:meth:`SnapshotPool.fill`) reports its progress,
+and :meth:`Snapshot.wait_packed` waits for a span's bytes. A pack that fails half-way
+leaves a snapshot whose header says so (:data:`~weight_sync.packing.ABANDONED`): a
+collector that received it refuses it, nothing applied.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from multiprocessing import shared_memory
 import torch
 
 from weight_sync.auth import message_digest
+from weight_sync.errors import WeightSyncTimeout
 from weight_sync.layout import BufferLayout
-from weight_sync.packing import leaf_digests
+from weight_sync.packing import leaf_digests, write_abandoned
 from weight_sync.shm import create_segment
 from weight_sync.stamping import Stamper
 
@@ -37,7 +44,38 @@ class Snapshot:
         """BLAKE3 digest of the message, when the pool computes digests (a shared secret)."""
         self.leaf_digests: tuple[int, ...] = ()
         """Checksum of each leaf, when the pool computes them (changed-only messages)."""
+        self.abandoned = False
+        """Its pack failed half-way; its header says so (never applied)."""
+        self._packed = 0  # bytes from the start that hold their final value
+        self._finished = True  # packed or abandoned: no more waits
         self._refs = 0
+
+    def wait_packed(self, upto: int | None, timeout: float) -> None:
+        """Block until the payload's bytes before ``upto`` are packed, or (``None``)
+        the whole message, header included; also returns once the pack was abandoned.
+
+        Raises:
+            WeightSyncTimeout: the pack got no further within ``timeout`` s.
+        """
+        if self._finished:
+            return
+        with self._pool.packing:
+            if not self._pool.packing.wait_for(
+                    lambda: self._finished or (upto is not None and self._packed >= upto),
+                    timeout):
+                raise WeightSyncTimeout(f"version {self.version}: bytes up to {upto} not "
+                                        f"packed after {timeout:.1f}s")
+
+    def _mark(self, packed: int) -> None:
+        with self._pool.packing:
+            self._packed = packed
+            self._pool.packing.notify_all()
+
+    def _finish(self, abandoned: bool) -> None:
+        with self._pool.packing:
+            self.abandoned = abandoned
+            self._finished = True
+            self._pool.packing.notify_all()
 
     def retain(self) -> Snapshot:
         with self._pool.lock:
@@ -82,12 +120,25 @@ class SnapshotPool:
         self.device = device
         self.shared = shared
         self.lock = threading.Lock()
+        self.packing = threading.Condition(self.lock)
+        """Notified as a snapshot's pack progresses (:meth:`Snapshot.wait_packed`)."""
         self.free: list[Snapshot] = []
         self.allocated = 0
         self._segments: list[shared_memory.SharedMemory] = []
 
     def take(self, sources: list[torch.Tensor], version: int) -> Snapshot:
         """Pack ``sources`` as ``version`` into a free buffer; the caller holds one ref."""
+        snap = self.reserve(version)
+        try:
+            self.fill(snap, sources)
+        except BaseException:
+            snap.release()
+            raise
+        return snap
+
+    def reserve(self, version: int) -> Snapshot:
+        """A free buffer for ``version``, not packed yet (fill it with :meth:`fill`);
+        the caller holds one ref."""
         with self.lock:
             snap = self.free.pop() if self.free else None
         if snap is None:
@@ -100,12 +151,25 @@ class SnapshotPool:
             snap = Snapshot(self, buffer)
             snap.segment = None if segment is None else segment.name
             self.allocated += 1
-        self._stamper.pack(sources, snap.views, snap.buffer, version)
-        snap.digest = message_digest(snap.buffer) if self.digests else ""
-        snap.leaf_digests = (leaf_digests(snap.buffer, self.layout) if self.leaf_digests
-                             else ())
-        snap.version = version
+        snap.version, snap.digest, snap.leaf_digests = version, "", ()
+        snap.abandoned, snap._packed, snap._finished = False, 0, False
         return snap.retain()
+
+    def fill(self, snap: Snapshot, sources: list[torch.Tensor]) -> None:
+        """Pack ``sources`` into the reserved ``snap``; a transport streaming it sends
+        each span once packed. If the pack fails (an exception, ``KeyboardInterrupt``
+        included), the snapshot is marked abandoned and the exception propagates."""
+        try:
+            self._stamper.pack(sources, snap.views, snap.buffer, snap.version,
+                               progress=snap._mark)
+            snap.digest = message_digest(snap.buffer) if self.digests else ""
+            snap.leaf_digests = (leaf_digests(snap.buffer, self.layout) if self.leaf_digests
+                                 else ())
+        except BaseException:
+            write_abandoned(snap.buffer, self.layout, snap.version)
+            snap._finish(abandoned=True)
+            raise
+        snap._finish(abandoned=False)
 
     def close(self) -> None:
         """Unlink the shared-memory segments (the memory goes with the last mapping)

@@ -6,11 +6,13 @@ message piece by piece and hands each packed piece to a second thread that hashe
 while the next piece is copied: both release the GIL, so on two cores the learner's
 time is about one copy. Pieces follow the layout's order (a large contiguous leaf is
 split into several); the checksum is the same as hashing the packed payload at once.
+The same pieces let a streaming transport send each one as soon as it is packed
+(``progress``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -40,16 +42,23 @@ class Stamper:
         self._hasher: ThreadPoolExecutor | None = None
 
     def pack(self, sources: Sequence[torch.Tensor], views: Sequence[torch.Tensor],
-             buffer: torch.Tensor, version: int) -> None:
-        """Copy ``sources`` into their ``views`` of ``buffer``, then stamp the header."""
-        if (not self.checksum or buffer.device.type != "cpu"
+             buffer: torch.Tensor, version: int,
+             progress: Callable[[int], None] | None = None) -> None:
+        """Copy ``sources`` into their ``views`` of ``buffer``, then stamp the header.
+
+        Args:
+            progress: called with ``end`` each time the payload's bytes before ``end``
+                are packed (piece by piece on the CPU for a message of two pieces or
+                more; not at all otherwise). The header is stamped after the last call.
+        """
+        if ((not self.checksum and progress is None) or buffer.device.type != "cpu"
                 or self.layout.nbytes < 2 * PIECE_BYTES):
             pack(sources, views)
             write_header(buffer, self.layout, version, checksum=self.checksum)
             return
-        if self._hasher is None:
+        running = hashing.Checksum(hashing.checksum_kind()) if self.checksum else None
+        if running is not None and self._hasher is None:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="weight-sync-stamp")
-        running = hashing.Checksum(hashing.checksum_kind())
         data = host_bytes(buffer)
         pending: list[Future[None]] = []
         hashed = HEADER_BYTES
@@ -58,14 +67,18 @@ class Stamper:
                 pieces = _pieces(self.layout, sources, views)
             for group, end in pieces:
                 pack([s for s, _ in group], [d for _, d in group])
-                # One worker: the pieces are hashed in order.
-                pending.append(self._hasher.submit(running.update, data[hashed:end]))
-                hashed = end
-            pending.append(self._hasher.submit(running.update, data[hashed:]))
+                if progress is not None:
+                    progress(end)
+                if running is not None and self._hasher is not None:
+                    # One worker: the pieces are hashed in order.
+                    pending.append(self._hasher.submit(running.update, data[hashed:end]))
+                    hashed = end
+            if running is not None and self._hasher is not None:
+                pending.append(self._hasher.submit(running.update, data[hashed:]))
         finally:
             for future in pending:
                 future.result()  # the buffer is not reused before its hashing is over
-        write_header(buffer, self.layout, version, checksum=True, computed=running)
+        write_header(buffer, self.layout, version, checksum=self.checksum, computed=running)
 
     def close(self) -> None:
         if self._hasher is not None:

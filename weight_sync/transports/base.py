@@ -42,8 +42,8 @@ from weight_sync.control import LinkChannel
 from weight_sync.layout import BufferLayout
 from weight_sync.snapshots import Snapshot
 
-__all__ = ["LinkSpec", "Sending", "SenderTransport", "ReceiverTransport", "Offer",
-           "LearnerSide"]
+__all__ = ["LinkSpec", "Sending", "SenderTransport", "StreamingSender", "ReceiverTransport",
+           "StreamingReceiver", "Offer", "LearnerSide"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,16 @@ class SenderTransport(Protocol):
 
 
 @runtime_checkable
+class StreamingSender(SenderTransport, Protocol):
+    """A learner's end that can start a message before it is packed."""
+
+    streams: bool
+    """True if :meth:`send` may be given a snapshot still being packed: the end waits
+    for each span's bytes (:meth:`~weight_sync.snapshots.Snapshot.wait_packed`)
+    before sending it, so its link signals the collector before the pack."""
+
+
+@runtime_checkable
 class ReceiverTransport(Protocol):
     """A collector's end of a transport from the learner."""
 
@@ -150,6 +160,21 @@ class ReceiverTransport(Protocol):
 
     def close(self) -> None:
         """Release what the end holds; idempotent."""
+        ...
+
+
+@runtime_checkable
+class StreamingReceiver(ReceiverTransport, Protocol):
+    """A collector's end that reports each piece of a message as it lands."""
+
+    streams: bool
+    """True if the link's messages arrive in pieces (``landed`` is then called)."""
+
+    def receive(self, note: str, buffer: torch.Tensor | None, timeout: float,
+                landed: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """As :meth:`ReceiverTransport.receive`; ``landed(start, end)`` is called, in
+        the receiving thread, as each byte span of ``buffer`` is filled (in the order
+        they land; together they cover the message once)."""
         ...
 
 
