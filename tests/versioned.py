@@ -91,28 +91,45 @@ def publish(sender: WeightSender, weights: dict[str, torch.Tensor]) -> int:
 
 # -- catching a transfer in the middle -------------------------------------------------
 def mid_transfer_hooks(min_version: int, action: Callable[[int, bool], None]) -> ReceiverHooks:
-    """Hooks that call ``action(version, tail_unwritten)`` once a message of
-    ``min_version`` or newer is partly received: its header landed in the buffer, and
-    ``tail_unwritten`` tells whether its last bytes had not yet.
+    """Hooks that call ``action(version, tail_unwritten)`` once, when a message of
+    ``min_version`` or newer is partly received, and ``tail_unwritten`` tells whether
+    its last bytes had not landed yet.
 
-    A thread watches the buffer while the real receive runs (``before_receive`` starts
-    it just before the transport fills the buffer).
+    A message sent whole is caught by a thread that watches the buffer while the real
+    receive runs (``before_receive`` starts it): its header lands first. A streamed
+    message (its header lands last) is caught by ``during_receive`` once half of it
+    landed.
     """
+    lock = threading.Lock()
+    state = {"fired": False, "nbytes": 0}
+
+    def fire_once(version: int, tail_unwritten: bool) -> None:
+        with lock:
+            if state["fired"]:
+                return
+            state["fired"] = True
+        action(version, tail_unwritten)
+
     def watch_from(version: int, buffer: torch.Tensor | None) -> None:
         if version < min_version or buffer is None:
             return
+        state["nbytes"] = buffer.numel()
         head, tail = buffer[:64].clone(), buffer[-64:].clone()
 
         def watch() -> None:
             deadline = time.monotonic() + RX_TIMEOUT_S
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not state["fired"]:
                 if not torch.equal(buffer[:64], head):
-                    action(version, torch.equal(buffer[-64:], tail))
+                    fire_once(version, torch.equal(buffer[-64:], tail))
                     return
 
         threading.Thread(target=watch, daemon=True).start()
 
-    return ReceiverHooks(before_receive=watch_from)
+    def halfway(version: int, got: int) -> None:
+        if version >= min_version and 2 * got >= state["nbytes"] > got:
+            fire_once(version, True)
+
+    return ReceiverHooks(before_receive=watch_from, during_receive=halfway)
 
 
 # -- children (module level: picklable by reference; run under harness.Cluster) -----
