@@ -9,6 +9,7 @@ publish again."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -116,7 +117,7 @@ def test_pieces_cover_a_message_once_header_last() -> None:
     assert spans[-1] == (0, HEADER_BYTES)
     covered = sorted(spans)
     assert covered[0][0] == 0 and covered[-1][1] == nbytes
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
     assert max(e - s for s, e in spans) == STREAM_PIECE
 
 
