@@ -8,6 +8,7 @@ the list of differences before any weight moves.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -134,9 +135,10 @@ class BufferLayout:
     def to_json(self) -> str:
         return json.dumps(self.describe(), separators=(",", ":"))
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """A short hash of :meth:`describe`; equal digests mean compatible layouts."""
+        """A short hash of :meth:`describe`; equal digests mean compatible layouts
+        (computed once: every message header carries it)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def differences(

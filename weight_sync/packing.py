@@ -14,6 +14,7 @@ authenticated instead (:mod:`weight_sync.auth`).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -55,14 +56,28 @@ def layout_tag(layout: BufferLayout) -> int:
     return int(layout.digest, 16) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _header(buffer: torch.Tensor) -> torch.Tensor:
-    return buffer[:HEADER_BYTES].view(torch.int64)
+# The header through the struct module on the CPU: a handful of torch ops on 8 words
+# cost ~0.2 ms a message, more than packing a small policy.
+_HEADER = struct.Struct(f"={_HEADER_WORDS}q")
 
 
-def _header_words(layout: BufferLayout, version: int) -> torch.Tensor:
-    words = torch.zeros(_HEADER_WORDS, dtype=torch.int64)
-    words[0], words[1], words[2], words[3] = MAGIC, version, layout.nbytes, layout_tag(layout)
-    return words
+def _put_header(buffer: torch.Tensor, words: tuple[int, ...]) -> None:
+    if buffer.device.type == "cpu":
+        _HEADER.pack_into(buffer[:HEADER_BYTES].numpy().data, 0, *words)
+    else:
+        buffer[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+
+
+def _get_header(buffer: torch.Tensor) -> tuple[int, ...]:
+    if buffer.device.type == "cpu":
+        return _HEADER.unpack_from(buffer[:HEADER_BYTES].numpy().data)
+    return tuple(buffer[:HEADER_BYTES].view(torch.int64).tolist())
+
+
+def _header_words(layout: BufferLayout, version: int, kind: int = hashing.NO_CHECKSUM,
+                  value: int = 0) -> tuple[int, ...]:
+    head = (MAGIC, version, layout.nbytes, layout_tag(layout), kind, value)
+    return head + (0,) * (_HEADER_WORDS - len(head))
 
 
 def write_header(buffer: torch.Tensor, layout: BufferLayout, version: int, *,
@@ -70,28 +85,26 @@ def write_header(buffer: torch.Tensor, layout: BufferLayout, version: int, *,
     """Stamp ``version`` (and magic, size, layout tag) into the message header, and a
     checksum of the payload if ``checksum`` (call it once the payload is packed):
     ``computed``, when the caller already hashed the whole payload, else computed here."""
-    words = _header_words(layout, version)
-    if checksum:
-        if computed is None:
-            computed = hashing.Checksum(hashing.checksum_kind())
-            computed.update(host_bytes(buffer[HEADER_BYTES:]))
-        words[4], words[5] = computed.kind, computed.value()
-    _header(buffer).copy_(words)
+    if not checksum:
+        _put_header(buffer, _header_words(layout, version))
+        return
+    if computed is None:
+        computed = hashing.Checksum(hashing.checksum_kind())
+        computed.update(host_bytes(buffer[HEADER_BYTES:]))
+    _put_header(buffer, _header_words(layout, version, computed.kind, computed.value()))
 
 
 def write_abandoned(buffer: torch.Tensor, layout: BufferLayout, version: int) -> None:
     """Stamp the header of a message whose pack failed half-way: a collector that
     receives it refuses it (:func:`check_payload` raises), checksum on or off."""
-    words = _header_words(layout, version)
-    words[4] = ABANDONED
-    _header(buffer).copy_(words)
+    _put_header(buffer, _header_words(layout, version, ABANDONED))
 
 
 def header_checksum(buffer: torch.Tensor) -> tuple[int, int]:
     """The (kind, value) of the checksum a message's header carries (kind
     ``NO_CHECKSUM``: none)."""
-    kind, value = _header(buffer)[4:6].tolist()
-    return int(kind), int(value)
+    kind, value = _get_header(buffer)[4:6]
+    return kind, value
 
 
 def read_header(buffer: torch.Tensor, layout: BufferLayout) -> int:
@@ -100,7 +113,7 @@ def read_header(buffer: torch.Tensor, layout: BufferLayout) -> int:
     Raises:
         ProtocolError: the header is not ours, or was written for another layout.
     """
-    magic, version, nbytes, tag = _header(buffer)[:4].tolist()
+    magic, version, nbytes, tag = _get_header(buffer)[:4]
     if magic != MAGIC or nbytes != layout.nbytes or tag != layout_tag(layout):
         raise ProtocolError(
             f"received a message that is not a weight-sync message for this layout "
