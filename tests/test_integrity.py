@@ -19,7 +19,7 @@ from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 from weight_sync import IntegrityError, ReceiverHooks, WeightReceiver, WeightSender
 from weight_sync.layout import HEADER_BYTES
 from weight_sync.protocol import MAX_RESENDS
-from weight_sync.transports import transport_names
+from weight_sync.transports import get_transport, transport_names
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,8 +76,15 @@ def _receive_while_learner_waits(sender: WeightSender, rx: WeightReceiver) -> in
     return version
 
 
-@pytest.mark.parametrize("secret", ["", "s3cret"], ids=["checksum", "secret"])
-@pytest.mark.parametrize("transport", TRANSPORTS)
+LENDING = {name for name in TRANSPORTS if name != socket_transport.NAME
+           and get_transport(name).lends}
+# A lent (zero-copy) message is the learner's memory read in place: it is checked with a
+# secret (its digest), not checksummed without one (test_lent_messages_not_checksummed).
+CASES = [(t, s) for t in TRANSPORTS for s in ("", "s3cret") if s or t not in LENDING]
+
+
+@pytest.mark.parametrize(("transport", "secret"), CASES,
+                         ids=[f"{t}-{'secret' if s else 'checksum'}" for t, s in CASES])
 def test_corrupted_in_flight_refused_and_fetched_again(transport: str, secret: str) -> None:
     hook = Flipper(times=1)
     with pair(transport, hook, secret=secret) as (sender, rx, policy, weights):
@@ -91,12 +98,12 @@ def test_corrupted_in_flight_refused_and_fetched_again(transport: str, secret: s
         assert rx.refused == 3  # each corrupted delivery refused, then sent again
 
 
-@pytest.mark.parametrize("transport", ["distributed", "shm"])
-def test_corrupted_every_time_fails_typed_nothing_applied(transport: str) -> None:
+@pytest.mark.parametrize(("transport", "secret"), [("distributed", ""), ("shm", "s3cret")])
+def test_corrupted_every_time_fails_typed_nothing_applied(transport: str, secret: str) -> None:
     """Bounded: after MAX_RESENDS requests in a row the collector gives up with
     IntegrityError, and keeps its weights."""
     hook = Flipper(times=MAX_RESENDS + 1)
-    with pair(transport, hook) as (sender, rx, policy, weights):
+    with pair(transport, hook, secret=secret) as (sender, rx, policy, weights):
         publish(sender, weights)
         with ThreadPoolExecutor(1) as pool:
             pool.submit(sender.wait_ack, 10)  # resends the refused version; then times out
@@ -104,6 +111,32 @@ def test_corrupted_every_time_fails_typed_nothing_applied(transport: str) -> Non
                 rx.receive_weights(timeout=60)
         assert hook.flipped == {1: MAX_RESENDS + 1}
         assert fingerprint(policy) == expected(0), "a corrupted message was applied"
+
+
+def test_lent_messages_not_checksummed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a secret, a collector that uses the learner's snapshot in place
+    (``"shm"``) never hashes it (a pass over the weights per collector per version),
+    though the learner stamps a checksum for its other links; every version bit-exact."""
+    import weight_sync.receiver_link as receiver_link
+
+    checked: list[int] = []
+    real = receiver_link.check_payload
+
+    def counting(buffer: torch.Tensor, who: str, computed: int | None = None) -> None:
+        checked.append(buffer.numel())
+        real(buffer, who, computed)
+
+    monkeypatch.setattr(receiver_link, "check_payload", counting)
+    with pair("shm", lambda version, message: None) as (sender, rx, policy, weights):
+        for _ in range(3):
+            v = publish(sender, weights)
+            assert _receive_while_learner_waits(sender, rx) == v
+            assert fingerprint(policy) == expected(v)
+    assert checked == []
+    with pair("distributed", lambda version, message: None) as (sender, rx, policy, weights):
+        v = publish(sender, weights)
+        assert _receive_while_learner_waits(sender, rx) == v
+    assert len(checked) == 2  # the initial sync and v: checked where bytes travel
 
 
 def test_checksum_off_stamps_nothing() -> None:

@@ -5,7 +5,8 @@ Waits for the learner's signal of the next message, has the transport end (any
 the message before it is handed over, the same for every transport: with a shared
 secret, the signal's HMAC before anything is received (a forged or replayed signal
 ends the stream) and the message's BLAKE3 digest after; the header against the signalled
-version; without a secret, the payload against the header's checksum. A message that
+version; without a secret, the payload against the header's checksum (except a lent,
+zero-copy message: the learner's own memory, nothing travelled). A message that
 fails its digest or checksum is refused and asked for again (the learner sends its
 version again as the next message), at most ``MAX_RESENDS`` times in a row.
 
@@ -206,8 +207,12 @@ class ReceiverLink:
                running: hashing.Checksum | None = None) -> None:
         """Raise ``IntegrityError`` unless the message is the one its signal announced
         (with a secret) or matches its header's checksum (without; ``running``: the
-        payload already hashed as it landed)."""
+        payload already hashed as it landed). A lent message (zero-copy) is the
+        learner's memory, read in place: without a secret there is no transit to check,
+        and hashing it would cost each collector a pass over the weights."""
         if self._key is None:
+            if self.lends:  # the learner's own memory: nothing travelled to corrupt
+                return
             kind, _ = header_checksum(data)
             if kind == hashing.NO_CHECKSUM:
                 self._hash_ahead = False  # the learner sends none: stop hashing ahead
