@@ -195,8 +195,8 @@ class ReceiverLink:
 
         def landed(start: int, end: int) -> None:
             nonlocal got
-            if running is not None and start >= HEADER_BYTES:
-                running.update(host_bytes(data[start:end]))
+            if running is not None and end > HEADER_BYTES:  # the payload's part
+                running.update(host_bytes(data[max(start, HEADER_BYTES):end]))
             got += end - start
             if hook is not None:
                 hook(version, got)

@@ -50,6 +50,11 @@ class Snapshot:
         self._finished = True  # packed or abandoned: no more waits
         self._refs = 0
 
+    @property
+    def packed(self) -> bool:
+        """True once its pack ended (whole or abandoned): no :meth:`wait_packed` waits."""
+        return self._finished
+
     def wait_packed(self, upto: int | None, timeout: float) -> None:
         """Block until the payload's bytes before ``upto`` are packed, or (``None``)
         the whole message, header included; also returns once the pack was abandoned.

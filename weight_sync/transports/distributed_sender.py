@@ -98,8 +98,8 @@ class _Stream:
 
 class DistributedSender:
     """Sends each message with one point-to-point ``send`` on the link's own group, or,
-    on a link that :func:`~weight_sync.transports.streaming.streams`, in pieces as the
-    message is packed.
+    on a link that :func:`~weight_sync.transports.streaming.streams` given a snapshot
+    still being packed, in pieces as it is packed.
 
     Attributes:
         streams: the link streams its messages: its :meth:`send` may be given a
@@ -119,7 +119,7 @@ class DistributedSender:
         if group is None:
             raise CollectorFailed(f"send to {self.spec.who()} on a link that is not "
                                   f"connected", self.spec.collector_id)
-        if self.streams:
+        if self.streams and not snapshot.packed:
             return _Stream(self.spec, group, self._pair.peer, snapshot)
         try:
             work = group.send([snapshot.buffer], self._pair.peer, 0)
