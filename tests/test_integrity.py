@@ -17,6 +17,7 @@ import torch
 from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
 from weight_sync import IntegrityError, ReceiverHooks, WeightReceiver, WeightSender
+from weight_sync.hashing import NO_CHECKSUM, checksum_kind
 from weight_sync.layout import HEADER_BYTES
 from weight_sync.protocol import MAX_RESENDS
 from weight_sync.transports import get_transport, transport_names
@@ -137,6 +138,49 @@ def test_lent_messages_not_checksummed(monkeypatch: pytest.MonkeyPatch) -> None:
         v = publish(sender, weights)
         assert _receive_while_learner_waits(sender, rx) == v
     assert len(checked) == 2  # the initial sync and v: checked where bytes travel
+
+
+def _checksum_words(seen: list[tuple[int, int]]) -> Callable[[int, torch.Tensor], None]:
+    def record(version: int, message: torch.Tensor) -> None:
+        seen.append((version, int(message[:HEADER_BYTES].view(torch.int64)[4])))
+    return record
+
+
+def test_learner_skips_the_checksum_while_every_collector_lends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only zero-copy collectors, the learner stamps no checksum (nobody checks
+    it); a collector that joins over a copying transport gets the version it catches up
+    with checksummed, and every later version is, for both; all bit-exact."""
+    import weight_sync.transports.shm_receiver as shm_receiver
+
+    lent: list[tuple[int, int]] = []
+    copied: list[tuple[int, int]] = []
+    with pair("shm", _checksum_words(lent), max_collectors=2) as (sender, rx, policy, weights):
+        v1 = publish(sender, weights)
+        assert _receive_while_learner_waits(sender, rx) == v1
+        assert lent == [(0, NO_CHECKSUM), (v1, NO_CHECKSUM)]
+        # A second collector that cannot see the learner's /dev/shm: "distributed".
+        monkeypatch.setattr(shm_receiver, "read_token", lambda path: None)
+        other_policy = make_weights(-7)
+        other = WeightReceiver(other_policy, sender.connection_info, 1, timeout=RX_TIMEOUT_S,
+                               hooks=ReceiverHooks(after_receive=_checksum_words(copied)))
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                joined = pool.submit(other.connect, 60)
+                sender.wait_for([1], timeout=60)
+                assert joined.result(60) == v1
+            assert sender.transports == {0: "shm", 1: "distributed"}
+            assert fingerprint(other_policy) == expected(v1)
+            v2 = publish(sender, weights)
+            with ThreadPoolExecutor(2) as pool:
+                got = [pool.submit(r.receive_weights, timeout=60) for r in (rx, other)]
+                assert sender.wait_ack(timeout=60).complete
+                assert [g.result(60) for g in got] == [v2, v2]
+            assert fingerprint(policy) == fingerprint(other_policy) == expected(v2)
+        finally:
+            other.close()
+    assert [kind != NO_CHECKSUM for _, kind in copied] == [True, True]
+    assert lent[-1] == (v2, checksum_kind())  # a copying collector joined: stamped again
 
 
 def test_checksum_off_stamps_nothing() -> None:

@@ -283,6 +283,8 @@ class WeightSender:
             log.info("collector %d (incarnation %d) joined at version %d over %r",
                      link.collector_id, link.incarnation, self.version, link.transport)
             if self._latest is not None:
+                if not link.lends:
+                    self._pool.stamp_checksum(self._latest)
                 link.send_weights_async(self._latest)
 
     def _publish(self, sources: list[torch.Tensor], version: int) -> None:
@@ -292,7 +294,10 @@ class WeightSender:
         propagates and nothing of ``version`` is applied anywhere (a link streaming it
         sends it marked abandoned)."""
         start = time.perf_counter()
-        snap = self._pool.reserve(version)
+        # Collectors that use the snapshot in place do not check a checksum: stamp one
+        # only if a link receives a copy (one joining later gets it then).
+        copies = not self.links or any(not link.lends for link in self.links.values())
+        snap = self._pool.reserve(version, checksum=copies)
         try:
             early = [link for link in self.links.values() if link.takes_unpacked]
             if len(self.links) > _STREAM_TO_AT_MOST:

@@ -23,7 +23,7 @@ import torch
 from weight_sync.auth import message_digest
 from weight_sync.errors import WeightSyncTimeout
 from weight_sync.layout import BufferLayout
-from weight_sync.packing import leaf_digests, write_abandoned
+from weight_sync.packing import leaf_digests, write_abandoned, write_header
 from weight_sync.shm import create_segment
 from weight_sync.stamping import Stamper
 
@@ -46,6 +46,8 @@ class Snapshot:
         """Checksum of each leaf, when the pool computes them (changed-only messages)."""
         self.abandoned = False
         """Its pack failed half-way; its header says so (never applied)."""
+        self.checksummed = False
+        """Its header carries a checksum of its payload."""
         self._packed = 0  # bytes from the start that hold their final value
         self._finished = True  # packed or abandoned: no more waits
         self._refs = 0
@@ -141,9 +143,15 @@ class SnapshotPool:
             raise
         return snap
 
-    def reserve(self, version: int) -> Snapshot:
+    def reserve(self, version: int, *, checksum: bool = True) -> Snapshot:
         """A free buffer for ``version``, not packed yet (fill it with :meth:`fill`);
-        the caller holds one ref."""
+        the caller holds one ref.
+
+        Args:
+            checksum: ``False`` skips the pool's checksum for this snapshot (every
+                collector it goes to uses it in place; :meth:`stamp_checksum` adds one
+                later if needed).
+        """
         with self.lock:
             snap = self.free.pop() if self.free else None
         if snap is None:
@@ -158,6 +166,7 @@ class SnapshotPool:
             self.allocated += 1
         snap.version, snap.digest, snap.leaf_digests = version, "", ()
         snap.abandoned, snap._packed, snap._finished = False, 0, False
+        snap.checksummed = self.checksum and checksum
         return snap.retain()
 
     def fill(self, snap: Snapshot, sources: list[torch.Tensor]) -> None:
@@ -166,7 +175,7 @@ class SnapshotPool:
         included), the snapshot is marked abandoned and the exception propagates."""
         try:
             self._stamper.pack(sources, snap.views, snap.buffer, snap.version,
-                               progress=snap._mark)
+                               progress=snap._mark, checksum=snap.checksummed)
             snap.digest = message_digest(snap.buffer) if self.digests else ""
             snap.leaf_digests = (leaf_digests(snap.buffer, self.layout) if self.leaf_digests
                                  else ())
@@ -175,6 +184,14 @@ class SnapshotPool:
             snap._finish(abandoned=True)
             raise
         snap._finish(abandoned=False)
+
+    def stamp_checksum(self, snap: Snapshot) -> None:
+        """Add the pool's checksum to a packed snapshot packed without it, before it
+        goes to a collector that receives a copy. Only the header's checksum words
+        change: the collectors using it in place never read them."""
+        if self.checksum and snap.packed and not snap.abandoned and not snap.checksummed:
+            write_header(snap.buffer, self.layout, snap.version, checksum=True)
+            snap.checksummed = True
 
     def close(self) -> None:
         """Unlink the shared-memory segments (the memory goes with the last mapping)

@@ -43,20 +43,23 @@ class Stamper:
 
     def pack(self, sources: Sequence[torch.Tensor], views: Sequence[torch.Tensor],
              buffer: torch.Tensor, version: int,
-             progress: Callable[[int], None] | None = None) -> None:
+             progress: Callable[[int], None] | None = None, *,
+             checksum: bool | None = None) -> None:
         """Copy ``sources`` into their ``views`` of ``buffer``, then stamp the header.
 
         Args:
+            checksum: stamp a checksum this time (``None``: the stamper's setting).
             progress: called with ``end`` each time the payload's bytes before ``end``
                 are packed (piece by piece on the CPU for a message of two pieces or
                 more; not at all otherwise). The header is stamped after the last call.
         """
-        if ((not self.checksum and progress is None) or buffer.device.type != "cpu"
+        checksum = self.checksum if checksum is None else checksum
+        if ((not checksum and progress is None) or buffer.device.type != "cpu"
                 or self.layout.nbytes < 2 * PIECE_BYTES):
             pack(sources, views)
-            write_header(buffer, self.layout, version, checksum=self.checksum)
+            write_header(buffer, self.layout, version, checksum=checksum)
             return
-        running = hashing.Checksum(hashing.checksum_kind()) if self.checksum else None
+        running = hashing.Checksum(hashing.checksum_kind()) if checksum else None
         if running is not None and self._hasher is None:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="weight-sync-stamp")
         data = host_bytes(buffer)
@@ -78,7 +81,7 @@ class Stamper:
         finally:
             for future in pending:
                 future.result()  # the buffer is not reused before its hashing is over
-        write_header(buffer, self.layout, version, checksum=self.checksum, computed=running)
+        write_header(buffer, self.layout, version, checksum=checksum, computed=running)
 
     def close(self) -> None:
         if self._hasher is not None:
