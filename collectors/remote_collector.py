@@ -26,6 +26,10 @@ __all__ = ["connect", "main"]
 
 log = logging.getLogger(__name__)
 
+# Pause between two attempts to reach a restarted learner (bounded by the reattach
+# timeout); the same pause connect() makes while nothing listens.
+_RETRY_S = 0.2
+
 
 class _Channel:
     """The collector's end of its connection to the learner's launcher: the sink of its
@@ -124,11 +128,14 @@ class _Channel:
                         self._address, self._worker_id, authkey=self._authkey,
                         timeout=max(deadline - time.monotonic(), 0.1))
                     break
-                except CollectorRefused:
-                    # E.g. the new learner's group had not launched this id yet
-                    # (the launcher itself waits its handshake_timeout first).
+                except (CollectorRefused, CollectorTimeout):
+                    # E.g. the new learner's group had not launched this id yet (the
+                    # launcher itself waits its handshake_timeout first), or the
+                    # handshake met the dead learner's socket being reset (seen under
+                    # load: "Connection reset by peer"). Both pass: try again, bounded.
                     if time.monotonic() >= deadline:
                         raise
+                    time.sleep(_RETRY_S)
             credits = ThreadCredits(max_inflight)
             with self._lock:
                 hello, closed = self._hello, self._closed
@@ -169,7 +176,7 @@ def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None =
             if time.monotonic() > deadline:
                 raise CollectorTimeout(f"no learner answered at {address[0]}:{address[1]} "
                                        f"within {timeout:.1f}s ({exc})", worker_id) from None
-            time.sleep(0.2)  # the learner may not listen yet: retry, bounded
+            time.sleep(_RETRY_S)  # the learner may not listen yet: retry, bounded
     conn = framed(sock, timeout)
     key = shared_key(authkey)
     try:

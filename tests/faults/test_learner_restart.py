@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import ChildTimeout, Cluster
+from harness import ChildFailed, ChildTimeout, Cluster
 from versioned import MARGIN_S, RX_TIMEOUT_S, expected, fingerprint, make_weights, set_version
 
 from weight_sync import (
@@ -330,7 +330,7 @@ def test_remote_collector_taken_over_by_a_restarted_group() -> None:
                                     REMOTE_REATTACH_S + MARGIN_S,
                                     "a batch for the restarted group")
                        for _ in range(4)]
-        except ChildTimeout as exc:  # say what the collector itself said
+        except (ChildTimeout, ChildFailed) as exc:  # say what the collector itself said
             raise AssertionError(f"{exc}\ncollector's stderr:\n{_tail(err_file)}") from exc
         assert proc.poll() is None, "the collector process ended"
         assert {b[1] for b in batches} == {proc.pid}, "not the same collector process"
