@@ -266,9 +266,11 @@ class WeightReceiver:
             self._applied.clear()
             self._inbox.put(Item(att, *message))
             del message  # no reference of this thread may outlive the apply
-            link.collect_garbage()  # while the collector applies
             if not self._wait_applied(att):
                 return
+            # After the ack, not during the apply: the store serves one request at a
+            # time, and the ack must not queue behind these deletes.
+            link.collect_garbage()
 
     def _wait_applied(self, att: Attachment) -> bool:
         """Wait until the collector applied the message handed over; False once
@@ -414,13 +416,15 @@ class WeightReceiver:
             log.info("%s: re-attached, epoch %d, version %d (was %d)", self._who(),
                      self.epoch, version, self.version)
         self.version = version
-        self._applied.set()
         try:
             att.link.ack(version)
         except ConnectionFailed as exc:  # applied; its learner went away meanwhile
             if not self._may_reattach(att, exc):
                 raise
             self._begin_reattach(exc)
+        finally:
+            # After the ack: the listener's next store call would delay it.
+            self._applied.set()
         return version
 
     def _may_reattach(self, att: Attachment, error: WeightSyncError) -> bool:

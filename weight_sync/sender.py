@@ -39,13 +39,14 @@ from weight_sync.errors import (
 )
 from weight_sync.layout import BufferLayout, named_leaves
 from weight_sync.liveness import LearnerHeartbeat
-from weight_sync.metrics import AckResult, SyncRecord, SyncStats
+from weight_sync.metrics import AckResult, SyncStats
 from weight_sync.protocol import Hello
+from weight_sync.publisher import Publisher
 from weight_sync.sender_link import SenderLink
-from weight_sync.snapshots import Snapshot, SnapshotPool
+from weight_sync.snapshots import SnapshotPool
 from weight_sync.store import WILDCARDS, StoreServer
 from weight_sync.transports.base import LearnerSide, LinkSpec, Offer
-from weight_sync.transports.registry import TransportSpec, fallback_chain
+from weight_sync.transports.registry import TransportSpec, sender_chain
 
 __all__ = ["WeightSender"]
 
@@ -58,11 +59,6 @@ _CLOSE_GRACE_S = 2.0
 # Joins are looked for at most this often by send_weights_async / wait_ack (a store
 # round trip each): a (re)joining collector waits this much longer at most.
 _JOIN_CHECK_S = 0.05
-# A snapshot is streamed while it is packed only to a sole collector. On 2 cores, with
-# every link streaming, the pack starved behind the sends (10M params: the learner's time
-# in send_weights_async 22.5 ms at N=2 and 37.9 ms at N=4, against 8.3 and 9.6 ms) for
-# rounds only 10% (N=2) and 0% (N=4) shorter; at N=1 the round is 31 -> 21 ms.
-_STREAM_TO_AT_MOST = 1
 
 
 class WeightSender:
@@ -97,16 +93,7 @@ class WeightSender:
         if not isinstance(max_collectors, int) or max_collectors < num_collectors:
             raise ConfigError(f"max_collectors must be an int >= num_collectors "
                               f"({num_collectors}), got {max_collectors!r}")
-        chain = fallback_chain(self.config.transport)
-        if self.config.changed_only and not all(spec.deltas for spec in chain):
-            raise ConfigError(f"SenderConfig.changed_only needs a transport that sends each "
-                              f"collector its own message (registered with deltas=True, "
-                              f"e.g. 'distributed'); transport {self.config.transport!r} "
-                              f"cannot")
-        if self.config.backend not in chain[0].backends:
-            raise ConfigError(f"SenderConfig.transport {chain[0].name!r} needs backend "
-                              f"{' or '.join(map(repr, chain[0].backends))}, got "
-                              f"{self.config.backend!r}")
+        chain = sender_chain(self.config)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ConfigError(f"version must be an int >= 0, got {version!r}")
         self.num_collectors = num_collectors
@@ -137,13 +124,14 @@ class WeightSender:
             self._release_offers()
             self._server.stop()
             raise
-        self._pool = SnapshotPool(self.wire_layout, self._device(),
-                                  shared=chain[0].shared_snapshots,
-                                  # with a secret, the signed digest covers it all
-                                  checksum=self.config.checksum and self._key is None,
-                                  digests=self._key is not None,
-                                  leaf_digests=self.config.changed_only)
-        self._latest: Snapshot | None = None
+        self.stats = SyncStats()
+        self._publisher = Publisher(
+            SnapshotPool(self.wire_layout, self._device(), shared=chain[0].shared_snapshots,
+                         # with a secret, the signed digest covers it all
+                         checksum=self.config.checksum and self._key is None,
+                         digests=self._key is not None,
+                         leaf_digests=self.config.changed_only),
+            self.stats)
         self.links: dict[int, SenderLink] = {}
         """The live collectors' links, by collector id."""
         self.failed: dict[int, str] = {}
@@ -152,8 +140,6 @@ class WeightSender:
                                       max_collectors, self._new_control, self._key)
         self._joins_read = 0.0  # when joins were last looked for
         self.version = version
-        self.stats = SyncStats()
-        self._sent: dict[int, tuple[float, float]] = {}  # version -> (start, pack seconds)
         self._connected = False
         self._closed = False
 
@@ -187,12 +173,13 @@ class WeightSender:
         flight and one pending, shared between collectors, plus the newest (N + 2), and
         with a zero-copy transport the one each collector uses (2N + 2 at worst; as
         collectors usually share versions, a few in practice)."""
-        return self._pool.allocated
+        return self._publisher.pool.allocated
 
     @property
     def buffers_in_use(self) -> int:
         """Message buffers held now (in flight, pending, lent to a collector, newest)."""
-        return self._pool.allocated - len(self._pool.free)
+        pool = self._publisher.pool
+        return pool.allocated - len(pool.free)
 
     @property
     def transports(self) -> dict[int, str]:
@@ -237,7 +224,7 @@ class WeightSender:
         deadline = time.monotonic() + timeout
         self.links.update(self._admissions.initial(range(self.num_collectors), timeout))
         self._connected = True
-        self._publish(self._sources, self.version)
+        self._publisher.publish(self._sources, self.version, self.links)
         self.wait_ack(max(deadline - time.monotonic(), 0.001))
         log.info("connected %d collector(s) on %s:%s over %s, layout %s (%d bytes)",
                  self.num_collectors, self.config.host, self._server.port,
@@ -282,39 +269,7 @@ class WeightSender:
             self.failed.pop(link.collector_id, None)
             log.info("collector %d (incarnation %d) joined at version %d over %r",
                      link.collector_id, link.incarnation, self.version, link.transport)
-            if self._latest is not None:
-                if not link.lends:
-                    self._pool.stamp_checksum(self._latest)
-                link.send_weights_async(self._latest)
-
-    def _publish(self, sources: list[torch.Tensor], version: int) -> None:
-        """Pack ``sources`` as ``version`` and hand it to every link. A sole collector's
-        idle link whose transport streams gets it first, so it signals it and sends
-        each piece while the rest is packed. If the pack fails, the exception
-        propagates and nothing of ``version`` is applied anywhere (a link streaming it
-        sends it marked abandoned)."""
-        start = time.perf_counter()
-        # Collectors that use the snapshot in place do not check a checksum: stamp one
-        # only if a link receives a copy (one joining later gets it then).
-        copies = not self.links or any(not link.lends for link in self.links.values())
-        snap = self._pool.reserve(version, checksum=copies)
-        try:
-            early = [link for link in self.links.values() if link.takes_unpacked]
-            if len(self.links) > _STREAM_TO_AT_MOST:
-                early = []
-            for link in early:
-                link.send_weights_async(snap)
-            self._pool.fill(snap, sources)
-        except BaseException:
-            snap.release()
-            raise
-        if self._latest is not None:
-            self._latest.release()
-        self._latest = snap  # kept so a collector that (re)joins gets exactly this version
-        for link in self.links.values():
-            if link not in early:  # a broken link is reported and retired by wait_ack
-                link.send_weights_async(snap)
-        self._sent[version] = (start, time.perf_counter() - start)
+            self._publisher.catch_up(link)
 
     def send_weights_async(self, weights: Any = None) -> int:
         """Snapshot the weights as a new version and start sending it; never blocks
@@ -336,7 +291,7 @@ class WeightSender:
         self._admit_joins()
         self.version += 1
         try:
-            self._publish(sources, self.version)
+            self._publisher.publish(sources, self.version, self.links)
         except BaseException:
             self.version -= 1  # never published: the next call reuses the number
             raise
@@ -404,7 +359,7 @@ class WeightSender:
         acked_versions = {c: link.acked_version for c, link in self.links.items()}
         result = AckResult.of(target, acked_versions, newly_failed)
         result.raise_if_incomplete(time.monotonic() - start, failed_pids, acked_versions)
-        self._record(target)
+        self._publisher.record(target, self.wire_layout.nbytes, len(self.links))
         return result
 
     def wait_for(self, collector_ids: Any, timeout: float = 60.0) -> AckResult:
@@ -448,15 +403,6 @@ class WeightSender:
                     f" (version {self.version})")
             self._admissions.wait(absent, min(remaining, _ACK_SLICE_S))
 
-    def _record(self, target: int) -> None:
-        sent = self._sent.pop(target, None)
-        for v in [v for v in self._sent if v < target]:
-            del self._sent[v]
-        if sent is not None:
-            started, pack_s = sent
-            self.stats.add(SyncRecord(target, self.wire_layout.nbytes, len(self.links), pack_s,
-                                      time.perf_counter() - started))
-
     def _release_offers(self) -> None:
         held: list[Offer | LearnerSide] = [*self._offers.values(), *self._sides.values()]
         for thing in held:
@@ -479,10 +425,7 @@ class WeightSender:
                                  if link.failure is None],
                                 min(_CLOSE_GRACE_S, self.config.timeout))
         self.links.clear()
-        if self._latest is not None:
-            self._latest.release()
-            self._latest = None
-        self._pool.close()
+        self._publisher.close()
         self._release_offers()
         self._heartbeat.close()
         self._control.close()

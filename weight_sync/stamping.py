@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from weight_sync import hashing
+from weight_sync.gather import Gather, storage_key
 from weight_sync.layout import HEADER_BYTES, BufferLayout
 from weight_sync.packing import host_bytes, pack, write_header
 
@@ -40,6 +41,8 @@ class Stamper:
         self.layout = layout
         self.checksum = checksum
         self._hasher: ThreadPoolExecutor | None = None
+        self._gather: Gather | None = None
+        self._gathered: tuple[int, ...] = ()  # the sources' storage_key it was built for
 
     def pack(self, sources: Sequence[torch.Tensor], views: Sequence[torch.Tensor],
              buffer: torch.Tensor, version: int,
@@ -56,7 +59,7 @@ class Stamper:
         checksum = self.checksum if checksum is None else checksum
         if ((not checksum and progress is None) or buffer.device.type != "cpu"
                 or self.layout.nbytes < 2 * PIECE_BYTES):
-            pack(sources, views)
+            self._pack_whole(sources, views, buffer)
             write_header(buffer, self.layout, version, checksum=checksum)
             return
         running = hashing.Checksum(hashing.checksum_kind()) if checksum else None
@@ -82,6 +85,21 @@ class Stamper:
             for future in pending:
                 future.result()  # the buffer is not reused before its hashing is over
         write_header(buffer, self.layout, version, checksum=checksum, computed=running)
+
+    def _pack_whole(self, sources: Sequence[torch.Tensor], views: Sequence[torch.Tensor],
+                    buffer: torch.Tensor) -> None:
+        if buffer.device.type != "cpu":  # a fused multi-tensor copy there already
+            pack(sources, views)
+            return
+        key = storage_key(sources)
+        if key != self._gathered:  # None too: these sources cannot be gathered
+            self._gather = Gather.build(self.layout, sources, buffer.device)
+            self._gathered = key
+        gather = self._gather
+        if gather is None:
+            pack(sources, views)
+        else:
+            gather.into(buffer)
 
     def close(self) -> None:
         if self._hasher is not None:

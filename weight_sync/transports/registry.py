@@ -134,6 +134,25 @@ def fallback_chain(name: str) -> list[TransportSpec]:
     return chain
 
 
+def sender_chain(config: SenderConfig) -> list[TransportSpec]:
+    """The fallback chain of ``config.transport``, checked against the rest of it.
+
+    Raises:
+        ConfigError: ``changed_only`` with a transport that cannot send each collector
+            its own message, or a ``backend`` the transport does not run on.
+    """
+    chain = fallback_chain(config.transport)
+    if config.changed_only and not all(spec.deltas for spec in chain):
+        raise ConfigError(f"SenderConfig.changed_only needs a transport that sends each "
+                          f"collector its own message (registered with deltas=True, "
+                          f"e.g. 'distributed'); transport {config.transport!r} cannot")
+    if config.backend not in chain[0].backends:
+        raise ConfigError(f"SenderConfig.transport {chain[0].name!r} needs backend "
+                          f"{' or '.join(map(repr, chain[0].backends))}, got "
+                          f"{config.backend!r}")
+    return chain
+
+
 register_transport(TransportSpec("distributed", sender=DistributedSender,
                                  receiver=DistributedReceiver, deltas=True))
 register_transport(TransportSpec("shm", sender=ShmSender, receiver=ShmReceiver,
