@@ -56,6 +56,56 @@ def test_stamped_message_equals_pack_then_hash() -> None:
         stamper.close()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unchecksummed_message_packed_in_two_halves_is_whole(threads: int) -> None:
+    """Without a checksum and with torch on one thread, the stamper's second thread
+    packs the back half: the message is the same, and the progress reported only
+    ever covers bytes already packed, ending with the whole payload."""
+    leaves = _leaves()
+    layout = BufferLayout.from_tensors(leaves)
+    sources = [leaves[e.name] for e in layout.entries]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    stamper = Stamper(layout, checksum=False)
+    try:
+        buffer = torch.full((layout.nbytes,), 0x5A, dtype=torch.uint8)
+        views = layout.views(buffer)
+        reported: list[int] = []
+        expected = torch.full((layout.nbytes,), 0x5A, dtype=torch.uint8)
+        pack(sources, layout.views(expected))
+        write_header(expected, layout, 3)
+
+        def progress(end: int) -> None:
+            assert torch.equal(buffer[HEADER_BYTES:end], expected[HEADER_BYTES:end])
+            reported.append(end)
+
+        stamper.pack(sources, views, buffer, 3, progress)
+        assert torch.equal(buffer, expected)
+        assert reported == sorted(reported) and len(reported) >= 2
+        last = layout.entries[-1]
+        assert reported[-1] == last.offset + last.nbytes
+    finally:
+        stamper.close()
+        torch.set_num_threads(previous)
+
+
+def test_a_back_half_that_fails_fails_the_pack() -> None:
+    leaves = _leaves()
+    layout = BufferLayout.from_tensors(leaves)
+    sources = [leaves[e.name] for e in layout.entries]
+    sources[-1] = sources[-1][:-1]  # the last leaf, in the back half, one element short
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stamper = Stamper(layout, checksum=False)
+    try:
+        buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        with pytest.raises(RuntimeError):
+            stamper.pack(sources, layout.views(buffer), buffer, 1, lambda end: None)
+    finally:
+        stamper.close()
+        torch.set_num_threads(previous)
+
+
 def test_stamped_narrowed_leaves_equal_pack_then_hash() -> None:
     """A narrower wire dtype (float32 travelling as bfloat16) is split by elements."""
     source = torch.randn(3 * PIECE_BYTES // 2 + 5)

@@ -128,6 +128,9 @@ class ReceiverLink:
                                       f"applied")
         if update.closed:
             self._listener.bye(cid, inc)  # the learner keeps its store up until we did
+            # Nothing more to tell it: stop() and close() make no store call (its store
+            # may be gone by then, and c10d logs each failed call with a stack trace).
+            self._stopped = True
             raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
         running: hashing.Checksum | None = None
         if update.delta:

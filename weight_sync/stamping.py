@@ -4,8 +4,11 @@ Copying the weights and hashing them are each about one pass over the bytes
 (``send_weights_async`` paid both, one after the other). :class:`Stamper` copies the
 message piece by piece and hands each packed piece to a second thread that hashes it
 while the next piece is copied: both release the GIL, so on two cores the learner's
-time is about one copy. Pieces follow the layout's order (a large contiguous leaf is
-split into several); the checksum is the same as hashing the packed payload at once.
+time is about one copy. With nothing to hash, that thread packs the back half of the
+message while the caller packs the front (when torch may use one thread only: it
+would split the copies itself otherwise): 40 MB in 3.2 ms instead of 5.6 ms here.
+Pieces follow the layout's order (a large contiguous leaf is split into several); the
+checksum is the same as hashing the packed payload at once.
 The same pieces let a streaming transport send each one as soon as it is packed
 (``progress``).
 """
@@ -13,7 +16,7 @@ The same pieces let a streaming transport send each one as soon as it is packed
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -26,7 +29,8 @@ __all__ = ["PIECE_BYTES", "Stamper"]
 
 PIECE_BYTES = 4 << 20
 """Bytes packed before they are handed to the hashing thread; a message under two
-pieces is packed, then hashed, on the caller's thread (the hand-off would cost more)."""
+pieces is packed, then hashed, on the caller's thread (the hand-off would cost more:
+:mod:`weight_sync.gather` packs it)."""
 
 
 class Stamper:
@@ -40,7 +44,7 @@ class Stamper:
     def __init__(self, layout: BufferLayout, checksum: bool) -> None:
         self.layout = layout
         self.checksum = checksum
-        self._hasher: ThreadPoolExecutor | None = None
+        self._helper: ThreadPoolExecutor | None = None  # hashes, or packs a back half
         self._gather: Gather | None = None
         self._gathered: tuple[int, ...] = ()  # the sources' storage_key it was built for
 
@@ -63,27 +67,37 @@ class Stamper:
             write_header(buffer, self.layout, version, checksum=checksum)
             return
         running = hashing.Checksum(hashing.checksum_kind()) if checksum else None
-        if running is not None and self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="weight-sync-stamp")
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="weight-sync-stamp")
         data = host_bytes(buffer)
         pending: list[Future[None]] = []
-        hashed = HEADER_BYTES
+        back: list[_Piece] = []
         try:
             with torch.no_grad():
                 pieces = _pieces(self.layout, sources, views)
+            if running is None and torch.get_num_threads() == 1:
+                # Nothing to hash: the second thread packs the back half instead (torch
+                # splits a copy over its own threads only when it may use several).
+                pieces, back = _halves(pieces)
+                if back:
+                    pending.append(self._helper.submit(_pack_pieces, back))
+            hashed = HEADER_BYTES
             for group, end in pieces:
-                pack([s for s, _ in group], [d for _, d in group])
+                _pack_pieces([(group, end)])
                 if progress is not None:
                     progress(end)
-                if running is not None and self._hasher is not None:
+                if running is not None:
                     # One worker: the pieces are hashed in order.
-                    pending.append(self._hasher.submit(running.update, data[hashed:end]))
+                    pending.append(self._helper.submit(running.update, data[hashed:end]))
                     hashed = end
-            if running is not None and self._hasher is not None:
-                pending.append(self._hasher.submit(running.update, data[hashed:]))
+            if running is not None:
+                pending.append(self._helper.submit(running.update, data[hashed:]))
         finally:
-            for future in pending:
-                future.result()  # the buffer is not reused before its hashing is over
+            wait(pending)  # the buffer is not reused while the other thread uses it
+        for future in pending:
+            future.result()  # a back half that failed fails the pack
+        if back and progress is not None:
+            progress(back[-1][1])
         write_header(buffer, self.layout, version, checksum=checksum, computed=running)
 
     def _pack_whole(self, sources: Sequence[torch.Tensor], views: Sequence[torch.Tensor],
@@ -102,16 +116,31 @@ class Stamper:
             gather.into(buffer)
 
     def close(self) -> None:
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=True)
-            self._hasher = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
+
+
+_Piece = tuple[list[tuple[torch.Tensor, torch.Tensor]], int]
+"""A piece of a message: its (source, destination) pairs, and the byte where it ends."""
+
+
+def _pack_pieces(pieces: list[_Piece]) -> None:
+    for group, _ in pieces:
+        pack([s for s, _ in group], [d for _, d in group])
+
+
+def _halves(pieces: list[_Piece]) -> tuple[list[_Piece], list[_Piece]]:
+    """The pieces before the middle byte of the message, and the rest."""
+    middle = pieces[-1][1] // 2
+    cut = next(i for i, (_, end) in enumerate(pieces) if end >= middle) + 1
+    return pieces[:cut], pieces[cut:]
 
 
 def _pieces(layout: BufferLayout, sources: Sequence[torch.Tensor],
-            views: Sequence[torch.Tensor]
-            ) -> list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int]]:
+            views: Sequence[torch.Tensor]) -> list[_Piece]:
     """The (source, destination) pairs of each piece, with the byte where it ends."""
-    pieces: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int]] = []
+    pieces: list[_Piece] = []
     group: list[tuple[torch.Tensor, torch.Tensor]] = []
     size = 0
     for entry, source, view in zip(layout.entries, sources, views, strict=True):
