@@ -25,12 +25,17 @@ from weight_sync.auth import StreamKey
 from weight_sync.control import Control
 from weight_sync.errors import WeightSyncError, WeightSyncTimeout
 from weight_sync.handshake import judge, refusal_error
-from weight_sync.protocol import Hello, Verdict
+from weight_sync.protocol import REFUSED_DUPLICATE, Hello, Verdict
 from weight_sync.sender_link import SenderLink
 from weight_sync.transports.base import Offer
 from weight_sync.transports.registry import TransportSpec
 
 __all__ = ["Admissions"]
+
+# How long an incarnation that said no hello yet, while a newer one of its id did, is
+# looked for (its process took the number, then was slower than the next one): it
+# gets a verdict when its hello comes, instead of waiting out its join timeout.
+_LATE_HELLO_S = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ class Admissions:
         """Newest incarnation judged, per collector id."""
         self._refused: dict[int, tuple[int, WeightSyncError]] = {}  # id -> (inc, why)
         self._joins_seen = 0
+        self._late: dict[tuple[int, int], float] = {}  # (id, incarnation) -> since when
         self._attempts: list[tuple[SenderLink, Future[None]]] = []  # links connecting
 
     # -- judging -----------------------------------------------------------------------
@@ -185,6 +191,7 @@ class Admissions:
         return ready, failed
 
     def _look(self, live: Mapping[int, SenderLink]) -> None:
+        self._answer_late()
         joins = self._control.joins()
         if joins == self._joins_seen:
             return
@@ -197,13 +204,37 @@ class Admissions:
                 if hello is None:
                     if inc == newest:
                         handshaking = True  # look again on a later call
-                    continue  # an earlier incarnation that never said hello
+                    else:  # superseded before its hello: answered when it comes
+                        self._late[(cid, inc)] = time.monotonic()
+                    continue
                 link = self._judge(cid, inc, hello, current)
                 if link is not None:
                     current = link
                     self._connect_in_background(link)
         if not handshaking:
             self._joins_seen = joins
+
+    def _answer_late(self) -> None:
+        """Refuse the late incarnations whose hello came: as any other would be, or, if
+        it would be admitted, as superseded by the newer one already judged."""
+        for (cid, inc), since in list(self._late.items()):
+            hello = self._control.hello(cid, inc)
+            if hello is None:
+                if time.monotonic() - since > _LATE_HELLO_S:
+                    del self._late[(cid, inc)]  # it never will
+                continue
+            del self._late[(cid, inc)]
+            self._control.forget_hello(cid, inc)
+            verdict = judge(hello, cid, inc, None, self._chain, self._offers, self._key)
+            if verdict.admitted:
+                verdict = Verdict(refusal=REFUSED_DUPLICATE,
+                                  reason=f"collector {cid}: incarnation {inc} said hello after "
+                                         f"incarnation {self.seen.get(cid, 0)} of its id "
+                                         f"joined")
+            log.warning("refused collector %d (pid %d), late incarnation %d: %s", cid,
+                        hello.pid, inc, verdict.reason)
+            if not hello.refused:
+                self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
 
     def _connect_in_background(self, link: SenderLink) -> None:
         future: Future[None] = Future()

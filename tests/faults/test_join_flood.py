@@ -79,7 +79,8 @@ def test_a_flood_of_refused_joins_leaves_nothing_behind() -> None:
             settle()
             pending = [a for a in pending if not a.done()]
         errors = [a.result(0) for a in attempts]
-        assert all(isinstance(e, AuthenticationError) for e in errors), errors
+        assert all(isinstance(e, AuthenticationError) for e in errors), [
+            repr(e) for e in errors if not isinstance(e, AuthenticationError)]
         assert sorted(sender.links) == [0]
 
         for _ in range(3):
@@ -91,4 +92,48 @@ def test_a_flood_of_refused_joins_leaves_nothing_behind() -> None:
         assert good.receive_weights(timeout=30) == v
         assert sender.wait_ack(timeout=30).complete
         assert fingerprint(mine) == expected(v)
+        good.close()
+
+
+def test_an_incarnation_that_says_hello_after_a_newer_one_gets_a_verdict(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes claim the same id; the first to take an incarnation says hello
+    last. The learner judges the newer one first, and still answers the older one
+    when its hello comes (it used to wait out its whole join timeout)."""
+    from weight_sync.control import Control
+
+    weights = make_weights(0)
+    with WeightSender(weights, 1, max_collectors=2, timeout=RX_TIMEOUT_S,
+                      secret=SECRET) as sender, ThreadPoolExecutor(3) as pool:
+        good = WeightReceiver(make_weights(-7), sender.connection_info, 0,
+                              timeout=RX_TIMEOUT_S, secret=SECRET)
+        joined = pool.submit(good.connect, 60)
+        sender.connect(timeout=60)
+        assert joined.result(60) == 0
+        real = Control.say_hello
+        held, release = threading.Event(), threading.Event()
+
+        def say_hello(self: Control, cid: int, inc: int, hello: object) -> None:
+            if cid == 1 and inc == 1:
+                held.set()
+                assert release.wait(60)
+            real(self, cid, inc, hello)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Control, "say_hello", say_hello)
+
+        def settle_until(attempt: object) -> None:
+            while not attempt.done():  # type: ignore[attr-defined]
+                v = publish(sender, weights)
+                assert good.receive_weights(timeout=30) == v
+                sender.wait_ack(timeout=30)
+
+        late = pool.submit(_attempt, sender, 1, "guess")
+        assert held.wait(30)
+        newer = pool.submit(_attempt, sender, 1, "")
+        settle_until(newer)  # judged while the older one still holds its hello
+        assert isinstance(newer.result(0), AuthenticationError)
+        release.set()
+        settle_until(late)
+        assert isinstance(late.result(0), AuthenticationError), late.result(0)
+        assert sorted(sender.links) == [0]
         good.close()
