@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 __all__ = ["measure_torchrl", "measure_raw_gloo", "measure_memcpy", "summarize",
-           "fingerprint", "collect_results", "reap"]
+           "fingerprint", "collect_results", "wait_up", "reap"]
 
 try:
     from benchmarks import policies
@@ -113,6 +113,35 @@ def collect_results(q: Any, n: int, timeout: float) -> dict[int, Any]:
             raise RuntimeError(f"worker {idx} failed:\n{payload}")
         results[idx] = payload
     return results
+
+
+def wait_up(q: Any, procs: Sequence[Any], timeout: float) -> None:
+    """Wait until every worker process put ``("up", idx, None)`` on ``q``, so that a
+    learner only starts its bounded connect once its workers exist.
+
+    Raises:
+        RuntimeError: a worker reported an error, or exited (a script without a
+            ``__main__`` guard, an import error), before it was up; names it.
+        TimeoutError: not every worker was up within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    up: set[int] = set()
+    while len(up) < len(procs):
+        try:  # short gets: a dead worker is seen within a fraction of a second
+            status, idx, payload = q.get(timeout=min(0.2, max(deadline - time.monotonic(), 0)))
+        except queue.Empty:
+            gone = {i: p.exitcode for i, p in enumerate(procs)
+                    if i not in up and p.exitcode is not None}
+            if gone:
+                raise RuntimeError(f"worker process(es) exited before they were up "
+                                   f"(id: exit code) {gone}") from None
+            if time.monotonic() >= deadline:
+                missing = sorted(set(range(len(procs))) - up)
+                raise TimeoutError(f"workers {missing} not up within {timeout}s") from None
+            continue
+        if status != "up":
+            raise RuntimeError(f"worker {idx} failed before it was up:\n{payload}")
+        up.add(idx)
 
 
 def reap(procs: Sequence[Any], timeout: float) -> None:

@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.baselines import collect_results, fingerprint, measure_raw_gloo, reap, summarize
+from benchmarks.baselines import (
+    collect_results,
+    fingerprint,
+    measure_raw_gloo,
+    reap,
+    summarize,
+    wait_up,
+)
 from benchmarks.policies import count_leaves, make_policy
 from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver, WeightSender
 from weight_sync.transports import transport_names
@@ -40,6 +47,7 @@ def _collector(idx: int, info: ConnectionInfo, spec: tuple[int, str], timeout: f
         torch.set_num_threads(1)
         policy = make_policy(spec[0], spec[1], seed=1000 + idx)  # differs until synced
         receiver = WeightReceiver(policy, info, idx, timeout=timeout)
+        q.put(("up", idx, None))
         receiver.connect(timeout)
         try:
             while True:
@@ -77,6 +85,7 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
     try:
         for p in procs:
             p.start()
+        wait_up(q, procs, timeout)  # a worker that died at start fails here, not in connect
         sender.connect(timeout)
         samples, in_async = [], []
         for r in range(warmup + rounds):

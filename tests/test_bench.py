@@ -1,11 +1,14 @@
 """``weight-sync bench`` end to end on a tiny sweep, and ``benchmarks.report`` rendering.
 
-Structure and correctness only: no assertion here depends on how fast anything is.
+Structure and correctness only: no assertion here depends on how fast anything is. The
+tests that share the quick sweep are ``slow`` (the sweep takes ~40 s on 2 cores).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # torchrl's wheel ships a "benchmarks" folder too: import ours the way `weight-sync bench` does.
 assert import_benchmarks(ROOT) is not None
 
-from benchmarks import bench, report  # noqa: E402
+from benchmarks import baselines, bench, report  # noqa: E402
 
 THINGS = {"weight_sync/distributed", "weight_sync/shm", "torchrl", "raw_gloo", "memcpy"}
 STATS = {"median_s", "p90_s", "mean_s", "min_s", "nbytes", "gbps_payload", "wall_s", "correct"}
@@ -53,6 +56,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     return QuickRun(rc, out, before, _snapshot())
 
 
+@pytest.mark.slow
 def test_quick_run_leaves_the_full_results(quick_run: QuickRun) -> None:
     changed = [p for p in FULL_OUTPUTS if quick_run.full_after[p] != quick_run.full_before[p]]
     assert changed == []
@@ -68,6 +72,7 @@ def test_quick_defaults_keep_off_the_full_results() -> None:
     assert "results/" in (ROOT / ".gitignore").read_text().split()  # quick runs stay untracked
 
 
+@pytest.mark.slow
 def test_quick_sweep_json(quick_run: QuickRun) -> None:
     rc, out = quick_run.rc, quick_run.out
     assert rc == 0
@@ -107,6 +112,7 @@ def test_quick_sweep_json(quick_run: QuickRun) -> None:
     assert len(orders) == len(configs)  # the order of the compared things rotates
 
 
+@pytest.mark.slow
 def test_quick_sweep_report(quick_run: QuickRun) -> None:
     out = quick_run.out
     text = (out / "RESULTS.md").read_text()
@@ -118,6 +124,7 @@ def test_quick_sweep_report(quick_run: QuickRun) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_report_renders_from_json_with_skips(quick_run: QuickRun, tmp_path: Path) -> None:
     data = json.loads((quick_run.out / "latest.json").read_text())
     data["configs"][1]["skipped"] = {"torchrl": "--skip-torchrl wide:100000"}
@@ -142,3 +149,32 @@ def test_budget_skips_with_reason(tmp_path: Path) -> None:
     assert data["configs"][0]["status"] == "skipped"
     assert "budget" in data["configs"][0]["reason"]
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_a_worker_that_exits_before_it_is_up_is_named() -> None:
+    """The learner hears of a worker that died at start (no ``__main__`` guard, an import
+    error) before its connect, not after that connect's whole timeout: a RuntimeError
+    naming it and its exit code, where a wait for all would end in TimeoutError."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    alive = ctx.Event()
+    procs = [ctx.Process(target=alive.wait, args=(60,), daemon=True),
+             ctx.Process(target=sys.exit, args=(3,), daemon=True)]
+    try:
+        for p in procs:
+            p.start()
+        q.put(("up", 0, None))
+        with pytest.raises(RuntimeError, match=r"\{1: 3\}"):
+            baselines.wait_up(q, procs, timeout=60)
+    finally:
+        alive.set()
+        baselines.reap(procs, 10)
+
+
+def test_a_worker_that_fails_before_it_is_up_is_reported_with_its_error() -> None:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    q.put(("up", 1, None))
+    q.put(("error", 0, "Traceback: boom"))
+    with pytest.raises(RuntimeError, match="worker 0 failed before it was up:\nTraceback: boom"):
+        baselines.wait_up(q, [ctx.Process(), ctx.Process()], timeout=5)
