@@ -229,6 +229,8 @@ class ConnectionInfo:
     """How often a collector beats (the learner's ``liveness_timeout`` / 10)."""
     wire_dtype: str = ""
     """The dtype float32 leaves travel as (``SenderConfig.wire_dtype``)."""
+    changed_only: bool = False
+    """The learner may send changed-only messages (``SenderConfig.changed_only``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port <= 65535:
@@ -241,6 +243,9 @@ class ConnectionInfo:
             raise ConfigError(f"ConnectionInfo.num_collectors must be >= 1, "
                               f"got {self.num_collectors!r}")
         _positive("ConnectionInfo", "heartbeat_s", self.heartbeat_s)
+        if not isinstance(self.changed_only, bool):
+            raise ConfigError(f"ConnectionInfo.changed_only must be a bool, "
+                              f"got {self.changed_only!r}")
         if self.wire_dtype != "" and self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"ConnectionInfo.wire_dtype must be '' or one of "
                               f"{sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")

@@ -217,7 +217,8 @@ class WeightReceiver:
         try:
             link = ReceiverLink(spec, transport.receiver(spec),
                                 self._control(deadline - time.monotonic()), control,
-                                self._hooks, lends=transport.lends, key=joined.key)
+                                self._hooks, lends=transport.lends, key=joined.key,
+                                changed_only=self.info.changed_only)
         except BaseException:
             control.close()
             raise

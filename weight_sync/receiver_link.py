@@ -15,6 +15,13 @@ reports each piece as it lands: the link hashes it then, while the next piece ar
 so checking the checksum costs nothing after the last byte. It stops hashing ahead
 once the learner's headers show it sends no checksum.
 
+A transport end that can post a receive early
+(:class:`~weight_sync.transports.base.EarlyReceiver`, small gloo messages) gets the next
+message's receive posted before the link waits for its signal, so its bytes flow as
+soon as the learner sends them: not on a stream that may carry changed-only messages
+(their size is only known from the signal), nor with a ``before_receive`` hook (it runs
+before the bytes land).
+
 A changed-only message (the signal names its changed leaves) is received into a buffer
 of the link's own and composed with the held message into the whole one before any
 of these checks (:mod:`weight_sync.delta`), so the checks cover what is applied.
@@ -36,7 +43,12 @@ from weight_sync.hooks import ReceiverHooks
 from weight_sync.layout import HEADER_BYTES
 from weight_sync.packing import check_payload, header_checksum, host_bytes, read_header
 from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
-from weight_sync.transports.base import LinkSpec, ReceiverTransport, StreamingReceiver
+from weight_sync.transports.base import (
+    EarlyReceiver,
+    LinkSpec,
+    ReceiverTransport,
+    StreamingReceiver,
+)
 
 __all__ = ["ReceiverLink"]
 
@@ -56,11 +68,13 @@ class ReceiverLink:
         lends: the transport lends its messages (zero-copy) instead of filling buffers.
         key: with a shared secret, the stream's key: only signals it authenticates are
             acted on.
+        changed_only: the learner may send changed-only messages.
     """
 
     def __init__(self, spec: LinkSpec, end: ReceiverTransport, listener: Control,
                  acker: Control, hooks: ReceiverHooks | None = None, *,
-                 lends: bool = False, key: StreamKey | None = None) -> None:
+                 lends: bool = False, key: StreamKey | None = None,
+                 changed_only: bool = False) -> None:
         self.spec = spec
         self._key = key
         self._refusals = 0  # messages refused in a row (failed digest or checksum)
@@ -74,6 +88,9 @@ class ReceiverLink:
         # Hash streamed pieces as they land: not when a hook may still change the
         # message after it landed, nor once the learner is seen to send no checksum.
         self._hash_ahead = key is None and (hooks is None or hooks.after_receive is None)
+        self._early = (end if isinstance(end, EarlyReceiver) and end.posts_early
+                       and not lends and not changed_only
+                       and (hooks is None or hooks.before_receive is None) else None)
         self._listener = listener
         self._acker = acker
         self._hooks = hooks or ReceiverHooks()
@@ -116,6 +133,8 @@ class ReceiverLink:
                 checksum.
         """
         cid, inc = self.collector_id, self.incarnation
+        if self._early is not None and buffer is not None:
+            self._early.post(buffer)
         update = self._listener.next_update(cid, inc, self._seq, timeout)
         if update is None:
             return None

@@ -164,7 +164,7 @@ class WeightSender:
             num_collectors=self.num_collectors, backend=self.config.backend,
             max_collectors=self.max_collectors,
             heartbeat_s=self.config.liveness_timeout / 10,
-            wire_dtype=self.config.wire_dtype,
+            wire_dtype=self.config.wire_dtype, changed_only=self.config.changed_only,
         )
 
     @property

@@ -43,7 +43,7 @@ from weight_sync.layout import BufferLayout
 from weight_sync.snapshots import Snapshot
 
 __all__ = ["LinkSpec", "Sending", "SenderTransport", "StreamingSender", "ReceiverTransport",
-           "StreamingReceiver", "Offer", "LearnerSide"]
+           "StreamingReceiver", "EarlyReceiver", "Offer", "LearnerSide"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,27 @@ class StreamingReceiver(ReceiverTransport, Protocol):
         """As :meth:`ReceiverTransport.receive`; ``landed(start, end)`` is called, in
         the receiving thread, as each byte span of ``buffer`` is filled (in the order
         they land; together they cover the message once)."""
+        ...
+
+
+@runtime_checkable
+class EarlyReceiver(ReceiverTransport, Protocol):
+    """A collector's end that can post the receive of the next whole message before
+    the learner signals it, so the bytes flow as soon as the learner sends them."""
+
+    posts_early: bool
+    """True if :meth:`post` may be used on this link."""
+
+    def post(self, buffer: torch.Tensor) -> None:
+        """Post the receive of the next message into ``buffer`` (again with the same
+        ``buffer``: nothing more); the next :meth:`receive` into ``buffer`` completes
+        it. Only while that message, when it comes, is a whole one (not changed-only)
+        and the learner sends nothing else on the link first.
+
+        Raises:
+            PeerGone: the receive could not be posted (the learner's end is gone).
+            ProtocolError: a receive into another buffer is still posted.
+        """
         ...
 
 
