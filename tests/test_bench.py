@@ -178,3 +178,14 @@ def test_a_worker_that_fails_before_it_is_up_is_reported_with_its_error() -> Non
     q.put(("error", 0, "Traceback: boom"))
     with pytest.raises(RuntimeError, match="worker 0 failed before it was up:\nTraceback: boom"):
         baselines.wait_up(q, [ctx.Process(), ctx.Process()], timeout=5)
+
+
+def test_round_timeline_sees_every_hand_off_of_every_round() -> None:
+    """``benchmarks.round_timeline`` finds each stage's stamps in every timed round (the
+    calls it wraps still exist and are passed in this order); values are not checked."""
+    from benchmarks import round_timeline
+
+    out = round_timeline.measure_timeline(100_000, "deep", rounds=4, warmup=1, timeout=60)
+    assert out["stage_counts"] == {stage: 4 for stage, _, _ in round_timeline.STAGES}
+    assert all(ms is not None and ms >= 0 for ms in out["stages_ms"].values())
+    assert out["round_ms"] >= out["async_ms"] > 0
