@@ -30,7 +30,8 @@ import torch
 
 from benchmarks.baselines import collect_results, reap, wait_up
 from benchmarks.policies import make_policy
-from weight_sync import ClosedError, PeerGone, WeightReceiver, WeightSender
+from benchmarks.sync_latency import receive_until_closed, timed_rounds
+from weight_sync import WeightReceiver, WeightSender
 from weight_sync.control import Control
 from weight_sync.policy_buffers import PolicyBuffers
 from weight_sync.receiver_link import ReceiverLink
@@ -82,13 +83,7 @@ def _collector(info: Any, params: int, kind: str, timeout: float, q: Any) -> Non
         stamps: Stamps = []
         _instrument(stamps)
         receiver = WeightReceiver(make_policy(params, kind, seed=7), info, 0, timeout=timeout)
-        q.put(("up", 0, None))
-        receiver.connect(timeout)
-        try:
-            while True:
-                receiver.receive_weights(timeout=timeout)
-        except (ClosedError, PeerGone):
-            pass
+        receive_until_closed(receiver, 0, q, timeout)
         receiver.close()
         q.put(("ok", 0, stamps))
     except BaseException:  # reported to the parent, which raises it
@@ -121,21 +116,11 @@ def measure_timeline(params: int, kind: str = "deep", rounds: int = 60, warmup: 
     sender = WeightSender(policy, 1, timeout=timeout, transport=transport)
     proc = ctx.Process(target=_collector, args=(sender.connection_info, params, kind,
                                                 timeout, q), daemon=True)
-    windows: list[tuple[float, float, float]] = []
     try:
         proc.start()
         wait_up(q, [proc], timeout)
         sender.connect(timeout)
-        for r in range(warmup + rounds):
-            with torch.no_grad():
-                for t in policy.parameters():
-                    t.add_(1e-3)
-            t0 = time.perf_counter()
-            sender.send_weights_async()
-            t1 = time.perf_counter()
-            sender.wait_ack(timeout)
-            if r >= warmup:
-                windows.append((t0, t1, time.perf_counter()))
+        windows = timed_rounds(sender, policy, rounds, warmup, timeout)
         sender.close()
         theirs = collect_results(q, 1, timeout)[0]
     finally:

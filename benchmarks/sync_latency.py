@@ -37,7 +37,38 @@ from benchmarks.policies import count_leaves, make_policy
 from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver, WeightSender
 from weight_sync.transports import transport_names
 
-__all__ = ["measure_weight_sync", "main"]
+__all__ = ["measure_weight_sync", "receive_until_closed", "timed_rounds", "main"]
+
+
+def receive_until_closed(receiver: WeightReceiver, idx: int, q: Any, timeout: float) -> None:
+    """Put ``("up", idx, None)`` on ``q`` (:func:`~benchmarks.baselines.wait_up`), connect
+    ``receiver`` and apply every version, blocking, until the learner closes the stream."""
+    q.put(("up", idx, None))
+    receiver.connect(timeout)
+    try:
+        while True:
+            receiver.receive_weights(timeout=timeout)
+    except (ClosedError, PeerGone):
+        pass
+
+
+def timed_rounds(sender: WeightSender, policy: torch.nn.Module, rounds: int, warmup: int,
+                 timeout: float) -> list[tuple[float, float, float]]:
+    """Run ``warmup + rounds`` rounds, each after new values in every parameter (as a
+    training step would), and return the ``perf_counter`` times of the timed ones:
+    ``(start, send_weights_async returned, wait_ack returned)``."""
+    windows = []
+    for r in range(warmup + rounds):
+        with torch.no_grad():
+            for t in policy.parameters():
+                t.add_(1e-3)
+        t0 = time.perf_counter()
+        sender.send_weights_async()
+        t1 = time.perf_counter()
+        sender.wait_ack(timeout)
+        if r >= warmup:
+            windows.append((t0, t1, time.perf_counter()))
+    return windows
 
 
 def _collector(idx: int, info: ConnectionInfo, spec: tuple[int, str], timeout: float,
@@ -47,13 +78,7 @@ def _collector(idx: int, info: ConnectionInfo, spec: tuple[int, str], timeout: f
         torch.set_num_threads(1)
         policy = make_policy(spec[0], spec[1], seed=1000 + idx)  # differs until synced
         receiver = WeightReceiver(policy, info, idx, timeout=timeout)
-        q.put(("up", idx, None))
-        receiver.connect(timeout)
-        try:
-            while True:
-                receiver.receive_weights(timeout=timeout)
-        except (ClosedError, PeerGone):
-            pass
+        receive_until_closed(receiver, idx, q, timeout)
         q.put(("ok", idx, (receiver.version, fingerprint(policy))))
         receiver.close()
     except BaseException:  # report any failure to the parent, which raises it
@@ -87,19 +112,9 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
             p.start()
         wait_up(q, procs, timeout)  # a worker that died at start fails here, not in connect
         sender.connect(timeout)
-        samples, in_async = [], []
-        for r in range(warmup + rounds):
-            with torch.no_grad():  # new values every round, as a training step would
-                for t in policy.parameters():
-                    t.add_(1e-3)
-            t0 = time.perf_counter()
-            sender.send_weights_async()
-            t1 = time.perf_counter()
-            sender.wait_ack(timeout)
-            t2 = time.perf_counter()
-            if r >= warmup:
-                samples.append(t2 - t0)
-                in_async.append(t1 - t0)
+        windows = timed_rounds(sender, policy, rounds, warmup, timeout)
+        samples = [t2 - t0 for t0, _, t2 in windows]
+        in_async = [t1 - t0 for t0, t1, _ in windows]
         expected = fingerprint(policy)
         final_version = sender.version
         sender.close()
