@@ -32,9 +32,9 @@ from benchmarks.baselines import collect_results, reap, wait_up
 from benchmarks.policies import make_policy
 from benchmarks.sync_latency import receive_until_closed, timed_rounds
 from weight_sync import WeightReceiver, WeightSender
-from weight_sync.control import Control
-from weight_sync.policy_buffers import PolicyBuffers
-from weight_sync.receiver_link import ReceiverLink
+from weight_sync.collector.policy_buffers import PolicyBuffers
+from weight_sync.collector.receiver_link import ReceiverLink
+from weight_sync.control.channel import Control
 
 __all__ = ["STAGES", "measure_timeline", "main"]
 

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from weight_sync import WeightReceiver, WeightSender
-from weight_sync.auth import StreamKey, message_digest
-from weight_sync.layout import BufferLayout
-from weight_sync.packing import check_payload, write_header
-from weight_sync.protocol import Update
+from weight_sync.wire.auth import StreamKey, message_digest
+from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.packing import check_payload, write_header
+from weight_sync.wire.protocol import Update
 
 MODES = {"checksum off": {"checksum": False}, "checksum on": {}, "secret": {"secret": "s"}}
 

@@ -49,7 +49,7 @@ from tensordict.nn import TensorDictModuleBase
 
 from collectors.transport import encode_message
 from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver
-from weight_sync.layout import named_leaves
+from weight_sync.wire.layout import named_leaves
 
 __all__ = [
     "CHECKSUM_KEY",

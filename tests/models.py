@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from weight_sync.layout import named_leaves
+from weight_sync.wire.layout import named_leaves
 
 __all__ = ["REAL_BLOCKS", "build", "fingerprint", "leaf_bytes", "make_mlp", "make_real_policy",
            "mutate"]

@@ -30,8 +30,8 @@ from weight_sync import (  # noqa: E402
     WeightSender,
     WeightSyncError,
 )
+from weight_sync.collector.hooks import ReceiverHooks  # noqa: E402
 from weight_sync.errors import CollectorFailed  # noqa: E402
-from weight_sync.hooks import ReceiverHooks  # noqa: E402
 
 
 def weights_at(version: int, numel: int) -> dict[str, torch.Tensor]:

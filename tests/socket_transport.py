@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import CollectorFailed, PeerGone, WeightSyncTimeout
-from weight_sync.snapshots import Snapshot
 from weight_sync.transports import LinkSpec, TransportSpec, get_transport, register_transport
+from weight_sync.wire.snapshots import Snapshot
 
 NAME = "socket"
 

@@ -32,9 +32,9 @@ from weight_sync import (
     WeightSender,
     WeightSyncError,
 )
-from weight_sync.auth import SECRET_ENV, StreamKey
-from weight_sync.protocol import Keys
-from weight_sync.store import connect_client
+from weight_sync.control.store import connect_client
+from weight_sync.wire.auth import SECRET_ENV, StreamKey
+from weight_sync.wire.protocol import Keys
 
 pytestmark = pytest.mark.timeout(90)
 

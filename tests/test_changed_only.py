@@ -36,8 +36,8 @@ from weight_sync import (
     WeightSender,
     WeightSyncError,
 )
-from weight_sync.delta import DeltaSpec, spans
-from weight_sync.layout import HEADER_BYTES
+from weight_sync.wire.delta import DeltaSpec, spans
+from weight_sync.wire.layout import HEADER_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the test bed is used from the checkout, not installed

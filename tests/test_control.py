@@ -12,9 +12,9 @@ import pytest
 import torch.distributed as dist
 
 from weight_sync import ConnectionFailed, PeerGone, ProtocolError, WeightSyncTimeout
-from weight_sync.control import Control
-from weight_sync.protocol import CLOSED, Hello, Keys, Update, Verdict
-from weight_sync.store import StoreServer, connect_client
+from weight_sync.control.channel import Control
+from weight_sync.control.store import StoreServer, connect_client
+from weight_sync.wire.protocol import CLOSED, Hello, Keys, Update, Verdict
 
 pytestmark = pytest.mark.timeout(30)
 

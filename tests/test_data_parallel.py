@@ -20,7 +20,7 @@ from weight_sync import (
     PeerGone,
     WeightReceiver,
 )
-from weight_sync.data_parallel import DataParallelSender, rank_and_world_size
+from weight_sync.learner.data_parallel import DataParallelSender, rank_and_world_size
 
 NUM_COLLECTORS = 5
 VERSIONS = 3

@@ -20,9 +20,9 @@ from versioned import RX_TIMEOUT_S
 
 from weight_sync import ConnectionInfo, ReceiverHooks, WeightReceiver, WeightSender
 from weight_sync.errors import ConfigError
-from weight_sync.layout import HEADER_BYTES, BufferLayout
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.distributed_receiver import POST_EARLY_BELOW, DistributedReceiver
+from weight_sync.wire.layout import HEADER_BYTES, BufferLayout
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from weight_sync import (
     WeightReceiver,
     WeightSender,
 )
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from weight_sync import ConfigError, hashing
-from weight_sync.layout import BufferLayout
-from weight_sync.packing import check_payload, write_header
+from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.packing import check_payload, write_header
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ import torch
 from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
 from weight_sync import IntegrityError, ReceiverHooks, WeightReceiver, WeightSender
-from weight_sync.hashing import NO_CHECKSUM, checksum_kind
-from weight_sync.layout import HEADER_BYTES
-from weight_sync.protocol import MAX_RESENDS
 from weight_sync.transports import get_transport, transport_names
+from weight_sync.wire.hashing import NO_CHECKSUM, checksum_kind
+from weight_sync.wire.layout import HEADER_BYTES
+from weight_sync.wire.protocol import MAX_RESENDS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,7 +118,7 @@ def test_lent_messages_not_checksummed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a secret, a collector that uses the learner's snapshot in place
     (``"shm"``) never hashes it (a pass over the weights per collector per version),
     though the learner stamps a checksum for its other links; every version bit-exact."""
-    import weight_sync.receiver_link as receiver_link
+    import weight_sync.collector.receiver_link as receiver_link
 
     checked: list[int] = []
     real = receiver_link.check_payload

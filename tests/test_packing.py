@@ -8,9 +8,9 @@ import torch
 from tensordict import TensorDict
 
 from weight_sync import BufferLayout, InvalidWeightsError, ProtocolError
-from weight_sync.layout import HEADER_BYTES, named_leaves
-from weight_sync.packing import MAGIC, copy_in, pack, read_header, swap_in, write_header
-from weight_sync.snapshots import SnapshotPool
+from weight_sync.wire.layout import HEADER_BYTES, named_leaves
+from weight_sync.wire.packing import MAGIC, copy_in, pack, read_header, swap_in, write_header
+from weight_sync.wire.snapshots import SnapshotPool
 
 
 def _message(layout: BufferLayout) -> torch.Tensor:

@@ -29,9 +29,9 @@ from weight_sync import (
     WeightSyncError,
     WeightSyncTimeout,
 )
-from weight_sync.control import Control
-from weight_sync.protocol import Keys
-from weight_sync.store import connect_client
+from weight_sync.control.channel import Control
+from weight_sync.control.store import connect_client
+from weight_sync.wire.protocol import Keys
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Packing and checksumming at once (:class:`~weight_sync.stamping.Stamper`): the same
+"""Packing and checksumming at once (:class:`~weight_sync.wire.stamping.Stamper`): the same
 message, header included, as packing and then hashing."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 
 from weight_sync import BufferLayout
 from weight_sync.errors import IntegrityError
-from weight_sync.hashing import CRC32, XXH3_64, Checksum, checksum
-from weight_sync.layout import HEADER_BYTES
-from weight_sync.packing import check_payload, host_bytes, pack, write_header
-from weight_sync.stamping import PIECE_BYTES, Stamper
+from weight_sync.wire.hashing import CRC32, XXH3_64, Checksum, checksum
+from weight_sync.wire.layout import HEADER_BYTES
+from weight_sync.wire.packing import check_payload, host_bytes, pack, write_header
+from weight_sync.wire.stamping import PIECE_BYTES, Stamper
 
 pytestmark = pytest.mark.timeout(120)
 

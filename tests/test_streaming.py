@@ -19,11 +19,11 @@ import torch
 from versioned import RX_TIMEOUT_S, fingerprint
 
 from weight_sync import ReceiverHooks, WeightReceiver, WeightSender
-from weight_sync.layout import HEADER_BYTES
 from weight_sync.transports import TransportSpec, register_transport
 from weight_sync.transports.distributed_receiver import DistributedReceiver
 from weight_sync.transports.distributed_sender import DistributedSender
 from weight_sync.transports.streaming import STREAM_PIECE, pieces
+from weight_sync.wire.layout import HEADER_BYTES
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -154,7 +154,7 @@ def test_a_piece_corrupted_in_transit_is_refused_and_sent_again(corrupting: str)
 
 
 def test_a_pack_failing_half_way_applies_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import weight_sync.stamping as stamping
+    import weight_sync.wire.stamping as stamping
 
     with pair() as (sender, rx, policy, weights):
         real_pack = stamping.pack

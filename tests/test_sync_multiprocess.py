@@ -22,7 +22,7 @@ from weight_sync import (
     WeightSender,
     WeightSyncTimeout,
 )
-from weight_sync.layout import named_leaves
+from weight_sync.wire.layout import named_leaves
 
 # A poll must return at once; this bound only guards against a hang.
 POLL_BOUND_S = 1.0

@@ -36,7 +36,6 @@ from weight_sync import (
     WeightReceiver,
     WeightSender,
 )
-from weight_sync.layout import BufferLayout
 from weight_sync.transports import (
     ReceiverTransport,
     SenderTransport,
@@ -46,6 +45,7 @@ from weight_sync.transports import (
     transport_names,
 )
 from weight_sync.transports.base import LearnerSide, LinkSpec
+from weight_sync.wire.layout import BufferLayout
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -26,7 +26,7 @@ import torch
 from harness import Cluster
 
 from weight_sync import ConnectionInfo, WeightReceiver, WeightSender, WeightSyncError
-from weight_sync.hooks import ReceiverHooks
+from weight_sync.collector.hooks import ReceiverHooks
 
 MARGIN_S = 15.0  # slack for a loaded 2-core machine: a hang guard, not a speed claim
 RX_TIMEOUT_S = 20.0

@@ -111,7 +111,7 @@ class SenderConfig:
     """Send each collector only the leaves whose bytes changed since the version it
     holds (frozen encoders, unchanged buffers); it still ends up bit-exact to the
     learner's version, checked on the whole message before apply
-    (:mod:`weight_sync.delta`). Whole messages for the initial sync, (re)joins and
+    (:mod:`weight_sync.wire.delta`). Whole messages for the initial sync, (re)joins and
     resends. Needs a transport that carries a message per collector (``"distributed"``;
     not ``"shm"`` nor ``"relay"``) on ``"gloo"``; costs each link one buffer of a message
     on the learner and each collector one more."""

@@ -1,13 +1,13 @@
 """The handshake, both sides, both moments (the initial ``connect()`` and run-time joins).
 
 A collector claims an incarnation of its id, reads the learner's layout and transport
-offers, probes the offers, and writes a :class:`~weight_sync.protocol.Hello`; the
-learner answers with a :class:`~weight_sync.protocol.Verdict`. The rules are the same
+offers, probes the offers, and writes a :class:`~weight_sync.wire.protocol.Hello`; the
+learner answers with a :class:`~weight_sync.wire.protocol.Verdict`. The rules are the same
 at every moment:
 
 * with a shared secret, a collector that cannot prove it knows it is refused
   (``AuthenticationError``), and a collector with a secret refuses a verdict the
-  learner did not prove (:mod:`weight_sync.auth`);
+  learner did not prove (:mod:`weight_sync.wire.auth`);
 * a collector whose layout differs is refused (``LayoutMismatchError``, listing the
   differences) and raises before any weight moves;
 * a collector id already served by a live process on the learner's host is refused
@@ -27,10 +27,10 @@ import logging
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 from collections.abc import Mapping
 
-from weight_sync.auth import StreamKey, new_nonce
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
 from weight_sync.errors import (
     AuthenticationError,
     ConnectionFailed,
@@ -38,19 +38,22 @@ from weight_sync.errors import (
     LayoutMismatchError,
     WeightSyncError,
 )
-from weight_sync.layout import BufferLayout
-from weight_sync.protocol import (
+from weight_sync.transports.base import Offer
+from weight_sync.transports.registry import TransportSpec, get_transport, transport_names
+from weight_sync.wire.auth import StreamKey, new_nonce
+from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.protocol import (
     REFUSED_AUTH,
     REFUSED_DUPLICATE,
     REFUSED_LAYOUT,
     Hello,
     Verdict,
 )
-from weight_sync.sender_link import SenderLink
-from weight_sync.transports.base import Offer
-from weight_sync.transports.registry import TransportSpec, get_transport, transport_names
 
 __all__ = ["Joined", "join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
+
+if TYPE_CHECKING:
+    from weight_sync.learner.sender_link import SenderLink
 
 log = logging.getLogger(__name__)
 

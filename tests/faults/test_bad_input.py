@@ -29,8 +29,8 @@ from weight_sync import (
     WeightReceiver,
     WeightSender,
 )
-from weight_sync.layout import named_leaves
-from weight_sync.snapshots import SnapshotPool
+from weight_sync.wire.layout import named_leaves
+from weight_sync.wire.snapshots import SnapshotPool
 
 
 def _connect_in_thread(rx: WeightReceiver, timeout: float = 30) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from weight_sync import (
     WeightSender,
     WeightSyncError,
 )
-from weight_sync.auth import SECRET_ENV
-from weight_sync.store import connect_client
+from weight_sync.control.store import connect_client
+from weight_sync.wire.auth import SECRET_ENV
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -100,7 +100,7 @@ def test_an_incarnation_that_says_hello_after_a_newer_one_gets_a_verdict(
     """Two processes claim the same id; the first to take an incarnation says hello
     last. The learner judges the newer one first, and still answers the older one
     when its hello comes (it used to wait out its whole join timeout)."""
-    from weight_sync.control import Control
+    from weight_sync.control.channel import Control
 
     weights = make_weights(0)
     with WeightSender(weights, 1, max_collectors=2, timeout=RX_TIMEOUT_S,

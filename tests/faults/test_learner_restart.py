@@ -30,7 +30,7 @@ from weight_sync import (
     WeightSender,
     WeightSyncError,
 )
-from weight_sync.reattach import check_first_version
+from weight_sync.collector.reattach import check_first_version
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 
+from weight_sync.collector.receiver import WeightReceiver
 from weight_sync.config import ConnectionInfo
 from weight_sync.errors import (
     CollectorFailed,
     WeightSyncError,
     WeightSyncTimeout,
 )
-from weight_sync.layout import BufferLayout, named_leaves
+from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
-from weight_sync.receiver import WeightReceiver
-from weight_sync.sender import WeightSender
+from weight_sync.wire.layout import BufferLayout, named_leaves
 
 __all__ = ["LearnerEnd", "WorkerEnd"]
 

@@ -14,8 +14,8 @@ import torch
 
 from weight_sync.config import ConnectionInfo, SenderConfig
 from weight_sync.errors import CollectorFailed, ConfigError, WeightSyncError, WeightSyncTimeout
+from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
-from weight_sync.sender import WeightSender
 from weight_sync.torchrl.ends import LearnerEnd
 
 __all__ = ["SchemeLearner", "close_ends"]

@@ -17,8 +17,8 @@ from torchrl.weight_update.weight_sync_schemes import WeightSyncScheme
 
 from weight_sync.config import ConnectionInfo, SenderConfig
 from weight_sync.errors import ClosedError, ConfigError, ProtocolError, WeightSyncError
+from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
-from weight_sync.sender import WeightSender
 from weight_sync.torchrl.ends import LearnerEnd, WorkerEnd
 from weight_sync.torchrl.learner_role import SchemeLearner, close_ends
 from weight_sync.torchrl.worker_role import SchemeWorker

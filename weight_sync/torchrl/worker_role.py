@@ -14,13 +14,13 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.collector.receiver import WeightReceiver
 from weight_sync.config import ConnectionInfo
 from weight_sync.errors import ClosedError, WeightSyncError
-from weight_sync.hooks import ReceiverHooks
-from weight_sync.layout import named_leaves
-from weight_sync.receiver import WeightReceiver
 from weight_sync.torchrl.ends import WorkerEnd
 from weight_sync.torchrl.gate import PolicyGate
+from weight_sync.wire.layout import named_leaves
 
 __all__ = ["SchemeWorker"]
 

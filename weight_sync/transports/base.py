@@ -1,15 +1,15 @@
 """What a transport is: one end on the learner, one end on each collector.
 
 A transport moves one packed message (a flat ``uint8`` buffer laid out by
-:class:`~weight_sync.layout.BufferLayout`) from the learner to one collector. It does
+:class:`~weight_sync.wire.layout.BufferLayout`) from the learner to one collector. It does
 nothing else: versions, acks, liveness, no-backlog and applying weights are the job of
-the links (:class:`~weight_sync.sender_link.SenderLink`,
-:class:`~weight_sync.receiver_link.ReceiverLink`) that hold a transport end through
+the links (:class:`~weight_sync.learner.sender_link.SenderLink`,
+:class:`~weight_sync.collector.receiver_link.ReceiverLink`) that hold a transport end through
 these protocols and never by its class.
 
 The message's arrival is signalled through the store (``update`` keys) by the links;
 a transport may add a *note* to that signal (e.g. which shared-memory segment holds
-the message), and may use its link's :class:`~weight_sync.control.LinkChannel` for its
+the message), and may use its link's :class:`~weight_sync.control.channel.LinkChannel` for its
 own rendezvous.
 
 Writing one::
@@ -38,9 +38,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from weight_sync.control import LinkChannel
-from weight_sync.layout import BufferLayout
-from weight_sync.snapshots import Snapshot
+from weight_sync.control.channel import LinkChannel
+from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.snapshots import Snapshot
 
 __all__ = ["LinkSpec", "Sending", "SenderTransport", "StreamingSender", "ReceiverTransport",
            "StreamingReceiver", "EarlyReceiver", "Offer", "LearnerSide"]
@@ -60,7 +60,7 @@ class LinkSpec:
             default). A collector's end gets its address on the route to the learner.
         progress: collector side, for transports that stream a message in pieces:
             called with ``(version, bytes received so far)`` after each piece
-            (:attr:`~weight_sync.hooks.ReceiverHooks.during_receive`).
+            (:attr:`~weight_sync.collector.hooks.ReceiverHooks.during_receive`).
     """
 
     collector_id: int
@@ -128,7 +128,7 @@ class StreamingSender(SenderTransport, Protocol):
 
     streams: bool
     """True if :meth:`send` may be given a snapshot still being packed: the end waits
-    for each span's bytes (:meth:`~weight_sync.snapshots.Snapshot.wait_packed`)
+    for each span's bytes (:meth:`~weight_sync.wire.snapshots.Snapshot.wait_packed`)
     before sending it, so its link signals the collector before the pack."""
 
 

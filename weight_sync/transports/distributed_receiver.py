@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import PeerGone, ProtocolError
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import COLLECTOR_RANK, PairGroup

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import CollectorFailed, WeightSyncError
-from weight_sync.snapshots import Snapshot
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import LEARNER_RANK, PairGroup
 from weight_sync.transports.streaming import STREAM_NOTE, pieces, streams
+from weight_sync.wire.snapshots import Snapshot
 
 __all__ = ["DistributedSender"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import ConfigError, WeightSyncTimeout
 from weight_sync.transports.base import LinkSpec
 

@@ -24,9 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import PeerGone, ProtocolError
-from weight_sync.shm import SHM_DIR
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.relay_plan import LEARNER
 from weight_sync.transports.relay_sender import Assignment, HubInfo
@@ -40,6 +39,7 @@ from weight_sync.transports.relay_wire import (
     recv_name,
     recv_size,
 )
+from weight_sync.wire.shm import SHM_DIR
 
 __all__ = ["RelayReceiver"]
 

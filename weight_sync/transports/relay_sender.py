@@ -18,13 +18,13 @@ import threading
 from dataclasses import dataclass
 
 from weight_sync.config import RelayConfig, SenderConfig
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
+from weight_sync.control.store import WILDCARDS
 from weight_sync.errors import ProtocolError
-from weight_sync.snapshots import Snapshot
-from weight_sync.store import WILDCARDS
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.relay_plan import LEARNER, Node, plan
 from weight_sync.transports.relay_wire import RelayServer, Request, Slots
+from weight_sync.wire.snapshots import Snapshot
 
 __all__ = ["RelayHub", "RelaySender", "HubInfo", "Assignment"]
 

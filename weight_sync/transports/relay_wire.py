@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from weight_sync.shm import create_segment
+from weight_sync.wire.shm import create_segment
 
 __all__ = ["Slot", "Slots", "Request", "RelayServer", "UNAVAILABLE", "DONE", "recv_exact",
            "send_size", "recv_size", "send_name", "recv_name"]

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 import torch
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import PeerGone, ProtocolError
-from weight_sync.shm import SegmentReader, read_token
 from weight_sync.transports.base import LinkSpec
+from weight_sync.wire.shm import SegmentReader, read_token
 
 __all__ = ["ShmReceiver", "probe_shm"]
 

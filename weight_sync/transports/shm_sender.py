@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from weight_sync.control import LinkChannel
+from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import ProtocolError
-from weight_sync.shm import ShmToken
-from weight_sync.snapshots import Snapshot
 from weight_sync.transports.base import LinkSpec
+from weight_sync.wire.shm import ShmToken
+from weight_sync.wire.snapshots import Snapshot
 
 __all__ = ["ShmSender", "ShmOffer"]
 

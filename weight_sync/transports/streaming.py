@@ -11,8 +11,8 @@ its size.
 
 from __future__ import annotations
 
-from weight_sync.layout import HEADER_BYTES
 from weight_sync.transports.base import LinkSpec
+from weight_sync.wire.layout import HEADER_BYTES
 
 __all__ = ["STREAM_PIECE", "STREAM_NOTE", "streams", "pieces"]
 

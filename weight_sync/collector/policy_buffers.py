@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from weight_sync.layout import BufferLayout
-from weight_sync.packing import copy_in, swap_in
+from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.packing import copy_in, swap_in
 
 __all__ = ["PolicyBuffers"]
 

@@ -8,7 +8,7 @@ sends in flight, and a steady state allocates nothing.
 A snapshot can be handed out before it is packed (:meth:`SnapshotPool.reserve`) to a
 transport that streams it: the pack (:meth:`SnapshotPool.fill`) reports its progress,
 and :meth:`Snapshot.wait_packed` waits for a span's bytes. A pack that fails half-way
-leaves a snapshot whose header says so (:data:`~weight_sync.packing.ABANDONED`): a
+leaves a snapshot whose header says so (:data:`~weight_sync.wire.packing.ABANDONED`): a
 collector that received it refuses it, nothing applied.
 """
 
@@ -20,12 +20,12 @@ from multiprocessing import shared_memory
 
 import torch
 
-from weight_sync.auth import message_digest
 from weight_sync.errors import WeightSyncTimeout
-from weight_sync.layout import BufferLayout
-from weight_sync.packing import leaf_digests, write_abandoned, write_header
-from weight_sync.shm import create_segment
-from weight_sync.stamping import Stamper
+from weight_sync.wire.auth import message_digest
+from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.packing import leaf_digests, write_abandoned, write_header
+from weight_sync.wire.shm import create_segment
+from weight_sync.wire.stamping import Stamper
 
 __all__ = ["Snapshot", "SnapshotPool"]
 

@@ -32,10 +32,10 @@ import secrets
 
 import torch
 
-from weight_sync import hashing
 from weight_sync.errors import ConfigError
-from weight_sync.packing import host_bytes
-from weight_sync.protocol import Hello, Update, Verdict
+from weight_sync.wire import hashing
+from weight_sync.wire.packing import host_bytes
+from weight_sync.wire.protocol import Hello, Update, Verdict
 
 __all__ = ["SECRET_ENV", "StreamKey", "resolve_secret", "new_nonce", "message_digest"]
 
@@ -67,7 +67,7 @@ def new_nonce() -> str:
 
 def message_digest(message: torch.Tensor, like: str = "") -> str:
     """The digest of a whole message (header and payload), ``"<algorithm>:<hex>"``:
-    BLAKE3 with the ``fast`` extra, SHA-256 without (:mod:`weight_sync.hashing`); with
+    BLAKE3 with the ``fast`` extra, SHA-256 without (:mod:`weight_sync.wire.hashing`); with
     ``like``, the algorithm that digest names."""
     return hashing.digest(host_bytes(message), like)
 

@@ -15,7 +15,7 @@ only rank 0 writes files and logs (:meth:`~DistributedHelper.is_writer`), and
 :meth:`~DistributedHelper.reduce_gradients` averages the gradients with one
 all-reduce of one flat tensor per step (rsl_rl's ``reduce_parameters``).
 :meth:`~DistributedHelper.data_parallel_sender` builds this rank's
-:class:`~weight_sync.data_parallel.DataParallelSender`, so each rank serves its share
+:class:`~weight_sync.learner.data_parallel.DataParallelSender`, so each rank serves its share
 of the collectors.
 
 Example (every rank; ``torchrun --nproc-per-node 2 train.py``)::
@@ -51,9 +51,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from weight_sync.data_parallel import DataParallelSender, rank_and_world_size
 from weight_sync.errors import ConfigError, ConnectionFailed, WeightSyncTimeout
-from weight_sync.layout import named_leaves
+from weight_sync.learner.data_parallel import DataParallelSender, rank_and_world_size
+from weight_sync.wire.layout import named_leaves
 
 __all__ = ["DistributedHelper", "slurm_environ"]
 

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
 from weight_sync.errors import PeerGone, WeightSyncError
 
 __all__ = ["LearnerHeartbeat", "LearnerWatch"]

@@ -27,26 +27,26 @@ from typing import Any
 
 import torch
 
-from weight_sync.admission import Admissions, is_local
-from weight_sync.auth import StreamKey, new_nonce, resolve_secret
 from weight_sync.config import ConnectionInfo, SenderConfig, wire_dtype
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
+from weight_sync.control.liveness import LearnerHeartbeat
+from weight_sync.control.store import WILDCARDS, StoreServer
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
     ProtocolError,
     WeightSyncTimeout,
 )
-from weight_sync.layout import BufferLayout, named_leaves
-from weight_sync.liveness import LearnerHeartbeat
+from weight_sync.learner.admission import Admissions, is_local
+from weight_sync.learner.publisher import Publisher
+from weight_sync.learner.sender_link import SenderLink
 from weight_sync.metrics import AckResult, SyncStats
-from weight_sync.protocol import Hello
-from weight_sync.publisher import Publisher
-from weight_sync.sender_link import SenderLink
-from weight_sync.snapshots import SnapshotPool
-from weight_sync.store import WILDCARDS, StoreServer
 from weight_sync.transports.base import LearnerSide, LinkSpec, Offer
 from weight_sync.transports.registry import TransportSpec, sender_chain
+from weight_sync.wire.auth import StreamKey, new_nonce, resolve_secret
+from weight_sync.wire.layout import BufferLayout, named_leaves
+from weight_sync.wire.protocol import Hello
+from weight_sync.wire.snapshots import SnapshotPool
 
 __all__ = ["WeightSender"]
 

@@ -1,5 +1,5 @@
 """Packing small messages with one ``torch.cat`` per run of leaves
-(:class:`~weight_sync.gather.Gather`, used by the stamper): the very bytes a
+(:class:`~weight_sync.wire.stamping.Gather`, used by the stamper): the very bytes a
 leaf-by-leaf pack writes, padding included, and never stale sources."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from weight_sync import BufferLayout
-from weight_sync.gather import Gather, storage_key
-from weight_sync.packing import pack, write_header
-from weight_sync.stamping import Stamper
+from weight_sync.wire.packing import pack, write_header
+from weight_sync.wire.stamping import Gather, Stamper, storage_key
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 
-from weight_sync.auth import StreamKey
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
 from weight_sync.errors import WeightSyncError, WeightSyncTimeout
 from weight_sync.handshake import judge, refusal_error
-from weight_sync.protocol import REFUSED_DUPLICATE, Hello, Verdict
-from weight_sync.sender_link import SenderLink
+from weight_sync.learner.sender_link import SenderLink
 from weight_sync.transports.base import Offer
 from weight_sync.transports.registry import TransportSpec
+from weight_sync.wire.auth import StreamKey
+from weight_sync.wire.protocol import REFUSED_DUPLICATE, Hello, Verdict
 
 __all__ = ["Admissions"]
 

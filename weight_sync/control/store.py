@@ -1,6 +1,6 @@
 """Starting the TCPStore server and connecting clients to it.
 
-Reads and writes go through :mod:`weight_sync.control`; this module only makes the
+Reads and writes go through :mod:`weight_sync.control.channel`; this module only makes the
 server (bound to exactly the address asked for) and the clients.
 """
 

@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping
 
 from weight_sync.config import ConnectionInfo
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
 from weight_sync.errors import ConfigError
 
 __all__ = ["ADDR_VAR", "NAME_VAR", "ID_VAR", "info_from_address", "info_from_env",

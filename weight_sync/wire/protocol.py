@@ -1,6 +1,6 @@
 """What weight-sync keeps in the TCPStore: every key, and every structured value.
 
-Only :mod:`weight_sync.control` reads and writes these keys; this module says what
+Only :mod:`weight_sync.control.channel` reads and writes these keys; this module says what
 they are called and how their values are spelled, so a value is formatted and parsed
 in one place (the ``encode``/``decode`` pair of its dataclass).
 
@@ -178,7 +178,7 @@ class Update:
     """Message ``seq`` of a link carries ``version``; ``note`` is the transport's own
     detail (e.g. the shared-memory segment holding it), ``""`` if it needs none. With a
     shared secret, ``digest`` is the message's digest (``"<algorithm>:<hex>"``) and
-    ``tag`` the HMAC of the signal (:class:`~weight_sync.auth.StreamKey`).
+    ``tag`` the HMAC of the signal (:class:`~weight_sync.wire.auth.StreamKey`).
 
     Spelled ``<version>[@<delta>][/<tag>/<digest>][ <note>]``."""
 
@@ -188,7 +188,7 @@ class Update:
     tag: str = ""
     delta: str = ""
     """``""`` for a whole message; else the message carries only the leaves that changed
-    since the version the collector holds (:class:`weight_sync.delta.DeltaSpec`)."""
+    since the version the collector holds (:class:`weight_sync.wire.delta.DeltaSpec`)."""
 
     @property
     def closed(self) -> bool:

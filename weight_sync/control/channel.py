@@ -2,7 +2,7 @@
 
 :class:`Control` wraps one store client (a client must not be shared between threads:
 give each thread that waits its own ``Control``). Its methods speak the protocol of
-:mod:`weight_sync.protocol`; every store operation goes through one wrapper that turns
+:mod:`weight_sync.wire.protocol`; every store operation goes through one wrapper that turns
 torch's errors into weight-sync's own, by type: torch raises ``DistStoreError`` when a
 wait or ``get`` times out and ``DistNetworkError`` when the server is gone.
 
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from weight_sync.control.store import connect_client
 from weight_sync.errors import (
     ClosedError,
     ConnectionFailed,
@@ -29,8 +30,7 @@ from weight_sync.errors import (
     ProtocolError,
     WeightSyncTimeout,
 )
-from weight_sync.protocol import CLOSED, LEFT, Hello, Keys, Update, Verdict
-from weight_sync.store import connect_client
+from weight_sync.wire.protocol import CLOSED, LEFT, Hello, Keys, Update, Verdict
 
 __all__ = ["Control", "LinkChannel", "LinkId"]
 

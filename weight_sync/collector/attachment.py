@@ -1,6 +1,6 @@
 """One learner a collector is (or was) attached to, and the background loops that watch
 it: :class:`Attachment`, :class:`Item` (what those threads hand the collector),
-:func:`heartbeat`, :func:`watch_learner`. The receiver (:mod:`weight_sync.receiver`)
+:func:`heartbeat`, :func:`watch_learner`. The receiver (:mod:`weight_sync.collector.receiver`)
 holds one attachment per learner; re-attaching to a restarted learner makes a new one
 and leaves the old one's threads to end."""
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weight_sync.control import Control
+from weight_sync.collector.receiver_link import ReceiverLink
+from weight_sync.control.channel import Control
+from weight_sync.control.liveness import LearnerWatch
 from weight_sync.errors import PeerGone, WeightSyncError
-from weight_sync.liveness import LearnerWatch
-from weight_sync.receiver_link import ReceiverLink
 
 __all__ = ["Attachment", "Item", "heartbeat", "watch_learner"]
 

@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from weight_sync.config import ConnectionInfo
 from weight_sync.errors import ConfigError
+from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
-from weight_sync.sender import WeightSender
 
 __all__ = ["DataParallelSender", "rank_and_world_size"]
 

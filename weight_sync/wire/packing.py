@@ -1,15 +1,15 @@
 """Packing weights into one flat message, and applying a received message.
 
-The message is a ``uint8`` tensor laid out by :class:`~weight_sync.layout.BufferLayout`:
+The message is a ``uint8`` tensor laid out by :class:`~weight_sync.wire.layout.BufferLayout`:
 a 64-byte header (magic, version, size, layout digest, and optionally a checksum of
 the payload) then every leaf, aligned. One message per update is what makes the
 transfer fast: the per-tensor cost that dominates torchrl's transport disappears.
 
 The checksum is of the payload (everything after the header): XXH3-64 with the
 ``fast`` extra (about 0.04 ms per MB on this project's machines), CRC-32 from the
-standard library without it (about 0.5 ms per MB; :mod:`weight_sync.hashing`). It
+standard library without it (about 0.5 ms per MB; :mod:`weight_sync.wire.hashing`). It
 catches corruption and truncation, not an adversary: with a shared secret, messages are
-authenticated instead (:mod:`weight_sync.auth`).
+authenticated instead (:mod:`weight_sync.wire.auth`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from weight_sync import hashing
 from weight_sync.errors import IntegrityError, InvalidWeightsError, ProtocolError
-from weight_sync.layout import HEADER_BYTES, BufferLayout
+from weight_sync.wire import hashing
+from weight_sync.wire.layout import HEADER_BYTES, BufferLayout
 
 __all__ = ["MAGIC", "ABANDONED", "write_header", "write_abandoned", "read_header",
            "header_checksum", "check_payload", "host_bytes", "pack", "swap_in", "copy_in",
@@ -29,7 +29,7 @@ __all__ = ["MAGIC", "ABANDONED", "write_header", "write_abandoned", "read_header
 
 MAGIC = 0x5753594E43  # "WSYNC"
 _HEADER_WORDS = HEADER_BYTES // 8
-# Header word 4 says which checksum word 5 holds (weight_sync.hashing's kinds).
+# Header word 4 says which checksum word 5 holds (weight_sync.wire.hashing's kinds).
 
 ABANDONED = -1
 """Header word 4 of a message whose pack failed half-way (:func:`write_abandoned`)."""
@@ -45,7 +45,7 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
 
 def leaf_digests(buffer: torch.Tensor, layout: BufferLayout) -> tuple[int, ...]:
     """The checksum of each leaf's bytes in a packed message, in layout order (what
-    changed-only messages compare, :mod:`weight_sync.delta`)."""
+    changed-only messages compare, :mod:`weight_sync.wire.delta`)."""
     kind = hashing.checksum_kind()
     return tuple(hashing.checksum(host_bytes(buffer[e.offset:e.offset + e.nbytes]), kind)
                  for e in layout.entries)

@@ -37,10 +37,14 @@ from typing import Any
 
 import torch
 
-from weight_sync.attachment import Attachment, Item, heartbeat, watch_learner
-from weight_sync.auth import resolve_secret
+from weight_sync.collector.attachment import Attachment, Item, heartbeat, watch_learner
+from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.collector.policy_buffers import PolicyBuffers
+from weight_sync.collector.reattach import check_first_version, wait_for_store
+from weight_sync.collector.receiver_link import ReceiverLink
 from weight_sync.config import ConnectionInfo, ReceiverConfig, wire_dtype
-from weight_sync.control import Control
+from weight_sync.control.channel import Control
+from weight_sync.control.liveness import LearnerWatch
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
@@ -51,15 +55,11 @@ from weight_sync.errors import (
     WeightSyncTimeout,
 )
 from weight_sync.handshake import join
-from weight_sync.hooks import ReceiverHooks
-from weight_sync.layout import BufferLayout, named_leaves
-from weight_sync.liveness import LearnerWatch
-from weight_sync.policy_buffers import PolicyBuffers
-from weight_sync.reattach import check_first_version, wait_for_store
-from weight_sync.receiver_link import ReceiverLink
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import address_towards
 from weight_sync.transports.registry import get_transport
+from weight_sync.wire.auth import resolve_secret
+from weight_sync.wire.layout import BufferLayout, named_leaves
 
 __all__ = ["WeightReceiver"]
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import torch
 
+from weight_sync.learner.sender_link import SenderLink
 from weight_sync.metrics import SyncRecord, SyncStats
-from weight_sync.sender_link import SenderLink
-from weight_sync.snapshots import Snapshot, SnapshotPool
+from weight_sync.wire.snapshots import Snapshot, SnapshotPool
 
 __all__ = ["Publisher"]
 

@@ -15,14 +15,14 @@ import logging
 import os
 import time
 
-from weight_sync.auth import StreamKey
-from weight_sync.control import Control
-from weight_sync.delta import DeltaEncoder
+from weight_sync.control.channel import Control
 from weight_sync.errors import CollectorFailed, ConnectionFailed, WeightSyncError
 from weight_sync.metrics import SyncStats
-from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
-from weight_sync.snapshots import Snapshot
 from weight_sync.transports.base import LinkSpec, SenderTransport, Sending, StreamingSender
+from weight_sync.wire.auth import StreamKey
+from weight_sync.wire.delta import DeltaEncoder
+from weight_sync.wire.protocol import CLOSED, MAX_RESENDS, Update
+from weight_sync.wire.snapshots import Snapshot
 
 __all__ = ["SenderLink", "process_alive"]
 
@@ -76,7 +76,7 @@ class SenderLink:
         key: with a shared secret, the stream's key: every signal is signed with it
             (the snapshots then carry their digest).
         changed_only: send only the leaves that changed since the version the collector
-            acked (:mod:`weight_sync.delta`; the snapshots then carry leaf digests).
+            acked (:mod:`weight_sync.wire.delta`; the snapshots then carry leaf digests).
         stats: where each message handed to the transport is counted.
     """
 

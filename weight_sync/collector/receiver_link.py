@@ -24,7 +24,7 @@ before the bytes land).
 
 A changed-only message (the signal names its changed leaves) is received into a buffer
 of the link's own and composed with the held message into the whole one before any
-of these checks (:mod:`weight_sync.delta`), so the checks cover what is applied.
+of these checks (:mod:`weight_sync.wire.delta`), so the checks cover what is applied.
 """
 
 from __future__ import annotations
@@ -34,21 +34,21 @@ from collections.abc import Callable
 
 import torch
 
-from weight_sync import hashing
-from weight_sync.auth import StreamKey, message_digest
-from weight_sync.control import Control
-from weight_sync.delta import DeltaSpec, compose
+from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.control.channel import Control
 from weight_sync.errors import AuthenticationError, ClosedError, IntegrityError, ProtocolError
-from weight_sync.hooks import ReceiverHooks
-from weight_sync.layout import HEADER_BYTES
-from weight_sync.packing import check_payload, header_checksum, host_bytes, read_header
-from weight_sync.protocol import CLOSED, MAX_RESENDS, Update
 from weight_sync.transports.base import (
     EarlyReceiver,
     LinkSpec,
     ReceiverTransport,
     StreamingReceiver,
 )
+from weight_sync.wire import hashing
+from weight_sync.wire.auth import StreamKey, message_digest
+from weight_sync.wire.delta import DeltaSpec, compose
+from weight_sync.wire.layout import HEADER_BYTES
+from weight_sync.wire.packing import check_payload, header_checksum, host_bytes, read_header
+from weight_sync.wire.protocol import CLOSED, MAX_RESENDS, Update
 
 __all__ = ["ReceiverLink"]
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from weight_sync.errors import ProtocolError
-from weight_sync.layout import HEADER_BYTES, BufferLayout
-from weight_sync.snapshots import Snapshot
+from weight_sync.wire.layout import HEADER_BYTES, BufferLayout
+from weight_sync.wire.snapshots import Snapshot
 
 __all__ = ["DeltaSpec", "DeltaMessage", "DeltaEncoder", "spans", "compose"]
 
