@@ -3,7 +3,7 @@
 On the project's test bed (:mod:`testbed`: network namespaces on a bridge, each link
 shaped with tc to ``--rate`` both ways, each host with its own hostname and
 ``/dev/shm``), host 0 runs ``weight-sync demo --launcher network`` listening on its bed
-address, and each collector runs ``python -m collectors.remote`` on host
+address, and each collector runs ``python -m weight_sync.collectors.remote`` on host
 ``1 + id % K``: weights and batches cross the shaped links, nothing a pipe or shared
 memory could shortcut. Every process shares one fresh collector key and one fresh
 weight-stream secret. The demo's summary table is printed as it printed it, its JSON
@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from weight_sync.collectors.remote import ADDRESS_ENV, KEY_ENV  # noqa: E402
+
 import testbed  # noqa: E402
-from collectors.remote import ADDRESS_ENV, KEY_ENV  # noqa: E402
 from testbed import TestBed  # noqa: E402
 
 __all__ = ["PORT", "run_on_bed", "main"]
@@ -77,7 +78,8 @@ def run_on_bed(collector_hosts: int, collectors: int, demo_args: list[str], *,
             cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=err, text=True)
         placement = {cid: bed.hosts[1 + cid % collector_hosts] for cid in range(collectors)}
-        procs = [host.popen([sys.executable, "-m", "collectors.remote", "--id", str(cid),
+        procs = [host.popen([sys.executable, "-m", "weight_sync.collectors.remote",
+                 "--id", str(cid),
                              "--timeout", "120"], cwd=str(ROOT), env={**env, ADDRESS_ENV: listen},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
                  for cid, host in placement.items()]

@@ -6,7 +6,8 @@ Demo runs: ``weight-sync demo --iterations I --seed S --quiet`` in its own proce
 * ``local``: ``--launcher local`` (spawned processes, batches over pipes);
 * ``ray``: ``--launcher ray`` (its own local Ray on 127.0.0.1, batches through the
   object store);
-* ``network``: ``--launcher network --start-collectors`` (``python -m collectors.remote``
+* ``network``: ``--launcher network --start-collectors`` (``python -m
+  weight_sync.collectors.remote``
   processes on this host, batches over loopback TCP);
 * ``hosts``: the learner on test-bed host 0 and the collectors on hosts 1.. (links
   shaped to 1 Gbit/s; :mod:`benchmarks.demo_hosts`), only where a bed can be built

@@ -55,7 +55,8 @@ def _step(policy: Flat, r: int) -> None:
 
 # -- weight-sync ----------------------------------------------------------------------
 def ws_learner(a: dict[str, Any]) -> None:
-    from weight_sync import RelayConfig, WeightSender
+    from weight_sync import WeightSender
+    from weight_sync.config import RelayConfig
 
     policy = Flat(a["numel"])
     with WeightSender(policy, a["n"], host=a["address"], transport=a["transport"],
@@ -81,7 +82,8 @@ def ws_learner(a: dict[str, Any]) -> None:
 
 
 def ws_collector(a: dict[str, Any]) -> None:
-    from weight_sync import ClosedError, ConnectionInfo, WeightReceiver
+    from weight_sync import ConnectionInfo, WeightReceiver
+    from weight_sync.errors import ClosedError
 
     policy = Flat(a["numel"])
     info = ConnectionInfo.from_json(a["info"])

@@ -1,18 +1,19 @@
 """Cost per batch of the collectors' channels: a local pipe vs Ray's object store vs the
 network connection of a remote collector.
 
-The same real CartPole batch (``collectors.task.collect``, ``--frames`` frames), encoded
-with ``collectors.transport.encode_message`` and stamped, is sent ``--batches`` times,
+The same real CartPole batch (``weight_sync.collectors.task.collect``, ``--frames`` frames), encoded
+with ``weight_sync.collectors.batch_messages.encode_message`` and stamped, is sent ``--batches``
+times,
 one every ``--pace-ms``, by
 
 * ``pipe``: a spawned process over a ``multiprocessing.Pipe``, read by the learner with
   ``LocalLauncher.wait`` + ``LocalWorker.receive`` (what local collectors use);
-* ``ray``: a Ray actor into the ``collectors.ray_launcher`` outbox, taken by the learner
+* ``ray``: a Ray actor into the ``weight_sync.collectors.ray_launcher`` outbox, taken by the learner
   with ``RayLauncher.wait`` + ``RayWorker.receive`` (``next_messages`` results through the
   object store: what Ray collectors use);
 * ``network``: a spawned process connected to a ``NetworkLauncher`` with
-  ``collectors.remote.connect`` (over 127.0.0.1), read with ``NetworkLauncher.wait`` +
-  ``RemoteWorker.receive`` (what ``python -m collectors.remote`` collectors use).
+  ``weight_sync.collectors.remote.connect`` (over 127.0.0.1), read with ``NetworkLauncher.wait`` +
+  ``RemoteWorker.receive`` (what ``python -m weight_sync.collectors.remote`` collectors use).
 
 Both producers run one thread and send from a thread of their own process; the learner
 runs one thread. Reported per channel, in µs: the end-to-end latency, median and p90
@@ -38,16 +39,16 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 # A local Ray on 127.0.0.1 only; read when Ray is first imported, which torchrl (imported
-# by collectors.task) already does.
+# by weight_sync.collectors.task) already does.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch
+from weight_sync.collectors.batch_messages import decode_message, encode_message
+from weight_sync.collectors.launcher import LocalLauncher, LocalWorker
+from weight_sync.collectors.remote import NetworkLauncher, connect
+from weight_sync.collectors.task import collect, make_env, make_policy
+from weight_sync.collectors.worker import WorkerSpec
 
-from collectors.launcher import LocalLauncher, LocalWorker
-from collectors.remote import NetworkLauncher, connect
-from collectors.task import collect, make_env, make_policy
-from collectors.transport import decode_message, encode_message
-from collectors.worker import WorkerSpec
 from weight_sync import ConnectionInfo
 
 CHANNELS = ("pipe", "ray", "network")
@@ -82,7 +83,7 @@ class _ProducerActor:
     """A stand-in collector actor: the launcher's outbox, fed by a producer thread."""
 
     def __init__(self, batch: Any, n: int, pace: float) -> None:
-        from collectors.ray_actor import _Outbox
+        from weight_sync.collectors.ray_actor import _Outbox
 
         torch.set_num_threads(1)
         self._outbox = _Outbox()
@@ -148,8 +149,7 @@ def measure(channel: str, batch: Any, n: int, pace: float) -> dict[str, float]:
         finally:
             proc.join(30)
     import ray
-
-    from collectors.ray_launcher import RayLauncher, RayWorker
+    from weight_sync.collectors.ray_launcher import RayLauncher, RayWorker
 
     actor = ray.remote(_ProducerActor).options(max_concurrency=4, num_cpus=1).remote(
         batch, n, pace)

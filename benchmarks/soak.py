@@ -59,14 +59,13 @@ import torch
 
 from weight_sync import (
     AckResult,
-    ClosedError,
     CollectorFailed,
-    PeerGone,
     WeightReceiver,
     WeightSender,
     WeightSyncError,
     WeightSyncTimeout,
 )
+from weight_sync.errors import ClosedError, PeerGone
 
 CTX = mp.get_context("spawn")
 

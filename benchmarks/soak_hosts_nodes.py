@@ -106,7 +106,8 @@ def collector(a: dict[str, Any]) -> None:
     """Connect (waiting for a learner), then poll between "env steps" until the learner
     closes; every apply checked exactly. Reports joins, re-attaches, mismatches, polls
     that overran their bound, and a summary at the end."""
-    from weight_sync import WeightReceiver, info_from_address
+    from weight_sync import WeightReceiver
+    from weight_sync.control.discovery import info_from_address
     from weight_sync.errors import ClosedError, WeightSyncError
 
     numel, cid = a["numel"], a["cid"]

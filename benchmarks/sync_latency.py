@@ -34,7 +34,8 @@ from benchmarks.baselines import (
     wait_up,
 )
 from benchmarks.policies import count_leaves, make_policy
-from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver, WeightSender
+from weight_sync import ConnectionInfo, WeightReceiver, WeightSender
+from weight_sync.errors import ClosedError, PeerGone
 from weight_sync.transports import transport_names
 
 __all__ = ["measure_weight_sync", "receive_until_closed", "timed_rounds", "main"]

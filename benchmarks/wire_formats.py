@@ -113,7 +113,8 @@ def learner(a: dict[str, Any]) -> None:
 def collector(a: dict[str, Any]) -> None:
     import torch
 
-    from weight_sync import ClosedError, ConnectionInfo, WeightReceiver
+    from weight_sync import ConnectionInfo, WeightReceiver
+    from weight_sync.errors import ClosedError
 
     torch.set_num_threads(1)
     policy = {k: torch.zeros_like(v) for k, v in _policy(a["numel"]).items()}

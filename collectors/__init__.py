@@ -3,8 +3,8 @@ learner-side group that drives them.
 
 Example::
 
-    from collectors import CollectorGroup
-    from collectors.task import collect, make_env, make_policy
+    from weight_sync.collectors import CollectorGroup
+    from weight_sync.collectors.task import collect, make_env, make_policy
 
     policy = make_policy()
     with CollectorGroup(policy, make_env, make_policy, collect, num_collectors=2) as group:
@@ -12,15 +12,17 @@ Example::
             ...                              # train `policy`
             group.update_weights(timeout=30)
 
-Collectors as Ray actors: ``collectors.ray_launcher.RayLauncher`` (the ``ray`` extra; not
+Collectors as Ray actors: ``weight_sync.collectors.ray_launcher.RayLauncher`` (the ``ray`` extra;
+not
 imported here). Collectors started by someone else (torchrun, SLURM, a shell on another
-host), batches back over the network: :class:`~collectors.remote.NetworkLauncher` and
-``python -m collectors.remote``.
+host), batches back over the network: :class:`~weight_sync.collectors.remote.NetworkLauncher` and
+``python -m weight_sync.collectors.remote``.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from collectors.errors import (
+from weight_sync.collectors.batch_messages import decode_message, encode_message
+from weight_sync.collectors.errors import (
     CollectorCrashed,
     CollectorDied,
     CollectorError,
@@ -28,10 +30,9 @@ from collectors.errors import (
     CollectorTimeout,
     PlacementTimeout,
 )
-from collectors.group import BatchRecord, CollectorGroup, RestartRecord
-from collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
-from collectors.transport import decode_message, encode_message
-from collectors.worker import (
+from weight_sync.collectors.group import BatchRecord, CollectorGroup, RestartRecord
+from weight_sync.collectors.launcher import Launcher, LocalLauncher, LocalWorker, WorkerHandle
+from weight_sync.collectors.worker import (
     CHECKSUM_KEY,
     VERSION_KEY,
     WORKER_KEY,
@@ -42,14 +43,14 @@ from collectors.worker import (
 )
 
 if TYPE_CHECKING:
-    from collectors.remote import NetworkLauncher, RemoteWorker
+    from weight_sync.collectors.remote import NetworkLauncher, RemoteWorker
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so that `python -m collectors.remote` does not find its own
+    # Imported on first use, so that `python -m weight_sync.collectors.remote` does not find its own
     # module already imported by this package (runpy warns, and runs it twice).
     if name in ("NetworkLauncher", "RemoteWorker"):
-        from collectors import remote
+        from weight_sync.collectors import remote
 
         return getattr(remote, name)
     raise AttributeError(f"module 'collectors' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """``weight-sync demo``: a PPO learner and N collector processes learn CartPole.
 
 Each iteration the learner takes one batch per collector from a
-:class:`~collectors.group.CollectorGroup`, runs a PPO update on them (``[N, T]``), and
+:class:`~weight_sync.collectors.group.CollectorGroup`, runs a PPO update on them (``[N, T]``), and
 pushes the new actor weights to every collector with weight-sync
 (``send_weights_async`` + ``wait_ack``). Collectors poll for weights before every env
 step, so a batch can span two versions; every step carries the version that chose it.
@@ -15,24 +15,25 @@ frames per second; a summary table follows, and ``--json-out`` writes every iter
 
 With ``--collector torchrl`` the collectors are torchrl's own: a ``MultiSyncCollector``
 whose weights travel through :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`
-(:class:`~collectors.torchrl_group.TorchRLGroup`); workers are updated between batches
+(:class:`~weight_sync.collectors.torchrl_group.TorchRLGroup`); workers are updated between batches
 (``collector.update_policy_weights_()``), so the staleness is 0. Same bar, summary, JSON.
 
 With ``--learners N`` the learner is N data-parallel CPU ranks started with torchrun, each
 serving ``--collectors / N`` of the collectors and averaging gradients with the others
-(:mod:`collectors.demo_ranks`); rank 0 prints the same summary.
+(:mod:`weight_sync.collectors.demo_ranks`); rank 0 prints the same summary.
 
 With ``--launcher ray`` the collectors are Ray actors
-(:class:`~collectors.ray_launcher.RayLauncher`, the ``ray`` extra) on a local Ray the demo
+(:class:`~weight_sync.collectors.ray_launcher.RayLauncher`, the ``ray`` extra) on a local Ray the
+demo
 starts and stops, or on the cluster of ``--ray-address`` (``auto``, or the ``host:port``
 that ``ray start --head`` printed); their batches come back through Ray's object store.
 On several nodes, ``--learner-host`` must be an address of this host that the other
 nodes reach. Same bar, summary, JSON.
 
 With ``--launcher network`` the collectors are processes started elsewhere
-(``python -m collectors.remote``, by you, a cluster tool, or the demo itself with
+(``python -m weight_sync.collectors.remote``, by you, a cluster tool, or the demo itself with
 ``--start-collectors``) that connect to ``--listen`` and send their batches back over
-that connection (:mod:`collectors.demo_network`); the summary names the hosts they
+that connection (:mod:`weight_sync.collectors.demo_network`); the summary names the hosts they
 connected from. Same bar, summary, JSON.
 """
 
@@ -56,11 +57,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from collectors.demo_network import NetworkCollectors, parse_listen
-from collectors.group import BatchRecord, CollectorGroup
-from collectors.launcher import Launcher
-from collectors.task import (
+from weight_sync.collectors.demo_network import NetworkCollectors, parse_listen
+from weight_sync.collectors.group import BatchRecord, CollectorGroup
+from weight_sync.collectors.launcher import Launcher
+from weight_sync.collectors.task import (
     ENV_NAME,
     PPOLearner,
     TaskConfig,
@@ -70,10 +70,11 @@ from collectors.task import (
     make_policy,
     make_value,
 )
+
 from weight_sync import SenderConfig, SyncStats, WeightSyncError
 
 if TYPE_CHECKING:
-    from collectors.demo_ranks import DemoRank
+    from weight_sync.collectors.demo_ranks import DemoRank
 
 __all__ = ["build_parser", "main"]
 
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(127.0.0.1:0, a free port; the demo prints it)")
     parser.add_argument("--start-collectors", action="store_true",
                         help="with --launcher network: start the collectors "
-                             "(python -m collectors.remote) on this host")
+                             "(python -m weight_sync.collectors.remote) on this host")
     parser.add_argument("--connect-timeout", type=float, default=60.0,
                         help="seconds to wait for every collector to be up (60)")
     parser.add_argument("--json-out", type=Path, default=None,
@@ -271,7 +272,7 @@ def _table(summary: dict[str, Any]) -> Table:
 def _make_group(args: argparse.Namespace, policy: Any,
                 network: NetworkCollectors | None) -> _Group:
     if args.collector == "torchrl":
-        from collectors.torchrl_group import TorchRLGroup
+        from weight_sync.collectors.torchrl_group import TorchRLGroup
 
         return TorchRLGroup(policy, make_env, num_collectors=args.collectors,
                             frames_per_batch=args.frames_per_batch, seed=args.seed,
@@ -288,7 +289,7 @@ def _launcher(args: argparse.Namespace, network: NetworkCollectors | None) -> La
         return network.launcher
     if args.launcher == "local":
         return None
-    from collectors.ray_launcher import RayLauncher
+    from weight_sync.collectors.ray_launcher import RayLauncher
 
     local = {"num_cpus": max(args.collectors, os.cpu_count() or 1), "include_dashboard": False}
     # "local": a Ray of our own even when `ray start` left one running on this machine
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                              "pip install 'weight-sync[ray]'")
     rank: DemoRank | None = None
     if args.learners > 1:
-        from collectors import demo_ranks
+        from weight_sync.collectors import demo_ranks
 
         if args.collector != "weight-sync" or args.collectors % args.learners:
             build_parser().error("--learners > 1 needs --collector weight-sync and "

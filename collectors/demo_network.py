@@ -1,10 +1,10 @@
 """The demo's collectors over the network (``weight-sync demo --launcher network``).
 
-The learner listens with a :class:`~collectors.remote.NetworkLauncher` at ``--listen``
+The learner listens with a :class:`~weight_sync.collectors.remote.NetworkLauncher` at ``--listen``
 (``HOST:PORT``; port 0: a free one) and waits ``--connect-timeout`` s for
 ``--collectors`` processes to connect, each started as::
 
-    WEIGHT_SYNC_COLLECTORS=<listen address> RANK=<id> python -m collectors.remote
+    WEIGHT_SYNC_COLLECTORS=<listen address> RANK=<id> python -m weight_sync.collectors.remote
 
 on any host that reaches the learner (the weight stream then needs ``--learner-host``,
 an address of the learner's host that the collectors reach). With
@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from collectors.remote import ADDRESS_ENV, KEY_ENV, NetworkLauncher
+from weight_sync.collectors.remote import ADDRESS_ENV, KEY_ENV, NetworkLauncher
 
 __all__ = ["NetworkCollectors", "parse_listen"]
 
@@ -68,13 +68,13 @@ class NetworkCollectors:
         if not args.start_collectors:
             say(f"waiting for {args.collectors} collector(s) at {address}: on each host "
                 f"run {ADDRESS_ENV}={address} RANK=<0..{args.collectors - 1}> "
-                f"python -m collectors.remote")
+                f"python -m weight_sync.collectors.remote")
             return
         env = {**os.environ, ADDRESS_ENV: address, **({KEY_ENV: key} if key else {})}
         try:
             for cid in range(args.collectors):
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "collectors.remote", "--id", str(cid),
+                    [sys.executable, "-m", "weight_sync.collectors.remote", "--id", str(cid),
                      "--timeout", str(args.connect_timeout)],
                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
         except BaseException:

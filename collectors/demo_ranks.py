@@ -5,10 +5,11 @@ torch.distributed.run --standalone --nproc-per-node N -m weight_sync.cli demo ..
 the same command line then runs in every rank, where :class:`DemoRank` holds what a
 rank does differently from the single learner:
 
-* it joins the process group with :class:`~weight_sync.DistributedHelper`, starts from
+* it joins the process group with :class:`~weight_sync.training.DistributedHelper`, starts from
   rank 0's weights, then seeds its own sampling with ``seed + rank``;
 * it serves collectors ``i % N == rank`` (``--collectors / N`` of them) through its
-  :class:`~weight_sync.DataParallelSender`, in a :class:`~collectors.group.CollectorGroup`
+  :class:`~weight_sync.training.DataParallelSender`, in a
+  :class:`~weight_sync.collectors.group.CollectorGroup`
   of its own;
 * each PPO minibatch uses ``minibatch_size / N`` of its own transitions and the
   gradients are averaged over the ranks (one flat all-reduce per gradient step), so
@@ -29,10 +30,11 @@ import sys
 from typing import Any
 
 import torch
+from weight_sync.collectors.group import CollectorGroup
+from weight_sync.collectors.task import PPOLearner, TaskConfig, collect, make_env, make_policy
 
-from collectors.group import CollectorGroup
-from collectors.task import PPOLearner, TaskConfig, collect, make_env, make_policy
-from weight_sync import ConfigError, DistributedHelper
+from weight_sync.errors import ConfigError
+from weight_sync.training import DataParallelSender, DistributedHelper
 
 __all__ = ["DemoRank", "in_rank", "launch"]
 
@@ -108,7 +110,7 @@ class DemoRank:
 
     def group(self, args: argparse.Namespace, policy: Any) -> CollectorGroup:
         """This rank's collectors, served by its :class:`DataParallelSender`."""
-        dp = self.helper.data_parallel_sender(policy, args.collectors)
+        dp = DataParallelSender(policy, args.collectors)
         assert dp.sender is not None and len(dp.served()) == self.share
         return CollectorGroup(policy, make_env, make_policy, num_collectors=self.share,
                               frames_per_batch=args.frames_per_batch,

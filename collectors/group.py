@@ -11,9 +11,9 @@ Example::
                 break
     # every collector process has ended here, also after an exception or Ctrl-C
 
-A collector that raises surfaces here as :class:`~collectors.errors.CollectorCrashed`
+A collector that raises surfaces here as :class:`~weight_sync.collectors.errors.CollectorCrashed`
 with its traceback; one that dies (killed, exit) as
-:class:`~collectors.errors.CollectorDied`. Both are noticed at once: the group waits on
+:class:`~weight_sync.collectors.errors.CollectorDied`. Both are noticed at once: the group waits on
 all collectors together through its launcher (local processes: their pipes and process
 sentinels in one call; Ray actors: one ``ray.wait``), never on one blind queue.
 
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tensordict import TensorDictBase
+from weight_sync.collectors.errors import CollectorDied, CollectorError, CollectorTimeout
+from weight_sync.collectors.inbox import Inbox
+from weight_sync.collectors.launcher import Launcher, LocalLauncher, WorkerHandle
+from weight_sync.collectors.worker import WorkerSpec
 
-from collectors.errors import CollectorDied, CollectorError, CollectorTimeout
-from collectors.inbox import Inbox
-from collectors.launcher import Launcher, LocalLauncher, WorkerHandle
-from collectors.worker import WorkerSpec
 from weight_sync import CollectorFailed, SenderConfig, SyncStats, WeightSender, WeightSyncTimeout
 from weight_sync.metrics import AckResult
 
@@ -108,7 +108,7 @@ class CollectorGroup:
         batch_timeout: bound on waiting for the next batch when iterating.
         shutdown_timeout: how long :meth:`close` lets collectors stop before killing them.
         collect_fn: module-level rollout ``(env, policy, frames, state) -> (batch, state)``
-            the collectors run (e.g. the CartPole task's ``collectors.task.collect``);
+            the collectors run (e.g. the CartPole task's ``weight_sync.collectors.task.collect``);
             passed on to every :class:`WorkerSpec`.
         max_restarts: how many collector failures (in all) are answered by restarting
             that collector instead of raising; 0 fails fast.

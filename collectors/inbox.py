@@ -3,8 +3,9 @@
 :class:`Inbox` waits on every collector at once through its launcher's ``wait`` (for
 local processes: their pipes *and* process sentinels in one
 ``multiprocessing.connection.wait`` call; for Ray actors: one ``ray.wait``), decodes what
-arrived (see :mod:`collectors.transport`) and turns a collector's error report or the end
-of its channel into a :class:`~collectors.errors.CollectorError` naming it. A handle
+arrived (see :mod:`weight_sync.collectors.batch_messages`) and turns a collector's error report or
+the end
+of its channel into a :class:`~weight_sync.collectors.errors.CollectorError` naming it. A handle
 gives every message before it tells of its end, so a collector's traceback wins over its
 exit code.
 """
@@ -17,10 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tensordict import TensorDictBase
-
-from collectors.errors import CollectorCrashed, CollectorDied, CollectorError
-from collectors.launcher import WorkerHandle
-from collectors.transport import decode_message
+from weight_sync.collectors.batch_messages import decode_message
+from weight_sync.collectors.errors import CollectorCrashed, CollectorDied, CollectorError
+from weight_sync.collectors.launcher import WorkerHandle
 
 __all__ = ["Inbox"]
 
@@ -33,7 +33,8 @@ class Inbox:
     Args:
         workers: the handles, indexed by collector id; the owner may replace one (a
             restarted collector), and messages of the replaced handle are then dropped.
-        wait: the launcher's :meth:`~collectors.launcher.Launcher.wait` for these handles.
+        wait: the launcher's :meth:`~weight_sync.collectors.launcher.Launcher.wait` for these
+            handles.
         recover: called with each failure; returning True means the owner dealt with
             it (e.g. restarted that collector), so it is neither recorded nor raised.
 

@@ -1,13 +1,14 @@
 """Starting collectors: a small :class:`Launcher` protocol and local processes.
 
-The :class:`~collectors.group.CollectorGroup` asks its launcher for one
-:class:`WorkerHandle` per :class:`~collectors.worker.WorkerSpec` and from then on talks to
+The :class:`~weight_sync.collectors.group.CollectorGroup` asks its launcher for one
+:class:`WorkerHandle` per :class:`~weight_sync.collectors.worker.WorkerSpec` and from then on
+talks to
 the handles and the launcher only: wait for any handle to have a message or to end
 (:meth:`Launcher.wait`), read its messages (:meth:`WorkerHandle.receive`), give back
 credits, ask it to stop, terminate it if it does not, and release what is left
 (:meth:`WorkerHandle.close`, :meth:`Launcher.shutdown`). :class:`LocalLauncher` (the
 default) starts ``multiprocessing`` processes with the ``spawn`` method and brings their
-messages back over a pipe; :class:`~collectors.ray_launcher.RayLauncher` (the ``ray``
+messages back over a pipe; :class:`~weight_sync.collectors.ray_launcher.RayLauncher` (the ``ray``
 extra) runs collectors as Ray actors and brings them back through Ray's object store.
 """
 
@@ -18,8 +19,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol, runtime_checkable
 
-from collectors.errors import describe_exitcode
-from collectors.worker import WorkerSpec, process_main
+from weight_sync.collectors.errors import describe_exitcode
+from weight_sync.collectors.worker import WorkerSpec, process_main
 
 __all__ = ["Launcher", "LocalLauncher", "LocalWorker", "WorkerHandle"]
 
@@ -120,7 +121,7 @@ class LocalWorker:
 
     @property
     def connection(self) -> Connection:
-        """Read end of the worker's messages (see :mod:`collectors.transport`)."""
+        """Read end of the worker's messages (see :mod:`weight_sync.collectors.batch_messages`)."""
         return self._connection
 
     def end_reason(self) -> str:

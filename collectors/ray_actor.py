@@ -1,5 +1,5 @@
 """What runs inside each collector's Ray actor (:class:`CollectorActor`); the learner's
-side, placing and reading the actors, is :mod:`collectors.ray_launcher`."""
+side, placing and reading the actors, is :mod:`weight_sync.collectors.ray_launcher`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-
-from collectors.worker import ThreadCredits, WorkerSpec, run_worker
+from weight_sync.collectors.worker import ThreadCredits, WorkerSpec, run_worker
 
 __all__ = ["ACTOR_METHODS", "CollectorActor"]
 
@@ -21,7 +20,7 @@ ACTOR_METHODS = ("pid", "node_info", "apply")
 
 
 class _Outbox:
-    """The worker's :class:`~collectors.worker.MessageSink` inside the actor: messages
+    """The worker's :class:`~weight_sync.collectors.worker.MessageSink` inside the actor: messages
     wait here until the learner's ``next_messages`` call takes them."""
 
     def __init__(self) -> None:

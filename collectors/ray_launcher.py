@@ -1,6 +1,7 @@
 """Collectors as Ray actors: :class:`RayLauncher` (needs the ``ray`` extra).
 
-Each collector runs :func:`~collectors.worker.run_worker` on a thread of its own Ray actor
+Each collector runs :func:`~weight_sync.collectors.worker.run_worker` on a thread of its own Ray
+actor
 (:class:`CollectorActor`), placed in its own bundle of one placement group
 (``strategy="SPREAD"`` by default: as many nodes as the cluster offers; ``"PACK"`` fills one
 node first). Its messages (batches, reports) come back through Ray's object store as the
@@ -11,9 +12,9 @@ process does, so the learner's ``SenderConfig.host`` must be an address the node
 
 Example (a local Ray, or a cluster joined with ``address="auto"``)::
 
-    from collectors import CollectorGroup
-    from collectors.ray_launcher import RayLauncher
-    from collectors.task import collect, make_env, make_policy
+    from weight_sync.collectors import CollectorGroup
+    from weight_sync.collectors.ray_launcher import RayLauncher
+    from weight_sync.collectors.task import collect, make_env, make_policy
 
     launcher = RayLauncher(init_kwargs={"num_cpus": 4})   # ray.init unless initialised
     with CollectorGroup(policy, make_env, make_policy, collect, num_collectors=2,
@@ -24,9 +25,9 @@ Example (a local Ray, or a cluster joined with ``address="auto"``)::
     # the actors, their placement group (and a Ray the launcher started) are gone here
 
 A dead actor (``ray.kill``, a lost node, a crashed worker process) reads as the end of
-that collector's channel: the group raises :class:`~collectors.errors.CollectorDied`
+that collector's channel: the group raises :class:`~weight_sync.collectors.errors.CollectorDied`
 naming it, or restarts it in the same bundle under ``max_restarts``. A placement group
-the cluster cannot hold raises :class:`~collectors.errors.PlacementTimeout` after
+the cluster cannot hold raises :class:`~weight_sync.collectors.errors.PlacementTimeout` after
 ``placement_timeout`` seconds.
 
 Group-level calls in the style of NeMo-RL's ``RayWorkerGroup``: :meth:`RayLauncher.run_all`
@@ -48,8 +49,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from collectors.errors import (
+from weight_sync.collectors.errors import (
     CollectorCrashed,
     CollectorDied,
     CollectorError,
@@ -57,12 +57,12 @@ from collectors.errors import (
     PlacementTimeout,
     describe_exitcode,
 )
-from collectors.launcher import WorkerHandle
-from collectors.ray_actor import ACTOR_METHODS, CollectorActor
-from collectors.worker import WorkerSpec
+from weight_sync.collectors.launcher import WorkerHandle
+from weight_sync.collectors.ray_actor import ACTOR_METHODS, CollectorActor
+from weight_sync.collectors.worker import WorkerSpec
 
 __all__ = ["ACTOR_METHODS", "STRATEGIES", "CollectorActor", "RayLauncher", "RayLauncherConfig",
-           "RayWorker"]  # the actor's two names re-exported from collectors.ray_actor
+           "RayWorker"]  # the actor's two names re-exported from weight_sync.collectors.ray_actor
 
 log = logging.getLogger(__name__)
 

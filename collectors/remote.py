@@ -1,6 +1,6 @@
 """Collectors started by someone else (torchrun, SLURM, a shell on another host), their
 batches back over the network: the learner's :class:`NetworkLauncher` and the
-collector's entry point ``python -m collectors.remote``.
+collector's entry point ``python -m weight_sync.collectors.remote``.
 
 Learner::
 
@@ -11,7 +11,7 @@ Learner::
 
 Each collector host::
 
-    WEIGHT_SYNC_COLLECTORS=learner-host:29700 RANK=3 python -m collectors.remote
+    WEIGHT_SYNC_COLLECTORS=learner-host:29700 RANK=3 python -m weight_sync.collectors.remote
 
 The launcher starts nothing: ``launch`` registers the collector's spec, and a process
 that connects with that id (proving the shared key, ``WEIGHT_SYNC_COLLECTOR_KEY``, with
@@ -44,10 +44,18 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from typing import Any
 
-from collectors.launcher import WorkerHandle
-from collectors.remote_collector import connect, main
-from collectors.remote_wire import ADDRESS_ENV, CREDIT, KEY_ENV, STOP, framed, shared_key, unbounded
-from collectors.worker import WorkerSpec
+from weight_sync.collectors.launcher import WorkerHandle
+from weight_sync.collectors.remote_collector import connect, main
+from weight_sync.collectors.remote_connection import (
+    ADDRESS_ENV,
+    CREDIT,
+    KEY_ENV,
+    STOP,
+    framed,
+    shared_key,
+    unbounded,
+)
+from weight_sync.collectors.worker import WorkerSpec
 
 __all__ = ["ADDRESS_ENV", "KEY_ENV", "NetworkLauncher", "RemoteWorker", "connect", "main"]
 

@@ -1,6 +1,6 @@
-"""The collector's end of a remote connection: ``python -m collectors.remote`` (its
+"""The collector's end of a remote connection: ``python -m weight_sync.collectors.remote`` (its
 :func:`main`), :func:`connect` and the channel that carries its batches to the learner's
-:class:`~collectors.remote.NetworkLauncher`, and its credits and stop signal back."""
+:class:`~weight_sync.collectors.remote.NetworkLauncher`, and its credits and stop signal back."""
 
 from __future__ import annotations
 
@@ -17,10 +17,18 @@ import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
-from collectors.errors import CollectorRefused, CollectorTimeout
-from collectors.remote_wire import ADDRESS_ENV, CREDIT, KEY_ENV, STOP, framed, shared_key, unbounded
-from collectors.transport import decode_header
-from collectors.worker import ThreadCredits, WorkerSpec, run_worker
+from weight_sync.collectors.batch_messages import decode_header
+from weight_sync.collectors.errors import CollectorRefused, CollectorTimeout
+from weight_sync.collectors.remote_connection import (
+    ADDRESS_ENV,
+    CREDIT,
+    KEY_ENV,
+    STOP,
+    framed,
+    shared_key,
+    unbounded,
+)
+from weight_sync.collectors.worker import ThreadCredits, WorkerSpec, run_worker
 
 __all__ = ["connect", "main"]
 
@@ -33,7 +41,7 @@ _RETRY_S = 0.2
 
 class _Channel:
     """The collector's end of its connection to the learner's launcher: the sink of its
-    messages (:class:`~collectors.worker.MessageSink`), its credits and its stop signal.
+    messages (:class:`~weight_sync.collectors.worker.MessageSink`), its credits and its stop signal.
 
     Without ``reattach_timeout``, the connection ending stops the worker. With it, a
     connection that ends without a stop signal (the learner died) is replaced: the
@@ -209,10 +217,10 @@ def connect(address: tuple[str, int], worker_id: int, *, authkey: bytes | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m collectors.remote [--address HOST:PORT] [--id N]``: run one collector
+    """``python -m weight_sync.collectors.remote [--address HOST:PORT] [--id N]``: run one collector
     for a learner's :class:`NetworkLauncher` (address from ``WEIGHT_SYNC_COLLECTORS``,
     id from ``RANK`` by default); returns the worker's exit code (2: not admitted)."""
-    parser = argparse.ArgumentParser(prog="python -m collectors.remote")
+    parser = argparse.ArgumentParser(prog="python -m weight_sync.collectors.remote")
     parser.add_argument("--address", default=os.environ.get(ADDRESS_ENV))
     parser.add_argument("--id", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60.0)

@@ -1,7 +1,7 @@
 """The demo's collector group over torchrl's own ``MultiSyncCollector``.
 
 :class:`TorchRLGroup` offers what ``weight-sync demo`` uses of a
-:class:`~collectors.group.CollectorGroup` (``next_batch``, ``batch_records``,
+:class:`~weight_sync.collectors.group.CollectorGroup` (``next_batch``, ``batch_records``,
 ``update_weights``, ``stats``, ``version``, ``summary``), but the processes, the
 rollouts and the batches are torchrl's: a ``MultiSyncCollector`` whose weights travel
 through :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`.
@@ -26,8 +26,8 @@ from typing import Any
 
 from tensordict import TensorDictBase
 from torchrl.collectors import MultiSyncCollector
+from weight_sync.collectors.group import BatchRecord, summarize
 
-from collectors.group import BatchRecord, summarize
 from weight_sync import SyncStats
 from weight_sync.torchrl import WeightSyncTorchRLScheme
 

@@ -14,7 +14,8 @@ initial sync: the policy never acts with its own random initialisation), then lo
    step (or only between batches) and writes into every step the version (and, on
    request, a checksum) of the weights that chose its action;
 3. send the batch to the learner over its channel, a :class:`MessageSink` (a pipe for a
-   local process; see :mod:`collectors.transport` for the format, its measured cost and
+   local process; see :mod:`weight_sync.collectors.batch_messages` for the format, its measured
+   cost and
    why it beats shared-memory tensors).
 
 Per-step tags make the version honest: with per-step polling an update can land in the
@@ -46,9 +47,10 @@ from typing import Any, Protocol
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
+from weight_sync.collectors.batch_messages import encode_message
 
-from collectors.transport import encode_message
-from weight_sync import ClosedError, ConnectionInfo, PeerGone, WeightReceiver
+from weight_sync import ConnectionInfo, WeightReceiver
+from weight_sync.errors import ClosedError, PeerGone
 from weight_sync.wire.layout import named_leaves
 
 __all__ = [
@@ -119,12 +121,13 @@ class WorkerSpec:
     info: ConnectionInfo
     """The learner's ``WeightSender.connection_info``."""
     env_factory: Callable[[int], Any]
-    """Module-level function ``seed -> env`` (e.g. ``collectors.task.make_env``)."""
+    """Module-level function ``seed -> env`` (e.g. ``weight_sync.collectors.task.make_env``)."""
     policy_factory: Callable[[], Any]
     """Module-level function building the policy (same layout as the learner's)."""
     collect_fn: Callable[..., Any]
     """Module-level rollout ``(env, policy, frames, state) -> (batch, state)`` (e.g.
-    ``collectors.task.collect``); ``state`` is ``None`` on the first batch. Required: the
+    ``weight_sync.collectors.task.collect``); ``state`` is ``None`` on the first batch. Required:
+    the
     worker is task-agnostic and has no default rollout."""
     frames_per_batch: int = 256
     """Environment steps per batch."""
@@ -141,7 +144,7 @@ class WorkerSpec:
     reattach_timeout: float = 0.0
     """``> 0``: a lost learner is waited for this long at the same address instead of
     ending the worker (``ReceiverConfig.reattach_timeout``; the worker keeps its weights
-    and its environment meanwhile). ``python -m collectors.remote --reattach-timeout``
+    and its environment meanwhile). ``python -m weight_sync.collectors.remote --reattach-timeout``
     sets it, and reconnects its batch channel too."""
 
     @property

@@ -4,9 +4,9 @@ Started by ``torch.distributed.run`` (``python -m torch.distributed.run
 --nproc-per-node 2 tests/dp_job.py OUT_DIR``) or called by torchrunx
 (:func:`run_rank`, with the process group already up). Each rank:
 
-1. joins the process group with :class:`~weight_sync.DistributedHelper`, starts from
+1. joins the process group with :class:`~weight_sync.training.DistributedHelper`, starts from
    its own random weights and takes rank 0's (``broadcast_parameters``);
-2. serves its share of the collectors (``helper.data_parallel_sender``), which run as
+2. serves its share of the collectors (``DataParallelSender``), which run as
    local processes under the test harness and report every version they apply with a
    digest of their weights;
 3. for each step: a backward pass on this rank's own data, ``reduce_gradients`` (checked
@@ -34,15 +34,9 @@ import torch
 from harness import pipe, spawn_collectors
 from torch import nn
 
-from weight_sync import (
-    ClosedError,
-    ConfigError,
-    ConnectionInfo,
-    DistributedHelper,
-    PeerGone,
-    WeightReceiver,
-    WeightSyncError,
-)
+from weight_sync import ConnectionInfo, WeightReceiver, WeightSyncError
+from weight_sync.errors import ClosedError, ConfigError, PeerGone
+from weight_sync.training import DataParallelSender, DistributedHelper
 
 NUM_COLLECTORS = 4
 STEPS = 3
@@ -120,7 +114,7 @@ def run_rank(out_dir: str | None = None) -> dict[str, Any] | None:
                               "started_equal": started_equal,
                               "equal_after_broadcast": _equal_on_all_ranks(helper, model),
                               "steps": []}
-    with helper.data_parallel_sender(model, NUM_COLLECTORS, timeout=WAIT_S) as sender:
+    with DataParallelSender(model, NUM_COLLECTORS, timeout=WAIT_S) as sender:
         served = sender.served()
         record["served"] = served
         readers, targets = [], []

@@ -23,15 +23,10 @@ import torch
 torch.set_num_threads(1)
 
 import weight_sync  # noqa: E402
-from weight_sync import (  # noqa: E402
-    ClosedError,
-    RelayConfig,
-    WeightReceiver,
-    WeightSender,
-    WeightSyncError,
-)
+from weight_sync import WeightReceiver, WeightSender, WeightSyncError  # noqa: E402
 from weight_sync.collector.hooks import ReceiverHooks  # noqa: E402
-from weight_sync.errors import CollectorFailed  # noqa: E402
+from weight_sync.config import RelayConfig  # noqa: E402
+from weight_sync.errors import ClosedError, CollectorFailed  # noqa: E402
 
 
 def weights_at(version: int, numel: int) -> dict[str, torch.Tensor]:

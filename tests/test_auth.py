@@ -22,17 +22,16 @@ from harness import pipe, spawn_collectors
 from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
 from weight_sync import (
-    AuthenticationError,
     ConnectionInfo,
-    ProtocolError,
     ReceiverConfig,
-    ReceiverHooks,
     SenderConfig,
     WeightReceiver,
     WeightSender,
     WeightSyncError,
 )
+from weight_sync.collector.hooks import ReceiverHooks
 from weight_sync.control.store import connect_client
+from weight_sync.errors import AuthenticationError, ProtocolError
 from weight_sync.wire.auth import SECRET_ENV, StreamKey
 from weight_sync.wire.protocol import Keys
 

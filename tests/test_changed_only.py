@@ -28,14 +28,13 @@ from versioned import MARGIN_S, RX_TIMEOUT_S
 
 from weight_sync import (
     CollectorFailed,
-    ConfigError,
     ConnectionInfo,
-    ProtocolError,
-    ReceiverHooks,
     WeightReceiver,
     WeightSender,
     WeightSyncError,
 )
+from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.errors import ConfigError, ProtocolError
 from weight_sync.wire.delta import DeltaSpec, spans
 from weight_sync.wire.layout import HEADER_BYTES
 

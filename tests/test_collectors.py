@@ -20,8 +20,7 @@ import pytest
 import torch
 from harness import process_gone
 from tensordict import TensorDict
-
-from collectors import (
+from weight_sync.collectors import (
     CHECKSUM_KEY,
     VERSION_KEY,
     WORKER_KEY,
@@ -32,9 +31,9 @@ from collectors import (
     CollectorTimeout,
     policy_checksum,
 )
-from collectors.demo import main as demo_main
-from collectors.task import collect, make_env, make_policy
-from collectors.transport import decode_message, encode_message
+from weight_sync.collectors.batch_messages import decode_message, encode_message
+from weight_sync.collectors.demo import main as demo_main
+from weight_sync.collectors.task import collect, make_env, make_policy
 
 FRAMES = 64
 TIMEOUTS = dict(connect_timeout=60.0, batch_timeout=60.0, shutdown_timeout=10.0)

@@ -8,7 +8,8 @@ import pickle
 
 import pytest
 
-from weight_sync import ConfigError, ConnectionInfo, ReceiverConfig, SenderConfig
+from weight_sync import ConnectionInfo, ReceiverConfig, SenderConfig
+from weight_sync.errors import ConfigError
 
 
 def _info(**overrides: object) -> ConnectionInfo:

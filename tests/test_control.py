@@ -11,9 +11,10 @@ import harness
 import pytest
 import torch.distributed as dist
 
-from weight_sync import ConnectionFailed, PeerGone, ProtocolError, WeightSyncTimeout
+from weight_sync import WeightSyncTimeout
 from weight_sync.control.channel import Control
 from weight_sync.control.store import StoreServer, connect_client
+from weight_sync.errors import ConnectionFailed, PeerGone, ProtocolError
 from weight_sync.wire.protocol import CLOSED, Hello, Keys, Update, Verdict
 
 pytestmark = pytest.mark.timeout(30)

@@ -13,13 +13,8 @@ import torch.distributed as dist
 from harness import Cluster, free_port
 from versioned import expected, fingerprint, make_weights, set_version
 
-from weight_sync import (
-    ClosedError,
-    ConfigError,
-    ConnectionInfo,
-    PeerGone,
-    WeightReceiver,
-)
+from weight_sync import ConnectionInfo, WeightReceiver
+from weight_sync.errors import ClosedError, ConfigError, PeerGone
 from weight_sync.learner.data_parallel import DataParallelSender, rank_and_world_size
 
 NUM_COLLECTORS = 5

@@ -12,20 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from weight_sync import (
-    ConfigError,
-    ConnectionInfo,
-    WeightSender,
-    WeightSyncTimeout,
+from weight_sync import ConnectionInfo, WeightSender, WeightSyncTimeout, info_from_env
+from weight_sync.control.discovery import (
     collector_id_from_env,
     env_for_collectors,
     info_from_address,
-    info_from_env,
 )
+from weight_sync.errors import ConfigError
 
 CHILD = """
 import json, torch
-from weight_sync import WeightReceiver, collector_id_from_env, info_from_env
+from weight_sync import WeightReceiver, info_from_env
+from weight_sync.control.discovery import collector_id_from_env
 weights = {"w": torch.zeros(4, 3), "n": torch.tensor(0)}
 receiver = WeightReceiver(weights, info_from_env(timeout=60), collector_id_from_env())
 first = receiver.connect(timeout=60)

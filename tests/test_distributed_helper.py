@@ -1,4 +1,4 @@
-""":class:`~weight_sync.DistributedHelper` as a single process and as 2 real gloo ranks
+""":class:`~weight_sync.training.DistributedHelper` as a single process and as 2 real gloo ranks
 (spawned processes that join through torchrun's variables on a free port)."""
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import torch.distributed as dist
 from harness import free_port, run_processes
 from torch import nn
 
-from weight_sync import (
-    ConfigError,
-    ConnectionFailed,
-    DistributedHelper,
-    WeightSyncTimeout,
-    slurm_environ,
-)
+from weight_sync import WeightSyncTimeout
+from weight_sync.errors import ConfigError, ConnectionFailed
+from weight_sync.training import DistributedHelper, slurm_environ
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,15 @@ import pytest
 import torch
 from versioned import RX_TIMEOUT_S
 
-from weight_sync import ConnectionInfo, ReceiverHooks, WeightReceiver, WeightSender
+from weight_sync import ConnectionInfo, WeightReceiver, WeightSender
+from weight_sync.collector.hooks import ReceiverHooks
 from weight_sync.errors import ConfigError
 from weight_sync.transports.base import LinkSpec
-from weight_sync.transports.distributed_receiver import POST_EARLY_BELOW, DistributedReceiver
+from weight_sync.transports.distributed_receiver import (
+    POST_EARLY_BELOW,
+    DistributedReceiver,
+    posts_early,
+)
 from weight_sync.wire.layout import HEADER_BYTES, BufferLayout
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,9 +169,9 @@ def test_only_small_gloo_messages_post_early() -> None:
         layout = BufferLayout.from_tensors({"w": torch.zeros(nbytes // 4, dtype=torch.float32)})
         return LinkSpec(0, 1, layout, backend=backend)
 
-    assert DistributedReceiver(spec(POST_EARLY_BELOW // 2)).posts_early
-    assert not DistributedReceiver(spec(POST_EARLY_BELOW)).posts_early
-    assert not DistributedReceiver(spec(POST_EARLY_BELOW // 2, "nccl")).posts_early
+    assert posts_early(spec(POST_EARLY_BELOW // 2))
+    assert not posts_early(spec(POST_EARLY_BELOW))
+    assert not posts_early(spec(POST_EARLY_BELOW // 2, "nccl"))
 
 
 def test_connection_info_changed_only_must_be_a_bool() -> None:

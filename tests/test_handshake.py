@@ -10,13 +10,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
-from weight_sync import (
-    DuplicateCollectorError,
-    LayoutMismatchError,
-    WeightReceiver,
-    WeightSender,
-)
+from weight_sync import WeightReceiver, WeightSender
 from weight_sync.control.channel import Control
+from weight_sync.errors import DuplicateCollectorError, LayoutMismatchError
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,19 +12,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import socket_transport
 import torch
 from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
-from weight_sync import IntegrityError, ReceiverHooks, WeightReceiver, WeightSender
+from weight_sync import WeightReceiver, WeightSender
+from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.errors import IntegrityError
 from weight_sync.transports import get_transport, transport_names
 from weight_sync.wire.hashing import NO_CHECKSUM, checksum_kind
 from weight_sync.wire.layout import HEADER_BYTES
 from weight_sync.wire.protocol import MAX_RESENDS
 
+#: The user-written transport of the example package docs/examples/socket-transport,
+#: found through its entry point (installed by the README's test command).
+SOCKET = "socket"
+
 pytestmark = pytest.mark.timeout(120)
 
-TRANSPORTS = sorted(set(transport_names()) | {socket_transport.NAME})
+TRANSPORTS = sorted(set(transport_names()) | {SOCKET})
 
 
 class Flipper:
@@ -77,7 +82,7 @@ def _receive_while_learner_waits(sender: WeightSender, rx: WeightReceiver) -> in
     return version
 
 
-LENDING = {name for name in TRANSPORTS if name != socket_transport.NAME
+LENDING = {name for name in TRANSPORTS if name != SOCKET
            and get_transport(name).lends}
 # A lent (zero-copy) message is the learner's memory read in place: it is checked with a
 # secret (its digest), not checksummed without one (test_lent_messages_not_checksummed).

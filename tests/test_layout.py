@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensordict import NonTensorData, TensorDict
 
-from weight_sync import BufferLayout, InvalidWeightsError, LayoutMismatchError
-from weight_sync.wire.layout import HEADER_BYTES, named_leaves
+from weight_sync.errors import InvalidWeightsError, LayoutMismatchError
+from weight_sync.wire.layout import HEADER_BYTES, BufferLayout, named_leaves
 
 
 def test_module_state_dict_and_tensordict_agree(mlp: torch.nn.Module) -> None:

@@ -108,7 +108,7 @@ def test_bench_found_despite_torchrls_benchmarks(tmp_path: Path) -> None:
 def test_worker_spec_has_no_default_rollout() -> None:
     """The generic worker must be told its rollout (no CartPole ``collect`` default)."""
     pytest.importorskip("torchrl")  # collectors/ needs the 'collectors' extra
-    from collectors.worker import WorkerSpec
+    from weight_sync.collectors.worker import WorkerSpec
 
     field = {f.name: f for f in dataclasses.fields(WorkerSpec)}["collect_fn"]
     assert field.default is dataclasses.MISSING

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from weight_sync import BufferLayout, InvalidWeightsError, ProtocolError
-from weight_sync.wire.layout import HEADER_BYTES, named_leaves
+from weight_sync.errors import InvalidWeightsError, ProtocolError
+from weight_sync.wire.layout import HEADER_BYTES, BufferLayout, named_leaves
 from weight_sync.wire.packing import MAGIC, copy_in, pack, read_header, swap_in, write_header
 from weight_sync.wire.snapshots import SnapshotPool
 

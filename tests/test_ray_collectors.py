@@ -1,4 +1,5 @@
-"""Collectors as Ray actors (:class:`~collectors.ray_launcher.RayLauncher`) on a real local Ray.
+"""Collectors as Ray actors (:class:`~weight_sync.collectors.ray_launcher.RayLauncher`) on a real
+local Ray.
 
 One Ray instance for the module (``ray.init`` with 4 logical CPUs, no dashboard), bound to
 127.0.0.1 and stopped at the end; every process it started carries a marker in its
@@ -34,7 +35,7 @@ ray = pytest.importorskip(
     "ray", reason="ray is not importable: these tests need the 'ray' extra "
                   "(pip install -e '.[ray]')", exc_type=ImportError)
 
-from collectors import (  # noqa: E402
+from weight_sync.collectors import (  # noqa: E402
     CHECKSUM_KEY,
     VERSION_KEY,
     WORKER_KEY,
@@ -43,9 +44,9 @@ from collectors import (  # noqa: E402
     CollectorTimeout,
     policy_checksum,
 )
-from collectors.errors import PlacementTimeout  # noqa: E402
-from collectors.ray_launcher import RayLauncher, RayLauncherConfig  # noqa: E402
-from collectors.task import collect, make_env, make_policy  # noqa: E402
+from weight_sync.collectors.errors import PlacementTimeout  # noqa: E402
+from weight_sync.collectors.ray_launcher import RayLauncher, RayLauncherConfig  # noqa: E402
+from weight_sync.collectors.task import collect, make_env, make_policy  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 

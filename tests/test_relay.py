@@ -26,7 +26,9 @@ from test_transports import _can_unshare, _namespaced  # noqa: E402
 
 import testbed  # noqa: E402
 from testbed import TestBed  # noqa: E402
-from weight_sync import ConfigError, RelayConfig, WeightSender  # noqa: E402
+from weight_sync import WeightSender  # noqa: E402
+from weight_sync.config import RelayConfig  # noqa: E402
+from weight_sync.errors import ConfigError  # noqa: E402
 from weight_sync.transports.relay_plan import LEARNER, Node, plan  # noqa: E402
 
 REASON = testbed.available()

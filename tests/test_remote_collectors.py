@@ -1,4 +1,4 @@
-"""Collectors started by someone else (``python -m collectors.remote``, as torchrun,
+"""Collectors started by someone else (``python -m weight_sync.collectors.remote``, as torchrun,
 SLURM or a shell on another host would start them), their batches back over the
 network to the learner's ``CollectorGroup`` through a :class:`NetworkLauncher`. Real
 processes on 127.0.0.1, every one reaped."""
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from weight_sync.collectors import CollectorDied, CollectorGroup, CollectorRefused, CollectorTimeout
+from weight_sync.collectors.demo import main as demo_main
+from weight_sync.collectors.remote import NetworkLauncher, connect
+from weight_sync.collectors.task import collect, make_env, make_policy
+from weight_sync.collectors.worker import VERSION_KEY, WORKER_KEY, WorkerSpec
 
-from collectors import CollectorDied, CollectorGroup, CollectorRefused, CollectorTimeout
-from collectors.demo import main as demo_main
-from collectors.remote import NetworkLauncher, connect
-from collectors.task import collect, make_env, make_policy
-from collectors.worker import VERSION_KEY, WORKER_KEY, WorkerSpec
 from weight_sync import ConnectionInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,8 @@ WAIT_S = 60.0  # hang guard on a loaded 2-core machine
 def remote(address: tuple[str, int], cid: int, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "WEIGHT_SYNC_COLLECTORS": f"{address[0]}:{address[1]}",
            "RANK": str(cid)}
-    return subprocess.Popen([sys.executable, "-m", "collectors.remote", *extra], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "weight_sync.collectors.remote",
+                             *extra], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 

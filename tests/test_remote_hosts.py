@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # checkout packages, like testbed/ and benchmarks/
     sys.path.insert(0, str(ROOT))
 
+from weight_sync.collectors.remote import ADDRESS_ENV, KEY_ENV  # noqa: E402
+
 import testbed  # noqa: E402
 from benchmarks.demo_hosts import PORT, run_on_bed  # noqa: E402
-from collectors.remote import ADDRESS_ENV, KEY_ENV  # noqa: E402
 from testbed import TestBed  # noqa: E402
 
 REASON = testbed.available()
@@ -64,9 +65,9 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
-from collectors import CollectorGroup, VERSION_KEY, WORKER_KEY
-from collectors.remote import NetworkLauncher
-from collectors.task import collect, make_env, make_policy
+from weight_sync.collectors import CollectorGroup, VERSION_KEY, WORKER_KEY
+from weight_sync.collectors.remote import NetworkLauncher
+from weight_sync.collectors.task import collect, make_env, make_policy
 from weight_sync import SenderConfig
 
 address, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -143,7 +144,8 @@ def test_a_collector_host_cut_off_is_reported_the_others_go_on_and_it_rejoins(
         learner = home.popen([sys.executable, str(script), str(ROOT), home.address, str(PORT),
                               "3"], env=env, stdout=subprocess.PIPE, cwd=str(ROOT))
         collectors = [bed.hosts[1 + cid].popen(
-            [sys.executable, "-m", "collectors.remote", "--id", str(cid), "--timeout", "120"],
+            [sys.executable, "-m", "weight_sync.collectors.remote",
+             "--id", str(cid), "--timeout", "120"],
             env={**env, ADDRESS_ENV: f"{home.address}:{PORT}"}, cwd=str(ROOT),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cid in range(3)]
         ready = line(learner, 240)
@@ -158,7 +160,8 @@ def test_a_collector_host_cut_off_is_reported_the_others_go_on_and_it_rejoins(
         cut_off_err = collectors[1].stderr.read() if collectors[1].stderr else ""
         bed.restore(2)  # and a new process takes collector 1's place
         again = bed.hosts[2].popen(
-            [sys.executable, "-m", "collectors.remote", "--id", "1", "--timeout", "120"],
+            [sys.executable, "-m", "weight_sync.collectors.remote",
+             "--id", "1", "--timeout", "120"],
             env={**env, ADDRESS_ENV: f"{home.address}:{PORT}"}, cwd=str(ROOT),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         final = line(learner, WAIT_S)

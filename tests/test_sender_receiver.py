@@ -18,19 +18,16 @@ import torch
 from tensordict import TensorDict
 
 from weight_sync import (
-    ClosedError,
-    ConnectionFailed,
     ConnectionInfo,
-    LayoutMismatchError,
-    ProtocolError,
-    ReceiverHooks,
     WeightReceiver,
     WeightSender,
     WeightSyncError,
     WeightSyncTimeout,
 )
+from weight_sync.collector.hooks import ReceiverHooks
 from weight_sync.control.channel import Control
 from weight_sync.control.store import connect_client
+from weight_sync.errors import ClosedError, ConnectionFailed, LayoutMismatchError, ProtocolError
 from weight_sync.wire.protocol import Keys
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weight_sync import BufferLayout
 from weight_sync.errors import IntegrityError
 from weight_sync.wire.hashing import CRC32, XXH3_64, Checksum, checksum
-from weight_sync.wire.layout import HEADER_BYTES
+from weight_sync.wire.layout import HEADER_BYTES, BufferLayout
 from weight_sync.wire.packing import check_payload, host_bytes, pack, write_header
 from weight_sync.wire.stamping import PIECE_BYTES, Stamper
 

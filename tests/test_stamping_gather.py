@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weight_sync import BufferLayout
+from weight_sync.wire.layout import BufferLayout
 from weight_sync.wire.packing import pack, write_header
 from weight_sync.wire.stamping import Gather, Stamper, storage_key
 

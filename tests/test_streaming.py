@@ -18,7 +18,8 @@ import pytest
 import torch
 from versioned import RX_TIMEOUT_S, fingerprint
 
-from weight_sync import ReceiverHooks, WeightReceiver, WeightSender
+from weight_sync import WeightReceiver, WeightSender
+from weight_sync.collector.hooks import ReceiverHooks
 from weight_sync.transports import TransportSpec, register_transport
 from weight_sync.transports.distributed_receiver import DistributedReceiver
 from weight_sync.transports.distributed_sender import DistributedSender

@@ -15,13 +15,8 @@ import models
 import pytest
 import torch
 
-from weight_sync import (
-    ClosedError,
-    LayoutMismatchError,
-    WeightReceiver,
-    WeightSender,
-    WeightSyncTimeout,
-)
+from weight_sync import WeightReceiver, WeightSender, WeightSyncTimeout
+from weight_sync.errors import ClosedError, LayoutMismatchError
 from weight_sync.wire.layout import named_leaves
 
 # A poll must return at once; this bound only guards against a hang.

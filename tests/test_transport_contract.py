@@ -1,5 +1,6 @@
 """One contract, every registered transport: the built-ins and a user's own (``socket``,
-registered by ``socket_transport.py`` the way the README shows).
+provided by the installed example package ``docs/examples/socket-transport`` through
+its entry point).
 
 Each guarantee of the README's Reliability section that a transport could break is
 checked here through ``WeightSender``/``WeightReceiver``: bit-exact weights after every
@@ -20,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import socket_transport
 import torch
 from harness import Cluster
 from versioned import (
@@ -34,19 +34,18 @@ from versioned import (
     set_version,
 )
 
-from weight_sync import (
-    ClosedError,
-    CollectorFailed,
-    ProtocolError,
-    ReceiverHooks,
-    WeightReceiver,
-    WeightSender,
-)
+from weight_sync import CollectorFailed, WeightReceiver, WeightSender
+from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.errors import ClosedError, ProtocolError
 from weight_sync.transports import get_transport, transport_names
+
+#: The user-written transport of the example package docs/examples/socket-transport,
+#: found through its entry point (installed by the README's test command).
+SOCKET = "socket"
 
 pytestmark = pytest.mark.timeout(120)
 
-TRANSPORTS = sorted(set(transport_names()) | {socket_transport.NAME})
+TRANSPORTS = sorted(set(transport_names()) | {SOCKET})
 
 
 @contextlib.contextmanager
@@ -176,7 +175,7 @@ def test_collector_killed_mid_transfer(cluster: Cluster, transport: str) -> None
     with WeightSender(weights, 2, timeout=RX_TIMEOUT_S, transport=transport) as sender:
         info = sender.connection_info
         cluster.start(info, 0, collector_dies_receiving)
-        cluster.start(info, 1, socket_transport.collector)
+        cluster.start(info, 1, collector_main)
         sender.connect(timeout=90)
         assert sender.transports == {0: transport, 1: transport}
         v = publish(sender, weights)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import harness
 import pytest
-import socket_transport
 import torch
 from harness import Cluster
 from test_transport_contract import group
@@ -28,14 +27,8 @@ from versioned import (
     publish,
 )
 
-from weight_sync import (
-    CollectorFailed,
-    ConfigError,
-    ConnectionInfo,
-    SenderConfig,
-    WeightReceiver,
-    WeightSender,
-)
+from weight_sync import CollectorFailed, ConnectionInfo, SenderConfig, WeightReceiver, WeightSender
+from weight_sync.errors import ConfigError
 from weight_sync.transports import (
     ReceiverTransport,
     SenderTransport,
@@ -47,17 +40,21 @@ from weight_sync.transports import (
 from weight_sync.transports.base import LearnerSide, LinkSpec
 from weight_sync.wire.layout import BufferLayout
 
+#: The user-written transport of the example package docs/examples/socket-transport,
+#: found through its entry point (installed by the README's test command).
+SOCKET = "socket"
+
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_registry_lists_builtins_and_refuses_bad_specs() -> None:
-    assert {"distributed", "shm", socket_transport.NAME} <= set(transport_names())
+    assert {"distributed", "shm", SOCKET} <= set(transport_names())
     assert get_transport("shm").fallback == "distributed"
     with pytest.raises(ConfigError, match=r"unknown transport 'nope'; registered: \[.*'shm'"):
         get_transport("nope")
-    spec = get_transport(socket_transport.NAME)
+    spec = get_transport(SOCKET)
     with pytest.raises(ConfigError, match="already registered"):
         register_transport(spec)
     register_transport(spec, replace=True)
@@ -70,7 +67,35 @@ def test_registry_lists_builtins_and_refuses_bad_specs() -> None:
         TransportSpec("a b", sender=spec.sender, receiver=spec.receiver)
 
 
-@pytest.mark.parametrize("name", sorted(set(transport_names()) | {socket_transport.NAME}))
+_FRESH = textwrap.dedent("""
+    import json, sys
+    import weight_sync
+    def loaded():
+        return sorted(m for m in sys.modules
+                      if m.startswith(("ws_socket_transport", "weight_sync.transports.")))
+    before = loaded()
+    from weight_sync.transports import get_transport, transport_names
+    names = transport_names()
+    spec = get_transport(sys.argv[1])
+    print(json.dumps({"before": before, "names": names, "spec": spec.name,
+                      "after": loaded()}))
+""")
+
+
+def test_an_installed_transport_is_found_by_its_entry_point_in_a_fresh_process() -> None:
+    """A process that never imported the plug-in package finds its transport by name,
+    and ``import weight_sync`` loads no transport implementation until one is used."""
+    out = subprocess.run([sys.executable, "-c", _FRESH, SOCKET], capture_output=True,
+                         text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert not [m for m in seen["before"] if m.endswith(("_sender", "_receiver"))
+                or m.startswith("ws_socket_transport")], seen["before"]
+    assert SOCKET in seen["names"] and seen["spec"] == SOCKET
+    assert "ws_socket_transport" in seen["after"]
+
+
+@pytest.mark.parametrize("name", sorted(set(transport_names()) | {SOCKET}))
 def test_each_end_satisfies_its_protocol(name: str) -> None:
     spec = get_transport(name)
     link = LinkSpec(0, 1, BufferLayout.from_weights(make_weights(0)))

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from weight_sync import ConfigError, ConnectionInfo, WeightReceiver, WeightSender
+from weight_sync import ConnectionInfo, WeightReceiver, WeightSender
+from weight_sync.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,44 +1,34 @@
-"""weight-sync: keep many RL collectors current with a learner's policy weights."""
+"""weight-sync: keep many RL collectors current with a learner's policy weights.
 
-from weight_sync.collector.hooks import ReceiverHooks
+The names a learner and a collector need, grouped by kind. The rest lives in its room:
+:mod:`weight_sync.errors` (every typed error), :mod:`weight_sync.transports` (choosing
+and writing transports), :mod:`weight_sync.training` (a data-parallel learner: its
+sender and a rank-aware helper), :mod:`weight_sync.collectors` (ready-made collector
+processes and launchers), :mod:`weight_sync.torchrl` (torchrl's collectors).
+"""
+
+# The two roles
 from weight_sync.collector.receiver import WeightReceiver
-from weight_sync.config import ConnectionInfo, ReceiverConfig, RelayConfig, SenderConfig
-from weight_sync.control.discovery import (
-    collector_id_from_env,
-    env_for_collectors,
-    info_from_address,
-    info_from_env,
-)
-from weight_sync.errors import (
-    AuthenticationError,
-    ClosedError,
-    CollectorFailed,
-    ConfigError,
-    ConnectionFailed,
-    DuplicateCollectorError,
-    IntegrityError,
-    InvalidWeightsError,
-    LayoutMismatchError,
-    PeerGone,
-    ProtocolError,
-    WeightSyncError,
-    WeightSyncTimeout,
-)
-from weight_sync.learner.data_parallel import DataParallelSender
 from weight_sync.learner.sender import WeightSender
-from weight_sync.metrics import AckResult, SyncRecord, SyncStats
-from weight_sync.training import DistributedHelper, slurm_environ
-from weight_sync.wire.layout import BufferLayout
+
+# Settings, and what a collector process is handed
+from weight_sync.config import ConnectionInfo, ReceiverConfig, SenderConfig  # isort: skip
+from weight_sync.control.discovery import info_from_env  # isort: skip
+
+# Results
+from weight_sync.metrics import AckResult, SyncStats  # isort: skip
+
+# Errors (the base and the two a training loop handles; all of them in weight_sync.errors)
+from weight_sync.errors import CollectorFailed, WeightSyncError, WeightSyncTimeout  # isort: skip
 
 __all__ = [
-    "WeightSender", "WeightReceiver", "DataParallelSender", "DistributedHelper", "ConnectionInfo",
-    "SenderConfig", "ReceiverConfig", "ReceiverHooks", "RelayConfig",
-    "BufferLayout", "SyncRecord", "SyncStats",
-    "WeightSyncError", "WeightSyncTimeout", "ConnectionFailed", "PeerGone",
-    "LayoutMismatchError", "InvalidWeightsError", "ProtocolError", "ClosedError",
-    "CollectorFailed", "ConfigError", "DuplicateCollectorError", "IntegrityError",
-    "AuthenticationError", "AckResult",
-    "info_from_env", "info_from_address", "collector_id_from_env", "env_for_collectors",
-    "slurm_environ",
+    # roles
+    "WeightSender", "WeightReceiver",
+    # settings
+    "SenderConfig", "ReceiverConfig", "ConnectionInfo", "info_from_env",
+    # results
+    "AckResult", "SyncStats",
+    # errors
+    "WeightSyncError", "WeightSyncTimeout", "CollectorFailed",
 ]
 __version__ = "0.1.0"

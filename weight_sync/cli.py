@@ -73,7 +73,7 @@ def _missing(exc: ImportError, names: frozenset[str]) -> str | None:
 
 def _demo(rest: list[str]) -> int:
     try:
-        from collectors.demo import main as demo_main
+        from weight_sync.collectors.demo import main as demo_main
     except ImportError as exc:
         missing = _missing(exc, _DEMO_NEEDS)
         if missing is None:

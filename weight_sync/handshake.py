@@ -27,8 +27,8 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from weight_sync.control.channel import Control
 from weight_sync.errors import (

@@ -14,9 +14,8 @@ mjlab's conventions are built in: :meth:`~DistributedHelper.seed` is ``base + ra
 only rank 0 writes files and logs (:meth:`~DistributedHelper.is_writer`), and
 :meth:`~DistributedHelper.reduce_gradients` averages the gradients with one
 all-reduce of one flat tensor per step (rsl_rl's ``reduce_parameters``).
-:meth:`~DistributedHelper.data_parallel_sender` builds this rank's
-:class:`~weight_sync.learner.data_parallel.DataParallelSender`, so each rank serves its share
-of the collectors.
+Its companion :class:`DataParallelSender` (exported here too) is the one way to serve
+collectors from such a learner: each rank serves its share of them.
 
 Example (every rank; ``torchrun --nproc-per-node 2 train.py``)::
 
@@ -26,7 +25,7 @@ Example (every rank; ``torchrun --nproc-per-node 2 train.py``)::
     helper.broadcast_parameters(policy)           # ...made sure of
     torch.manual_seed(helper.seed(cfg.seed))      # then each rank its own samples
     cfg = helper.scale_batch_config(cfg, "batch_size")   # keep the global batch
-    sender = helper.data_parallel_sender(policy, num_collectors=8)
+    sender = DataParallelSender(policy, num_collectors=8)
     launch(sender.served())                       # this rank's collectors
     sender.connect(timeout=120)
     for step in range(steps):
@@ -55,7 +54,7 @@ from weight_sync.errors import ConfigError, ConnectionFailed, WeightSyncTimeout
 from weight_sync.learner.data_parallel import DataParallelSender, rank_and_world_size
 from weight_sync.wire.layout import named_leaves
 
-__all__ = ["DistributedHelper", "slurm_environ"]
+__all__ = ["DataParallelSender", "DistributedHelper", "slurm_environ"]
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +213,6 @@ class DistributedHelper:
         if self.device.type == "cuda":
             ddp_options.setdefault("device_ids", [self.device])
         return nn.parallel.DistributedDataParallel(policy, **ddp_options)
-
-    def data_parallel_sender(self, policy: Any, num_collectors: int,
-                             **options: Any) -> DataParallelSender:
-        """This rank's :class:`DataParallelSender`: collector ``i`` is served by rank
-        ``i % world_size`` (``sender.served()`` lists this rank's); ``options`` go to it.
-        Build it on every rank, in the same order."""
-        return DataParallelSender(policy, num_collectors, rank=self._rank,
-                                  world_size=self._world_size, **options)
 
     # -- collectives -------------------------------------------------------------------
     def synchronize(self) -> None:

@@ -18,7 +18,8 @@ import pytest
 import torch
 from versioned import MARGIN_S, fingerprint, make_weights, set_version
 
-from weight_sync import (
+from weight_sync import WeightReceiver, WeightSender
+from weight_sync.errors import (
     ClosedError,
     ConnectionFailed,
     DuplicateCollectorError,
@@ -26,8 +27,6 @@ from weight_sync import (
     LayoutMismatchError,
     PeerGone,
     ProtocolError,
-    WeightReceiver,
-    WeightSender,
 )
 from weight_sync.wire.layout import named_leaves
 from weight_sync.wire.snapshots import SnapshotPool

@@ -24,14 +24,8 @@ from versioned import (
     publish,
 )
 
-from weight_sync import (
-    AckResult,
-    CollectorFailed,
-    ConfigError,
-    WeightReceiver,
-    WeightSender,
-    WeightSyncTimeout,
-)
+from weight_sync import AckResult, CollectorFailed, WeightReceiver, WeightSender, WeightSyncTimeout
+from weight_sync.errors import ConfigError
 
 
 @pytest.mark.parametrize("transport", ["distributed", "shm"])

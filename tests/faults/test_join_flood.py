@@ -11,14 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from versioned import RX_TIMEOUT_S, expected, fingerprint, make_weights, publish
 
-from weight_sync import (
-    AuthenticationError,
-    ConfigError,
-    WeightReceiver,
-    WeightSender,
-    WeightSyncError,
-)
+from weight_sync import WeightReceiver, WeightSender, WeightSyncError
 from weight_sync.control.store import connect_client
+from weight_sync.errors import AuthenticationError, ConfigError
 from weight_sync.wire.auth import SECRET_ENV
 
 pytestmark = pytest.mark.timeout(180)

@@ -23,14 +23,9 @@ import torch
 from harness import ChildFailed, ChildTimeout, Cluster
 from versioned import MARGIN_S, RX_TIMEOUT_S, expected, fingerprint, make_weights, set_version
 
-from weight_sync import (
-    ConnectionInfo,
-    ProtocolError,
-    WeightReceiver,
-    WeightSender,
-    WeightSyncError,
-)
+from weight_sync import ConnectionInfo, WeightReceiver, WeightSender, WeightSyncError
 from weight_sync.collector.reattach import check_first_version
+from weight_sync.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -267,10 +262,10 @@ def group_learner(out: Connection, go: Connection, weight_port: int, launcher_po
     the given ports (0: any), starting at ``version``; reports each batch and updates
     the weights after it; after ``batches`` batches it parks (``park``: no more
     updates, until the test kills it) or closes the group."""
-    from collectors import CollectorGroup
-    from collectors.remote import NetworkLauncher
-    from collectors.task import collect, make_env, make_policy
-    from collectors.worker import VERSION_KEY
+    from weight_sync.collectors import CollectorGroup
+    from weight_sync.collectors.remote import NetworkLauncher
+    from weight_sync.collectors.task import collect, make_env, make_policy
+    from weight_sync.collectors.worker import VERSION_KEY
 
     torch.manual_seed(0)
     policy = make_policy()
@@ -313,7 +308,7 @@ def test_remote_collector_taken_over_by_a_restarted_group() -> None:
                "RANK": "0"}
         # A file, not a pipe: c10d's stack traces as the first learner dies could fill
         # a pipe nobody reads until the end, and block the collector.
-        proc = subprocess.Popen([sys.executable, "-m", "collectors.remote",
+        proc = subprocess.Popen([sys.executable, "-m", "weight_sync.collectors.remote",
                                  "--reattach-timeout", str(REMOTE_REATTACH_S)], cwd=root,
                                 env=env, stdout=subprocess.DEVNULL, stderr=err_file,
                                 text=True)

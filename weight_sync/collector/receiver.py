@@ -218,7 +218,8 @@ class WeightReceiver:
             link = ReceiverLink(spec, transport.receiver(spec),
                                 self._control(deadline - time.monotonic()), control,
                                 self._hooks, lends=transport.lends, key=joined.key,
-                                changed_only=self.info.changed_only)
+                                changed_only=self.info.changed_only,
+                                **vars(transport.capabilities(spec)))
         except BaseException:
             control.close()
             raise

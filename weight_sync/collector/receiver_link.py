@@ -74,7 +74,8 @@ class ReceiverLink:
     def __init__(self, spec: LinkSpec, end: ReceiverTransport, listener: Control,
                  acker: Control, hooks: ReceiverHooks | None = None, *,
                  lends: bool = False, key: StreamKey | None = None,
-                 changed_only: bool = False) -> None:
+                 changed_only: bool = False, streams: bool = False,
+                 posts_early: bool = False) -> None:
         self.spec = spec
         self._key = key
         self._refusals = 0  # messages refused in a row (failed digest or checksum)
@@ -84,11 +85,11 @@ class ReceiverLink:
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self._end = end
-        self._streaming = end if isinstance(end, StreamingReceiver) and end.streams else None
+        self._streaming = end if streams and isinstance(end, StreamingReceiver) else None
         # Hash streamed pieces as they land: not when a hook may still change the
         # message after it landed, nor once the learner is seen to send no checksum.
         self._hash_ahead = key is None and (hooks is None or hooks.after_receive is None)
-        self._early = (end if isinstance(end, EarlyReceiver) and end.posts_early
+        self._early = (end if posts_early and isinstance(end, EarlyReceiver)
                        and not lends and not changed_only
                        and (hooks is None or hooks.before_receive is None) else None)
         self._listener = listener

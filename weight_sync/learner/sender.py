@@ -246,7 +246,7 @@ class WeightSender:
                           liveness_timeout=self.config.liveness_timeout,
                           peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends,
                           key=self._key, changed_only=self.config.changed_only,
-                          stats=self.stats)
+                          stats=self.stats, streams=spec.capabilities(link_spec).streams)
 
     def _admit_joins(self, *, force: bool = False) -> None:
         """Install collectors that (re)joined, catching them up with the newest

@@ -18,7 +18,7 @@ import time
 from weight_sync.control.channel import Control
 from weight_sync.errors import CollectorFailed, ConnectionFailed, WeightSyncError
 from weight_sync.metrics import SyncStats
-from weight_sync.transports.base import LinkSpec, SenderTransport, Sending, StreamingSender
+from weight_sync.transports.base import LinkSpec, SenderTransport, Sending
 from weight_sync.wire.auth import StreamKey
 from weight_sync.wire.delta import DeltaEncoder
 from weight_sync.wire.protocol import CLOSED, MAX_RESENDS, Update
@@ -84,7 +84,7 @@ class SenderLink:
                  control: Control, *, liveness_timeout: float | None = None,
                  peer_pid: int | None = None, lends: bool = False,
                  key: StreamKey | None = None, changed_only: bool = False,
-                 stats: SyncStats | None = None) -> None:
+                 stats: SyncStats | None = None, streams: bool = False) -> None:
         self.spec = spec
         self._key = key
         self._delta = DeltaEncoder(spec.layout) if changed_only else None
@@ -96,7 +96,7 @@ class SenderLink:
         self.peer_pid = peer_pid
         self.lends = lends
         self._end = end
-        self._streams = isinstance(end, StreamingSender) and end.streams
+        self._streams = streams
         self._control = control
         self._seq = 0  # next message number
         self._beats = -1  # heartbeat counter last read

@@ -124,12 +124,11 @@ class SenderTransport(Protocol):
 
 @runtime_checkable
 class StreamingSender(SenderTransport, Protocol):
-    """A learner's end that can start a message before it is packed."""
-
-    streams: bool
-    """True if :meth:`send` may be given a snapshot still being packed: the end waits
-    for each span's bytes (:meth:`~weight_sync.wire.snapshots.Snapshot.wait_packed`)
-    before sending it, so its link signals the collector before the pack."""
+    """A learner's end that can start a message before it is packed: on a link where
+    its spec says it ``streams`` (:meth:`TransportSpec.capabilities
+    <weight_sync.transports.registry.TransportSpec.capabilities>`), :meth:`send` may be
+    given a snapshot still being packed, and the end waits for each span's bytes
+    (:meth:`~weight_sync.wire.snapshots.Snapshot.wait_packed`) before sending it."""
 
 
 @runtime_checkable
@@ -165,10 +164,8 @@ class ReceiverTransport(Protocol):
 
 @runtime_checkable
 class StreamingReceiver(ReceiverTransport, Protocol):
-    """A collector's end that reports each piece of a message as it lands."""
-
-    streams: bool
-    """True if the link's messages arrive in pieces (``landed`` is then called)."""
+    """A collector's end that reports each piece of a message as it lands (on a link
+    where its spec says it ``streams``)."""
 
     def receive(self, note: str, buffer: torch.Tensor | None, timeout: float,
                 landed: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -181,10 +178,8 @@ class StreamingReceiver(ReceiverTransport, Protocol):
 @runtime_checkable
 class EarlyReceiver(ReceiverTransport, Protocol):
     """A collector's end that can post the receive of the next whole message before
-    the learner signals it, so the bytes flow as soon as the learner sends them."""
-
-    posts_early: bool
-    """True if :meth:`post` may be used on this link."""
+    the learner signals it, so the bytes flow as soon as the learner sends them (on a
+    link where its spec says it ``posts_early``)."""
 
     def post(self, buffer: torch.Tensor) -> None:
         """Post the receive of the next message into ``buffer`` (again with the same

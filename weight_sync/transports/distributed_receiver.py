@@ -18,7 +18,7 @@ from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import COLLECTOR_RANK, PairGroup
 from weight_sync.transports.streaming import STREAM_NOTE, pieces, streams
 
-__all__ = ["DistributedReceiver"]
+__all__ = ["DistributedReceiver", "posts_early"]
 
 POST_EARLY_BELOW = 1 << 20
 """Messages under this many bytes are received by a receive posted before their signal
@@ -29,21 +29,22 @@ post it. Measured here, alternating, 1 collector: a 298-leaf 100K-parameter poli
 message inside ``send_weights_async`` (4 MB: 0.65 ms there became 0.7-1.3 ms)."""
 
 
+def posts_early(spec: LinkSpec) -> bool:
+    """True if a link's messages are small enough to be received by a ``recv`` posted
+    before their signal (gloo, a whole message under :data:`POST_EARLY_BELOW`)."""
+    return (spec.backend == "gloo" and not streams(spec)
+            and spec.layout.nbytes < POST_EARLY_BELOW)
+
+
 class DistributedReceiver:
     """Receives each message with one point-to-point ``recv`` on the link's own group,
-    or a streamed one with a ``recv`` per piece, all posted at once.
-
-    Attributes:
-        streams: the link's messages arrive in pieces.
-        posts_early: the link's messages are small enough to be received by a
-            ``recv`` posted before their signal (:meth:`post`; gloo only).
+    or a streamed one with a ``recv`` per piece, all posted at once; a small whole
+    message by a ``recv`` posted before its signal (:meth:`post`, :func:`posts_early`).
     """
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
-        self.streams = streams(spec)
-        self.posts_early = (spec.backend == "gloo" and not self.streams
-                            and spec.layout.nbytes < POST_EARLY_BELOW)
+        self._posts_early = posts_early(spec)
         self._pair = PairGroup(spec, COLLECTOR_RANK)
         self._posted: tuple[torch.Tensor, Any] | None = None  # (buffer, its recv)
 
@@ -78,7 +79,7 @@ class DistributedReceiver:
     def post(self, buffer: torch.Tensor) -> None:
         """See :class:`~weight_sync.transports.base.EarlyReceiver`."""
         group = self._pair.group
-        if group is None or not self.posts_early:
+        if group is None or not self._posts_early:
             raise ProtocolError(f"{self.spec.who()}: no early receive on this link")
         if self._posted is not None:
             if self._posted[0] is not buffer:

@@ -99,16 +99,12 @@ class _Stream:
 class DistributedSender:
     """Sends each message with one point-to-point ``send`` on the link's own group, or,
     on a link that :func:`~weight_sync.transports.streaming.streams` given a snapshot
-    still being packed, in pieces as it is packed.
-
-    Attributes:
-        streams: the link streams its messages: its :meth:`send` may be given a
-            snapshot still being packed (:meth:`Snapshot.wait_packed`).
+    still being packed, in pieces as it is packed (:meth:`Snapshot.wait_packed`).
     """
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
-        self.streams = streams(spec)
+        self._streams = streams(spec)
         self._pair = PairGroup(spec, LEARNER_RANK)
 
     def connect(self, channel: LinkChannel, timeout: float) -> None:
@@ -119,7 +115,7 @@ class DistributedSender:
         if group is None:
             raise CollectorFailed(f"send to {self.spec.who()} on a link that is not "
                                   f"connected", self.spec.collector_id)
-        if self.streams and not snapshot.packed:
+        if self._streams and not snapshot.packed:
             return _Stream(self.spec, group, self._pair.peer, snapshot)
         try:
             work = group.send([snapshot.buffer], self._pair.peer, 0)

@@ -1,12 +1,23 @@
-"""Transports by name: the built-ins, and any a user registers.
+"""Transports by name: the built-ins, those pip-installed packages provide, and any a
+user registers.
 
 ``WeightSender(..., transport="<name>")`` proposes a transport; for each collector the
 learner takes the first of that transport and its fallbacks that both ends can use,
 and tells the collector which one in its admission verdict. A collector looks the name
-up in its own registry, so a user's transport must be registered in both processes
-(e.g. at import of the module that defines it).
+up in its own registry, which finds it in one of three places, in this order:
 
-Example::
+1. registered in this process (:func:`register_transport`);
+2. a built-in (``"distributed"``, ``"shm"``, ``"relay"``), imported on first use;
+3. an installed package's entry point in the group ``weight_sync.transports`` whose name
+   is the transport's and whose object is a :class:`TransportSpec` (or a callable that
+   returns one), loaded on first use. Such a transport exists in every process of the
+   environment, a freshly spawned collector included, without any import::
+
+       # the plug-in package's pyproject.toml
+       [project.entry-points."weight_sync.transports"]
+       socket = "ws_socket_transport:SPEC"
+
+Example (in-process)::
 
     from weight_sync.transports import TransportSpec, register_transport
 
@@ -16,8 +27,12 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
 
 from weight_sync.config import SenderConfig
 from weight_sync.errors import ConfigError
@@ -28,20 +43,41 @@ from weight_sync.transports.base import (
     ReceiverTransport,
     SenderTransport,
 )
-from weight_sync.transports.distributed_receiver import DistributedReceiver
-from weight_sync.transports.distributed_sender import DistributedSender
-from weight_sync.transports.relay_receiver import RelayReceiver
-from weight_sync.transports.relay_sender import RelayHub
-from weight_sync.transports.shm_receiver import ShmReceiver, probe_shm
-from weight_sync.transports.shm_sender import ShmOffer, ShmSender
 
-__all__ = ["TransportSpec", "register_transport", "get_transport", "transport_names",
-           "fallback_chain"]
+__all__ = ["ENTRY_POINT_GROUP", "LinkCapabilities", "TransportSpec", "fallback_chain",
+           "get_transport", "register_transport", "sender_chain", "transport_names"]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "weight_sync.transports"
+"""The entry-point group an installed package provides transports through."""
+
+# name -> "module:attribute" of the built-ins, imported on first use.
+_BUILTINS = {name: f"weight_sync.transports.builtins:{name}"
+             for name in ("distributed", "shm", "relay")}
+
+
+@dataclass(frozen=True)
+class LinkCapabilities:
+    """What a transport's ends do on one link (from :meth:`TransportSpec.capabilities`).
+
+    Attributes:
+        streams: the learner's end may be given a snapshot still being packed and the
+            collector's end reports each piece as it lands (the ends implement
+            :class:`~weight_sync.transports.base.StreamingSender` /
+            :class:`~weight_sync.transports.base.StreamingReceiver`).
+        posts_early: the collector's end can post the receive of the next whole message
+            before its signal (:class:`~weight_sync.transports.base.EarlyReceiver`).
+    """
+
+    streams: bool = False
+    posts_early: bool = False
 
 
 @dataclass(frozen=True)
 class TransportSpec:
-    """A registered transport.
+    """A registered transport, and every capability it has, declared here and nowhere
+    else.
 
     Attributes:
         name: what ``WeightSender(transport=...)`` and the verdicts call it.
@@ -65,6 +101,10 @@ class TransportSpec:
             messages (``SenderConfig.changed_only``), whose size and content differ per
             collector; one shared write (``"shm"``) or one stream for all (``"relay"``)
             cannot.
+        streams: per link, whether its ends stream messages in pieces
+            (:class:`LinkCapabilities`); ``None``: never.
+        posts_early: per link, whether the collector's end posts receives early;
+            ``None``: never.
     """
 
     name: str
@@ -78,6 +118,8 @@ class TransportSpec:
     probe: Callable[[Mapping[str, str]], dict[str, str]] | None = None
     learner: Callable[[SenderConfig], LearnerSide] | None = None
     deltas: bool = False
+    streams: Callable[[LinkSpec], bool] | None = None
+    posts_early: Callable[[LinkSpec], bool] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or " " in self.name:
@@ -91,45 +133,90 @@ class TransportSpec:
             raise ConfigError(f"transport {self.name!r}: give both offer and probe, or "
                               f"neither")
 
+    def capabilities(self, link: LinkSpec) -> LinkCapabilities:
+        """What this transport's ends do on ``link``."""
+        return LinkCapabilities(
+            streams=self.streams is not None and self.streams(link),
+            posts_early=self.posts_early is not None and self.posts_early(link))
+
 
 _REGISTRY: dict[str, TransportSpec] = {}
+
+
+def _installed() -> dict[str, Any]:
+    """The entry points of installed transport packages, by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load(name: str) -> TransportSpec | None:
+    """Load the built-in or installed transport ``name`` into the registry."""
+    if name in _BUILTINS:
+        module, attribute = _BUILTINS[name].split(":")
+        spec = getattr(importlib.import_module(module), attribute)
+    else:
+        ep = _installed().get(name)
+        if ep is None:
+            return None
+        try:
+            spec = ep.load()
+            if not isinstance(spec, TransportSpec) and callable(spec):
+                spec = spec()
+        except Exception as exc:
+            raise ConfigError(f"transport {name!r} from entry point {ep.value!r} (group "
+                              f"{ENTRY_POINT_GROUP!r}) failed to load: {exc!r}") from exc
+        if not isinstance(spec, TransportSpec) or spec.name != name:
+            raise ConfigError(f"entry point {name!r} = {ep.value!r} (group "
+                              f"{ENTRY_POINT_GROUP!r}) must give a TransportSpec named "
+                              f"{name!r}, got {spec!r}")
+        log.debug("transport %r loaded from entry point %s", name, ep.value)
+    if spec.fallback is not None:
+        get_transport(spec.fallback)
+    _REGISTRY.setdefault(name, spec)
+    return _REGISTRY[name]
 
 
 def register_transport(spec: TransportSpec, *, replace: bool = False) -> None:
     """Make ``spec`` available by its name, in this process.
 
     Raises:
-        ConfigError: the name is taken (unless ``replace``), or its fallback unknown.
+        ConfigError: the name is taken by a registered, built-in or installed transport
+            (unless ``replace``), or its fallback unknown.
     """
-    if spec.name in _REGISTRY and not replace:
+    if not isinstance(spec, TransportSpec):
+        raise ConfigError(f"register_transport takes a TransportSpec, got {spec!r}")
+    if not replace and spec.name in transport_names():
         raise ConfigError(f"a transport named {spec.name!r} is already registered")
-    if spec.fallback is not None and spec.fallback not in _REGISTRY:
+    if spec.fallback is not None and spec.fallback not in transport_names():
         raise ConfigError(f"transport {spec.name!r} falls back to {spec.fallback!r}, "
                           f"which is not registered")
     _REGISTRY[spec.name] = spec
 
 
 def get_transport(name: str) -> TransportSpec:
-    """The transport registered as ``name``.
+    """The transport known as ``name`` (loading a built-in or installed one).
 
     Raises:
-        ConfigError: no such transport (the registered names are listed).
+        ConfigError: no such transport (the known names are listed).
     """
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown transport {name!r}; registered: "
-                          f"{sorted(_REGISTRY)}") from None
+    if not isinstance(name, str):
+        raise ConfigError(f"a transport name must be a string, got {name!r}")
+    spec = _REGISTRY.get(name) or _load(name)
+    if spec is None:
+        raise ConfigError(f"unknown transport {name!r}; registered: {transport_names()} (an "
+                          f"installed one needs an entry point in group "
+                          f"{ENTRY_POINT_GROUP!r})")
+    return spec
 
 
 def transport_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every transport known to this process, loaded or not."""
+    return sorted({*_REGISTRY, *_BUILTINS, *_installed()})
 
 
 def fallback_chain(name: str) -> list[TransportSpec]:
     """``name``'s spec, then its fallback's, and so on."""
     chain = [get_transport(name)]
-    while chain[-1].fallback is not None and len(chain) <= len(_REGISTRY):
+    while chain[-1].fallback is not None and len(chain) <= len(transport_names()):
         chain.append(get_transport(chain[-1].fallback))
     return chain
 
@@ -151,13 +238,3 @@ def sender_chain(config: SenderConfig) -> list[TransportSpec]:
                           f"{' or '.join(map(repr, chain[0].backends))}, got "
                           f"{config.backend!r}")
     return chain
-
-
-register_transport(TransportSpec("distributed", sender=DistributedSender,
-                                 receiver=DistributedReceiver, deltas=True))
-register_transport(TransportSpec("shm", sender=ShmSender, receiver=ShmReceiver,
-                                 backends=("gloo",), fallback="distributed",
-                                 shared_snapshots=True, lends=True, offer=ShmOffer,
-                                 probe=probe_shm))
-register_transport(TransportSpec("relay", sender=None, receiver=RelayReceiver,
-                                 backends=("gloo",), learner=RelayHub))

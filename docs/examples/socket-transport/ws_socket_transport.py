@@ -1,22 +1,29 @@
-"""A transport written the way a user would write one: a plain TCP socket per link.
+"""A transport package, written the way a user would write one: a plain TCP socket per
+link.
 
-Registered as ``"socket"`` when this module is imported (in the learner's process and,
-through the collector entry point below, in every collector process), then run through
-the same contract suite as the built-ins (``test_transport_contract.py``).
+Installed with pip (``pip install docs/examples/socket-transport``), it provides the
+transport ``"socket"`` through its entry point (``pyproject.toml``)::
+
+    [project.entry-points."weight_sync.transports"]
+    socket = "ws_socket_transport:SPEC"
+
+so every process of the environment finds it by name, a freshly spawned collector
+included, without importing this module. It uses only :mod:`weight_sync.transports`
+and :mod:`weight_sync.errors`, and passes the same contract suite as the built-ins
+(``tests/test_transport_contract.py``).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import Any
 
 import torch
 
-from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import CollectorFailed, PeerGone, WeightSyncTimeout
-from weight_sync.transports import LinkSpec, TransportSpec, get_transport, register_transport
-from weight_sync.wire.snapshots import Snapshot
+from weight_sync.transports import LinkChannel, LinkSpec, Snapshot, TransportSpec
+
+__all__ = ["SPEC", "SocketReceiver", "SocketSender"]
 
 NAME = "socket"
 
@@ -114,20 +121,5 @@ class SocketReceiver:
             self._sock = None
 
 
-def register() -> None:
-    """Register ``"socket"`` once per process."""
-    try:
-        get_transport(NAME)
-    except ValueError:
-        register_transport(TransportSpec(NAME, sender=SocketSender, receiver=SocketReceiver,
-                                         backends=("gloo",)))
-
-
-register()
-
-
-def collector(*args: Any, **kwargs: Any) -> None:
-    """``versioned.collector_main``, in a process that knows this transport."""
-    from versioned import collector_main
-
-    collector_main(*args, **kwargs)
+SPEC = TransportSpec(NAME, sender=SocketSender, receiver=SocketReceiver, backends=("gloo",))
+"""What the entry point gives: the transport's ends and what it can do."""

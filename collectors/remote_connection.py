@@ -12,7 +12,7 @@ __all__ = ["ADDRESS_ENV", "CREDIT", "KEY_ENV", "STOP", "framed", "shared_key", "
 
 #: The shared key a remote collector proves (default: a fixed, public one; set it).
 KEY_ENV = "WEIGHT_SYNC_COLLECTOR_KEY"
-#: ``host:port`` of the learner's :class:`~collectors.remote.NetworkLauncher`, for the
+#: ``host:port`` of the learner's :class:`~weight_sync.collectors.remote.NetworkLauncher`, for the
 #: collector's entry point.
 ADDRESS_ENV = "WEIGHT_SYNC_COLLECTORS"
 _DEFAULT_KEY = b"weight-sync-collectors"

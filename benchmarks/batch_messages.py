@@ -1,11 +1,11 @@
 """Cost of returning a collector's batch to the learner, four ways, in the same run.
 
 A collector process (spawn, 1 thread) sends ``--batches`` copies of a real CartPole batch
-(``collectors.task.collect``, ``--frames`` frames) over a ``multiprocessing.Pipe``, one
+(``weight_sync.collectors.task.collect``, ``--frames`` frames) over a ``multiprocessing.Pipe``, one
 every ``--pace-ms`` (so the figures are per-batch costs, not a backlog); the learner
 (1 thread) receives and decodes each. Modes, alternated per round:
 
-* ``codec``: ``collectors.transport.encode_message`` + ``send_bytes`` (what the
+* ``codec``: ``weight_sync.collectors.batch_messages.encode_message`` + ``send_bytes`` (what the
   collectors use);
 * ``shm_leaves``: ``send(td)``: torch's reductions put every leaf in its own
   shared-memory segment and pass its descriptor;
@@ -15,7 +15,7 @@ every ``--pace-ms`` (so the figures are per-batch costs, not a backlog); the lea
 Reported per mode: the collector's time to encode + send, the learner's time to receive
 + decode, and the end-to-end latency (stamp before encode -> decoded), median and p90.
 
-    python -m benchmarks.batch_transport --frames 256 --batches 300 --json-out out.json
+    python -m benchmarks.batch_messages --frames 256 --batches 300 --json-out out.json
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
-
-from collectors.task import collect, make_env, make_policy
-from collectors.transport import decode_message, encode_message
+from weight_sync.collectors.batch_messages import decode_message, encode_message
+from weight_sync.collectors.task import collect, make_env, make_policy
 
 MODES = ("codec", "shm_leaves", "shm_consolidated", "pickle")
 

@@ -17,7 +17,7 @@ storage and views into it: one copy on each side (~80 µs to encode, ~70 µs to 
 the demo's batch in-process).
 
 Why bytes over a pipe and not torch's shared-memory tensors (``send(td)``)? Measured
-with ``python -m benchmarks.batch_transport --batches 200`` on this project's 2-core
+with ``python -m benchmarks.batch_messages --batches 200`` on this project's 2-core
 machine while other jobs ran (a CartPole batch of 256 frames: 16 leaves, 22 KB; one batch
 per 10 ms, collector and learner with 1 thread; median of 2 x 200 batches; p50 µs):
 
