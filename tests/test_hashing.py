@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weight_sync import hashing
+from weight_sync.wire import hashing
 from weight_sync.errors import ConfigError
 from weight_sync.wire.layout import BufferLayout
 from weight_sync.wire.packing import check_payload, write_header
