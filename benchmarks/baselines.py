@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-__all__ = ["measure_torchrl", "measure_raw_gloo", "measure_memcpy", "summarize",
+__all__ = ["measure_torchrl", "measure_raw_gloo", "measure_memcpy", "num_threads", "summarize",
            "fingerprint", "collect_results", "wait_up", "reap"]
 
 try:
@@ -77,7 +77,7 @@ def summarize(samples: Sequence[float], nbytes: int, n: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _num_threads(threads: int | None) -> Iterator[None]:
+def num_threads(threads: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count for the block, then restore it."""
     previous = torch.get_num_threads()
     if threads is not None:
@@ -226,7 +226,7 @@ def measure_torchrl(
     if dist.is_initialized():
         raise RuntimeError("measure_torchrl needs the default process group to be free")
     td = timedelta(seconds=timeout)
-    with _num_threads(threads):
+    with num_threads(threads):
         policy = policies.make_policy(params, kind, seed)
         ctx = _Context(policy)
         scheme = DistributedWeightSyncScheme(backend="gloo", sync=True, timeout=timeout)
@@ -367,7 +367,7 @@ def measure_raw_gloo(
         The common keys plus ``method``, ``setup_s``, ``correct`` and, when
         ``include_n1`` and N > 1, the same statistics for N=1 under ``n1_*`` keys.
     """
-    with _num_threads(threads):
+    with num_threads(threads):
         samples, correct, setup_s = _raw_gloo_once(nbytes, num_collectors, rounds, warmup, timeout)
         out = summarize(samples, nbytes, num_collectors)
         out.update(
@@ -387,7 +387,7 @@ def measure_memcpy(
     nbytes: int, rounds: int = 30, warmup: int = 3, threads: int | None = 1
 ) -> dict[str, Any]:
     """Time an in-process ``copy_`` of ``nbytes`` between two preallocated uint8 tensors."""
-    with _num_threads(threads):
+    with num_threads(threads):
         src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         dst = torch.zeros(nbytes, dtype=torch.uint8)
         samples = []

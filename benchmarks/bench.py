@@ -1,15 +1,19 @@
-"""``weight-sync bench``: weight-sync's round latency next to torchrl and the raw limit.
+"""``weight-sync bench``: weight-sync's round latency next to torchrl, Ray and the raw limit.
 
 For every configuration (leaf kind x policy size x N collectors) one run measures, in
-an order rotated from one configuration to the next: weight-sync's round per
-transport (``benchmarks.sync_latency``), torchrl's ``DistributedWeightSyncScheme``
-on the same policy and N, one flat tensor of the same bytes over raw gloo, and an
+an order rotated from one configuration to the next: weight-sync's round
+(``benchmarks.sync_latency``) with no settings (``default``: the README's first example,
+``WeightSender(policy, num_collectors=N)``, no transport keyword) and with each forced
+transport (``distributed``, ``shm``, ``relay``; any registered name or ``auto`` with
+``--transports``), torchrl's ``DistributedWeightSyncScheme`` on the same policy and N,
+the Ray object store (``benchmarks.ray_baseline``: ``ray.put`` once per version, N actors
+``ray.get`` and load it), one flat tensor of the same bytes over raw gloo, and an
 in-process memcpy of the same bytes (``benchmarks.baselines``). All processes are
-real (spawn), learner and collectors run ``torch.set_num_threads(1)``, ports come
-from port 0, every child is reaped. Results go to JSON (``--results-dir``:
+real (spawn, or Ray actors), learner and collectors run ``torch.set_num_threads(1)``,
+ports come from port 0, every child is reaped. Results go to JSON (``--results-dir``:
 ``bench-<stamp>.json`` and ``latest.json``), then ``benchmarks.report`` renders
 ``RESULTS.md`` and plots (``--report-dir``) unless ``--no-report``. By default a full
-run writes ``benchmarks/results/`` and the committed ``benchmarks/RESULTS.md`` and plots;
+run writes ``benchmarks/results/``: JSON, and the committed ``RESULTS.md`` and plots;
 a ``--quick`` run writes all of it under ``benchmarks/results/quick/`` instead (ignored
 by git), so it never overwrites the full results. A global ``--budget-s`` skips the
 configurations that would overrun it, with the reason recorded.
@@ -38,11 +42,14 @@ from typing import Any
 
 import torch
 
-from benchmarks import baselines, policies
+from benchmarks import baselines, policies, ray_baseline
 from benchmarks.sync_latency import measure_weight_sync
+from weight_sync.config import SenderConfig
+from weight_sync.transports import transport_names
+from weight_sync.transports.registry import AUTO
 
-__all__ = ["QUICK_DIR", "TRANSPORTS", "default_dirs", "machine_info", "main",
-           "run_sweep"]
+__all__ = ["BASELINES", "DEFAULT_TRANSPORTS", "QUICK_DIR", "TRANSPORTS", "default_dirs",
+           "machine_info", "main", "run_sweep"]
 
 BENCH_DIR = Path(__file__).resolve().parent
 QUICK_DIR = BENCH_DIR / "results" / "quick"
@@ -50,11 +57,17 @@ QUICK_DIR = BENCH_DIR / "results" / "quick"
 SIZES = (100_000, 1_000_000, 10_000_000, 100_000_000)
 QUICK_SIZES = (100_000, 1_000_000)
 TRANSPORTS: dict[str, Callable[..., dict[str, Any]]] = {
-    "distributed": measure_weight_sync,
-    "shm": functools.partial(measure_weight_sync, transport="shm"),
+    "default": measure_weight_sync,
+    **{name: functools.partial(measure_weight_sync, transport=name)
+       for name in sorted({*transport_names(), AUTO})},
 }
-"""weight-sync transports measured, name -> ``measure(params, kind, n, rounds, warmup,
-timeout)``; the JSON names each ``weight_sync/<name>``."""
+"""weight-sync series, name -> ``measure(params, kind, n, rounds, warmup, timeout)``; the
+JSON names each ``weight_sync/<name>``. ``default`` passes no transport (what a user with
+no settings gets); every other name forces that transport."""
+DEFAULT_TRANSPORTS = ("default", "distributed", "shm", "relay")
+"""The weight-sync series a run measures unless ``--transports`` says otherwise."""
+BASELINES = ("torchrl", "ray", "raw_gloo", "memcpy")
+"""The comparison points, in the JSON by these names."""
 BUILD_S_PER_PARAM = 1e-8
 """Rough cost of building one parameter in a process (for the budget estimate only)."""
 ASSUMED_GBPS = 1.0
@@ -66,7 +79,7 @@ def default_dirs(quick: bool) -> tuple[Path, Path]:
     away from the full run's ``latest.json``, ``RESULTS.md`` and plots."""
     if quick:
         return QUICK_DIR, QUICK_DIR
-    return BENCH_DIR / "results", BENCH_DIR
+    return BENCH_DIR / "results", BENCH_DIR / "results"
 
 
 def default_rounds(params: int, quick: bool) -> tuple[int, int]:
@@ -95,7 +108,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     versions: dict[str, str | None] = {}
-    for pkg in ("torch", "torchrl", "tensordict", "numpy", "weight-sync"):
+    for pkg in ("torch", "torchrl", "tensordict", "ray", "numpy", "weight-sync"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -130,8 +143,9 @@ def _command_line(argv: list[str]) -> str:
 def _thread_settings() -> dict[str, Any]:
     env = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     return {
-        "policy": "learner and every collector/worker process torch.set_num_threads(1) during "
-                  "measurement (the learner's setting is restored afterwards)",
+        "policy": "learner and every collector/worker process (Ray actors too: num_cpus=1) "
+                  "torch.set_num_threads(1) during measurement (the learner's setting is "
+                  "restored afterwards)",
         "parent_torch_threads": torch.get_num_threads(),
         "env": {k: os.environ.get(k) for k in env},
     }
@@ -160,6 +174,10 @@ def _measure(thing: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
         return TRANSPORTS[thing.split("/", 1)[1]](p, kind, n, rounds, warmup, timeout)
     if thing == "torchrl":
         res = baselines.measure_torchrl(p, kind, n, rounds, warmup, timeout)
+        res.pop("method", None)
+        return res
+    if thing == "ray":
+        res = ray_baseline.measure_ray(p, kind, n, rounds, warmup, timeout)
         res.pop("method", None)
         return res
     if thing == "raw_gloo":
@@ -215,8 +233,11 @@ def _finish(cfg: dict[str, Any], transports: list[str]) -> None:
             continue
         cfg["ratios"][name] = {
             f"to_{other}": ours["median_s"] / res[other]["median_s"]
-            for other in ("torchrl", "raw_gloo", "memcpy") if other in res
+            for other in BASELINES if other in res
         }
+        if "memcpy" in res:
+            cfg["ratios"][name]["async_to_memcpy"] = (ours["async_median_s"]
+                                                      / res["memcpy"]["median_s"])
 
 
 def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -224,7 +245,7 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     t_start = time.monotonic()
     machine = machine_info()
     skips = _parse_skips(args.skip_torchrl)
-    things = [f"weight_sync/{t}" for t in args.transports] + ["torchrl", "raw_gloo", "memcpy"]
+    things = [f"weight_sync/{t}" for t in args.transports] + list(args.baselines)
     configs: list[dict[str, Any]] = []
     done: list[dict[str, Any]] = []
     index = 0
@@ -288,7 +309,9 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
         "rounds_note": "rounds/warmup per config: --rounds/--warmup if given, else "
                        + ("5/1 (quick)" if args.quick
                           else "30/3 up to 2M params, 15/2 up to 20M, 5/1 above"),
+        "default_transport": SenderConfig().transport,
         "torchrl_method": baselines.TORCHRL_METHOD,
+        "ray_method": ray_baseline.RAY_METHOD,
         "configs": configs,
         "total_wall_s": time.monotonic() - t_start,
         "all_correct": all(flags),
@@ -304,7 +327,7 @@ def _progress(label: str, cfg: dict[str, Any], transports: list[str]) -> str:
         return f"{res[thing]['median_s'] * 1e3:8.2f}" if thing in res else "     n/a"
 
     parts = [f"ws/{t} {ms('weight_sync/' + t)} ms" for t in transports]
-    parts += [f"torchrl {ms('torchrl')}", f"raw {ms('raw_gloo')}", f"memcpy {ms('memcpy')}"]
+    parts += [f"{b} {ms(b)}" for b in BASELINES if b in res]
     ok = all(cfg["correct"].values())
     return f"{label}: {' | '.join(parts)}  correct={ok}  wall {cfg['wall_s']:.1f}s"
 
@@ -323,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-collectors", type=int, default=4,
                         help="largest default N, doubling from 1 (default 4)")
     parser.add_argument("--transports", nargs="+", choices=sorted(TRANSPORTS),
-                        default=sorted(TRANSPORTS), help="weight-sync transports to measure")
+                        default=list(DEFAULT_TRANSPORTS),
+                        help="weight-sync series to measure: 'default' (no transport "
+                             "keyword) and forced transports (default: %(default)s)")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
+                        help="comparison points to measure (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (all configs)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (all configs)")
     parser.add_argument("--timeout", type=float, default=120.0,
@@ -339,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-out", type=Path, default=None,
                         help="dated JSON path (default RESULTS_DIR/bench-<stamp>.json)")
     parser.add_argument("--report-dir", type=Path, default=None,
-                        help="where RESULTS.md and the plots go (default benchmarks/; "
+                        help="where RESULTS.md and the plots go (default benchmarks/results/; "
                              "with --quick benchmarks/results/quick/)")
     parser.add_argument("--no-report", action="store_true", help="do not render RESULTS.md")
     return parser

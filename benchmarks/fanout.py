@@ -6,6 +6,9 @@ link shaped with tc to ``--rate`` both ways, each host with its own hostname and
 one collector on each of hosts 1..H, for H in ``--hosts``. For every H, in an order
 rotated from one H to the next, one run of each series:
 
+* ``default``: weight-sync with no settings: ``WeightSender(policy, N, host=<host 0's
+  address>)``, no transport keyword (what a user gets; ``placements`` records where the
+  sender put each collector);
 * ``relay``: weight-sync, ``transport="relay"`` (chain, ``fanout=1``);
 * ``direct``: weight-sync, ``transport="distributed"`` (one gloo pair per collector);
 * ``torchrl``: torchrl's ``DistributedWeightSyncScheme`` (its real classes; sender on
@@ -19,15 +22,16 @@ A weight-sync round is ``send_weights_async`` -> ``wait_ack`` from all collector
 (``async_s``: the learner's time inside ``send_weights_async``); after the last round
 every collector's weights are compared with the learner's (``correct``). Medians of
 ``--rounds`` rounds after ``--warmup``. Every process runs ``torch.set_num_threads(1)``.
-``--small-params`` (default 100K) repeats relay, direct and torchrl with a small policy
-for latency (the chain adds a hop per host).
+``--small-params`` (default 100K) repeats the weight-sync series and torchrl with a small
+policy for latency (the chain adds a hop per host). ``--series`` measures only some series.
 
     python -m benchmarks.fanout                      # 25M params, hosts 1 2 4 8, 1 Gbit/s
     python -m benchmarks.fanout --quick              # 2.5M params, hosts 1 2, 2 rounds
+    python -m benchmarks.fanout --hosts 1 8 --series default relay
 
 Writes ``benchmarks/results/fanout-<stamp>.json`` and ``.png`` (``--quick``: under
 ``benchmarks/results/quick/``) and prints a markdown table. Needs root and iproute2.
-The run quoted in the README is kept as ``benchmarks/fanout.json`` / ``fanout.png``.
+The run quoted in the docs is kept as ``benchmarks/results/fanout.json`` / ``fanout.png``.
 """
 
 from __future__ import annotations
@@ -52,9 +56,9 @@ import testbed  # noqa: E402
 from testbed import TestBed  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-SERIES = ("relay", "direct", "torchrl", "tcp_chain")
-_COLORS = {"relay": "tab:blue", "direct": "tab:orange", "torchrl": "tab:green",
-           "tcp_chain": "tab:red", "wire": "tab:gray"}
+SERIES = ("default", "relay", "direct", "torchrl", "tcp_chain")
+_COLORS = {"default": "tab:purple", "relay": "tab:blue", "direct": "tab:orange",
+           "torchrl": "tab:green", "tcp_chain": "tab:red", "wire": "tab:gray"}
 _RATES = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
@@ -129,8 +133,9 @@ class Procs:
             err.unlink(missing_ok=True)
 
 
-def _ws(bed: TestBed, hosts: int, numel: int, transport: str, a: dict[str, Any]
+def _ws(bed: TestBed, hosts: int, numel: int, transport: str | None, a: dict[str, Any]
         ) -> dict[str, Any]:
+    """One weight-sync run; ``transport=None``: no transport keyword (the default)."""
     procs = Procs(a["timeout"] * 3)
     try:
         home = bed.hosts[0]
@@ -148,7 +153,7 @@ def _ws(bed: TestBed, hosts: int, numel: int, transport: str, a: dict[str, Any]
     return {"rounds_s": rep["rounds_s"], "async_s": rep["async_s"],
             "median_s": statistics.median(rep["rounds_s"]),
             "async_median_s": statistics.median(rep["async_s"]),
-            "fallbacks": rep["fallbacks"],
+            "fallbacks": rep["fallbacks"], "placements": rep["placements"],
             "correct": all(g["digest"] == rep["digest"] and g["version"] == last
                            for g in got)}
 
@@ -199,6 +204,8 @@ def _chain(bed: TestBed, hosts: int, nbytes: int, a: dict[str, Any]) -> dict[str
 
 def measure(bed: TestBed, series: str, hosts: int, numel: int, a: dict[str, Any]
             ) -> dict[str, Any]:
+    if series == "default":
+        return _ws(bed, hosts, numel, None, a)
     if series == "relay":
         return _ws(bed, hosts, numel, "relay", a)
     if series == "direct":
@@ -213,11 +220,14 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     bits = rate_bits(args.rate)
     report: dict[str, Any] = {
         "rate": args.rate, "params": args.params, "small_params": args.small_params,
-        "hosts": args.hosts, "rounds": args.rounds, "warmup": args.warmup,
+        "hosts": args.hosts, "series": list(args.series), "rounds": args.rounds,
+        "warmup": args.warmup,
         "nbytes": args.params * 4, "wire_s": args.params * 4 * 8 / bits, "rows": []}
     with TestBed(hosts=max(args.hosts) + 1, rate=args.rate) as bed:
+        series_all = [s for s in SERIES if s in args.series]
         for i, hosts in enumerate(args.hosts):
-            order = SERIES[i % len(SERIES):] + SERIES[:i % len(SERIES)]
+            shift = i % len(series_all)
+            order = series_all[shift:] + series_all[:shift]
             for params, kind, series_set in ((args.params, "large", order),
                                              (args.small_params, "small",
                                               [s for s in order if s != "tcp_chain"])):
@@ -241,26 +251,42 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     return report
 
 
+_NAMES = {"default": "default", "relay": "relay", "direct": "direct", "torchrl": "torchrl",
+          "tcp_chain": "TCP chain"}
+
+
 def table(report: dict[str, Any], policy: str = "large") -> str:
+    """The markdown table of ``report``'s rows for ``policy`` (``"large"``/``"small"``):
+    median round ms per series measured, ``bytes / rate``, the learner's time inside
+    ``send_weights_async`` and the growth over the fewest hosts for weight-sync's
+    ``default`` and ``relay``, and where ``default`` placed the collectors."""
     rows = [r for r in report["rows"] if r["policy"] == policy]
     if not rows:
         return ""
-    head = ("| hosts | relay | direct | torchrl | TCP chain | bytes/rate | relay async |"
-            " relay / 1-host relay |")
-    lines = [head, "|" + "---|" * 8]
-    one = next((r["results"].get("relay", {}).get("median_s") for r in rows
-                if r["hosts"] == min(x["hosts"] for x in rows)), None)
+    present = [s for s in SERIES if any(s in r["results"] for r in rows)]
+    ws = [s for s in ("default", "relay") if s in present]
+    head = (["hosts", *(_NAMES[s] for s in present), "bytes/rate"]
+            + [f"{s} async" for s in ws] + [f"{s} / {rows[0]['hosts']}-host {s}" for s in ws]
+            + (["default placed on"] if "default" in ws else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = next(r for r in rows if r["hosts"] == min(x["hosts"] for x in rows))
+
+    def ratio(row: dict[str, Any], s: str) -> str:
+        one = first["results"].get(s, {}).get("median_s")
+        v = row["results"].get(s, {}).get("median_s")
+        return f"{v / one:.2f}x" if v and one else "—"
 
     def ms(row: dict[str, Any], s: str, key: str = "median_s") -> str:
         v = row["results"].get(s, {}).get(key)
         return "—" if v is None else f"{v * 1e3:.1f}"
 
     for r in rows:
-        relay = r["results"].get("relay", {}).get("median_s")
-        ratio = f"{relay / one:.2f}x" if relay and one else "—"
-        lines.append(f"| {r['hosts']} | {ms(r, 'relay')} | {ms(r, 'direct')} | "
-                     f"{ms(r, 'torchrl')} | {ms(r, 'tcp_chain')} | {r['wire_s'] * 1e3:.1f} | "
-                     f"{ms(r, 'relay', 'async_median_s')} | {ratio} |")
+        cells = [str(r["hosts"]), *(ms(r, s) for s in present), f"{r['wire_s'] * 1e3:.1f}"]
+        cells += [ms(r, s, "async_median_s") for s in ws] + [ratio(r, s) for s in ws]
+        if "default" in ws:
+            placed = r["results"].get("default", {}).get("placements") or {}
+            cells.append(", ".join(f"{k} x{n}" for k, n in sorted(placed.items())) or "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -306,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--series", nargs="+", choices=SERIES, default=list(SERIES),
+                   help="the series to measure (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="2.5M params, hosts 1 2, 2 rounds (a smoke run)")
     p.add_argument("--results-dir", type=Path, default=None)

@@ -55,13 +55,17 @@ def _step(policy: Flat, r: int) -> None:
 
 # -- weight-sync ----------------------------------------------------------------------
 def ws_learner(a: dict[str, Any]) -> None:
+    """``a["transport"]`` ``None``: no settings but the learner's address (and the bound
+    on waits), as a user who names no transport; else that transport, forced."""
     from weight_sync import WeightSender
     from weight_sync.config import RelayConfig
 
     policy = Flat(a["numel"])
-    with WeightSender(policy, a["n"], host=a["address"], transport=a["transport"],
-                      timeout=a["timeout"], liveness_timeout=a["timeout"],
-                      relay=RelayConfig(**a.get("relay", {}))) as tx:
+    forced = {} if a["transport"] is None else {
+        "transport": a["transport"], "liveness_timeout": a["timeout"],
+        "relay": RelayConfig(**a.get("relay", {}))}
+    with WeightSender(policy, a["n"], host=a["address"], timeout=a["timeout"],
+                      **forced) as tx:
         emit(info=tx.connection_info.to_json())
         tx.connect(timeout=a["timeout"])
         rounds, inside = [], []
@@ -76,8 +80,11 @@ def ws_learner(a: dict[str, Any]) -> None:
                 inside.append(t1 - t0)
         fallbacks = (tx.learner_side("relay").fallbacks  # type: ignore[attr-defined]
                      if a["transport"] == "relay" else None)
+        placements: dict[str, int] = {}
+        for name in tx.transports.values():
+            placements[name] = placements.get(name, 0) + 1
         emit(report=True, rounds_s=rounds, async_s=inside, digest=digest(policy),
-             version=tx.version, fallbacks=fallbacks)
+             version=tx.version, fallbacks=fallbacks, placements=placements)
         tx.close()  # now: the collectors report once they read the close
 
 

@@ -28,7 +28,7 @@ the end), unexpected exits, the learner's RSS (first round -> last, per incarnat
 Exit status 1 unless mismatches, hangs and unexpected exits are 0 and every collector
 ended at the final version. Needs root and iproute2; not in the default test run.
 
-    python -m benchmarks.soak_hosts --rounds 1000 --json-out benchmarks/soak-hosts.json
+    python -m benchmarks.soak_hosts --rounds 1000 --json-out benchmarks/results/soak-hosts.json
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import platform
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from benchmarks.policies import count_leaves, make_policy
 from weight_sync import ConnectionInfo, WeightReceiver, WeightSender
 from weight_sync.errors import ClosedError, PeerGone
 from weight_sync.transports import transport_names
+from weight_sync.transports.registry import AUTO
 
 __all__ = ["measure_weight_sync", "receive_until_closed", "timed_rounds", "main"]
 
@@ -93,11 +95,13 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
                         **sender_options: Any) -> dict[str, Any]:
     """Measure weight-sync rounds; checks the collectors end bit-exact with the learner.
 
-    ``sender_options`` go to :class:`WeightSender` (e.g. ``chunk_bytes``).
+    ``sender_options`` go to :class:`WeightSender` (e.g. ``transport``, ``chunk_bytes``);
+    none: what a user with no settings gets.
 
     Returns:
         ``summarize`` figures plus ``async_median_s`` (learner time inside
-        ``send_weights_async``), ``leaves`` and ``correct``.
+        ``send_weights_async``), ``placements`` (transport -> how many collectors the
+        sender placed on it, :attr:`WeightSender.transports`), ``leaves`` and ``correct``.
     """
     ctx = mp.get_context("spawn")
     previous = torch.get_num_threads()
@@ -118,6 +122,7 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
         in_async = [t1 - t0 for t0, t1, _ in windows]
         expected = fingerprint(policy)
         final_version = sender.version
+        placements = dict(Counter(sender.transports.values()))
         sender.close()
         results = collect_results(q, num_collectors, timeout)
     finally:
@@ -127,6 +132,7 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
     out = summarize(samples, sender.layout.nbytes, num_collectors)
     out.update(
         async_median_s=float(sorted(in_async)[len(in_async) // 2]),
+        placements=placements,
         leaves=count_leaves(policy),
         correct=all(v == final_version and fp == expected for v, fp in results.values()),
     )
@@ -139,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                         default=[100_000, 1_000_000, 10_000_000, 100_000_000])
     parser.add_argument("--collectors", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--kind", default="wide", choices=["wide", "deep"])
-    parser.add_argument("--transport", default="distributed", choices=transport_names())
+    parser.add_argument("--transport", default="default",
+                        choices=["default", *transport_names(), AUTO],
+                        help="'default': no transport keyword (what a user with no settings "
+                             "gets); any other name is forced")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=None)
@@ -148,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     for params in args.sizes:
         for n in args.collectors:
             rounds = args.rounds if params < 50_000_000 else max(5, args.rounds // 3)
-            ours = measure_weight_sync(params, args.kind, n, rounds, args.warmup,
-                                       transport=args.transport)
+            forced = {} if args.transport == "default" else {"transport": args.transport}
+            ours = measure_weight_sync(params, args.kind, n, rounds, args.warmup, **forced)
             raw = measure_raw_gloo(int(ours["nbytes"]), n, rounds, args.warmup)
             row = {
                 "params": params, "kind": args.kind, "num_collectors": n,

@@ -3,8 +3,9 @@ weight-sync's :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme` against the
 collector's default ``SharedMemWeightSyncScheme``.
 
 For every configuration (leaf kind x policy size x N workers) one run measures, in an
-order rotated from one configuration to the next: the weight-sync scheme over
-``"distributed"`` (gloo) and over ``"shm"``, and torchrl's ``SharedMemWeightSyncScheme``
+order rotated from one configuration to the next: the weight-sync scheme with its
+default transport (no keyword), over ``"distributed"`` (gloo) and over ``"shm"``, and
+torchrl's ``SharedMemWeightSyncScheme``
 (what ``MultiSyncCollector`` uses when given no scheme). Each builds a real
 ``MultiSyncCollector`` with N spawned workers on CartPole (``GymEnv``) whose policy is
 a benchmark policy (``benchmarks.policies``: 8-leaf "wide" or 298-leaf "deep"; the
@@ -47,6 +48,11 @@ bounded by ``--shutdown-timeout`` and its time is recorded as ``shutdown_s``.
     python -m benchmarks.torchrl_scheme --collector distributed --workers 2 --rounds 10
 
 JSON: ``benchmarks/results/torchrl_scheme_distributed-<stamp>.json``.
+
+``--collector unified`` builds torchrl's unified ``Collector(make_env, policy=,
+num_collectors=N, sync=True)`` (a ``MultiSyncCollector`` underneath) instead of naming
+``MultiSyncCollector``; everything else as the default run. JSON:
+``benchmarks/results/torchrl_scheme_unified-<stamp>.json``.
 """
 
 from __future__ import annotations
@@ -76,9 +82,12 @@ __all__ = ["BenchActor", "main", "measure", "measure_distributed"]
 
 SIZES = (1_000_000, 10_000_000)
 WORKERS = (2, 4)
-THINGS = ("weight_sync/distributed", "weight_sync/shm", "torchrl/shared_mem")
-"""What is measured: our scheme per transport, torchrl's default for MultiSync."""
-DIST_THINGS = ("weight_sync/distributed", "weight_sync/shm", "torchrl/distributed")
+THINGS = ("weight_sync/default", "weight_sync/distributed", "weight_sync/shm",
+          "torchrl/shared_mem")
+"""What is measured: our scheme with its default transport (no keyword) and per
+transport, and torchrl's default for MultiSync (last: the baseline)."""
+DIST_THINGS = ("weight_sync/default", "weight_sync/distributed", "weight_sync/shm",
+               "torchrl/distributed")
 """With ``--collector distributed``: torchrl's default is ``DistributedWeightSyncScheme``."""
 
 
@@ -123,23 +132,32 @@ def _scheme(thing: str, timeout: float) -> Any:
         return DistributedWeightSyncScheme(backend="gloo", sync=True, timeout=timeout)
     from weight_sync.torchrl import WeightSyncTorchRLScheme
 
-    return WeightSyncTorchRLScheme(transport=thing.split("/", 1)[1], timeout=timeout,
-                                   ack_timeout=timeout)
+    transport = thing.split("/", 1)[1]
+    if transport == "default":  # as a newcomer writes it: no transport keyword
+        return WeightSyncTorchRLScheme(timeout=timeout, ack_timeout=timeout)
+    return WeightSyncTorchRLScheme(transport=transport, timeout=timeout, ack_timeout=timeout)
 
 
 def measure(thing: str, params: int, kind: str, workers: int, rounds: int, warmup: int,
-            timeout: float) -> dict[str, Any]:
-    """Time ``update_policy_weights_()`` of one scheme on one collector."""
-    from torchrl.collectors import MultiSyncCollector
+            timeout: float, unified: bool = False) -> dict[str, Any]:
+    """Time ``update_policy_weights_()`` of one scheme on one collector: a
+    ``MultiSyncCollector``, or (``unified``) torchrl's unified
+    ``Collector(make_env, policy=, num_collectors=N, sync=True)``."""
+    from torchrl.collectors import Collector, MultiSyncCollector
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     actor = make_actor(params, kind)
     scheme = _scheme(thing, timeout)
     start = time.monotonic()
-    collector = MultiSyncCollector([make_env] * workers, policy=actor,
-                                   frames_per_batch=8 * workers, total_frames=-1,
-                                   weight_sync_schemes={"policy": scheme})
+    if unified:
+        collector = Collector(make_env, policy=actor, num_collectors=workers, sync=True,
+                              frames_per_batch=8 * workers, total_frames=-1,
+                              weight_sync_schemes={"policy": scheme})
+    else:
+        collector = MultiSyncCollector([make_env] * workers, policy=actor,
+                                       frames_per_batch=8 * workers, total_frames=-1,
+                                       weight_sync_schemes={"policy": scheme})
     setup_s = time.monotonic() - start
     leaf = next(actor.parameters())
     samples = []
@@ -334,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     dist = args.collector == "distributed"
     things = DIST_THINGS if dist else THINGS
-    baseline = things[2]
+    baseline = things[-1]
     configs = []
     index = 0
     for kind in args.kinds:
@@ -356,8 +374,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 thing, size, kind, n, rounds, warmup, args.timeout,
                                 args.shutdown_timeout)
                         else:
-                            cfg["results"][thing] = measure(thing, size, kind, n, rounds,
-                                                            warmup, args.timeout)
+                            cfg["results"][thing] = measure(
+                                thing, size, kind, n, rounds, warmup, args.timeout,
+                                unified=args.collector == "unified")
                     except Exception as exc:
                         cfg["errors"][thing] = "".join(
                             traceback.format_exception_only(type(exc), exc)).strip()
@@ -375,7 +394,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              for c in configs for r in c["results"].values()]
     report: dict[str, Any] = {
         "benchmark": "torchrl scheme: update_policy_weights_() in "
-                     + ("DistributedCollector" if dist else "MultiSyncCollector"),
+                     + {"distributed": "DistributedCollector",
+                        "unified": "Collector(num_collectors=N, sync=True)"}.get(
+                            args.collector, "MultiSyncCollector"),
         "command": "python -m benchmarks.torchrl_scheme " + " ".join(args.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -413,20 +434,21 @@ def _line(cfg: dict[str, Any], things: tuple[str, ...] = THINGS) -> str:
 
 def table(report: dict[str, Any]) -> str:
     """The README table: median ms of update_policy_weights_(), and torchrl / ours."""
-    lines = ["| policy | params | N | weight-sync gloo | weight-sync shm | torchrl SharedMem "
-             "| torchrl / best ours | workers aliased to the learner (ours / torchrl) | correct |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | params | N | weight-sync default | weight-sync gloo | weight-sync shm "
+             "| torchrl SharedMem | torchrl / default ours "
+             "| workers aliased to the learner (ours / torchrl) | correct |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in report["configs"]:
         res = cfg["results"]
-        ours = [res[t]["median_s"] for t in THINGS[:2] if t in res]
+        ours = [res[t]["median_s"] for t in THINGS[:1] if t in res]
         base = res.get("torchrl/shared_mem")
         ratio = f"{base['median_s'] / min(ours):.1f}x" if base and ours else "-"
         name = f"{cfg['kind']} ({cfg['leaves']} leaves)"
-        ours_aliased = any(res[t]["aliased"] for t in THINGS[:2] if t in res)
+        ours_aliased = any(res[t]["aliased"] for t in THINGS[:-1] if t in res)
         theirs = "-" if base is None else ("yes" if base["aliased"] else "no")
         lines.append(f"| {name} | {cfg['params'] / 1e6:.1f}M | {cfg['num_workers']} | "
-                     f"{_ms(res, THINGS[0])} | {_ms(res, THINGS[1])} | {_ms(res, THINGS[2])} "
-                     f"| {ratio} | {'yes' if ours_aliased else 'no'} / {theirs} "
+                     + " | ".join(_ms(res, t) for t in THINGS)
+                     + f" | {ratio} | {'yes' if ours_aliased else 'no'} / {theirs} "
                      f"| {all(r['correct'] for r in res.values())} |")
     return "\n".join(lines)
 
@@ -434,22 +456,23 @@ def table(report: dict[str, Any]) -> str:
 def table_distributed(report: dict[str, Any]) -> str:
     """The README table for ``--collector distributed``: median ms of
     update_policy_weights_(), torchrl / ours, the batch check and shutdown times."""
-    lines = ["| policy | params | N | weight-sync gloo | weight-sync shm "
-             "| torchrl Distributed | torchrl / best ours "
-             "| last batch acted with learner (bit for bit) | shutdown s (gloo / shm / torchrl) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | params | N | weight-sync default | weight-sync gloo | weight-sync shm "
+             "| torchrl Distributed | torchrl / default ours "
+             "| last batch acted with learner (bit for bit) "
+             "| shutdown s (default / gloo / shm / torchrl) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in report["configs"]:
         res = cfg["results"]
-        ours = [res[t]["median_s"] for t in DIST_THINGS[:2] if t in res]
-        base = res.get(DIST_THINGS[2])
+        ours = [res[t]["median_s"] for t in DIST_THINGS[:1] if t in res]
+        base = res.get(DIST_THINGS[-1])
         ratio = f"{base['median_s'] / min(ours):.1f}x" if base and ours else "-"
         name = f"{cfg['kind']} ({cfg['leaves']} leaves)"
         shut = " / ".join("-" if t not in res or res[t]["shutdown_s"] is None
                           else f"{res[t]['shutdown_s']:.1f}" for t in DIST_THINGS)
         acted = all(r["acted_with_learner"] for r in res.values()) if res else "-"
         lines.append(f"| {name} | {cfg['params'] / 1e6:.1f}M | {cfg['num_workers']} | "
-                     f"{_ms(res, DIST_THINGS[0])} | {_ms(res, DIST_THINGS[1])} "
-                     f"| {_ms(res, DIST_THINGS[2])} | {ratio} | {acted} | {shut} |")
+                     + " | ".join(_ms(res, t) for t in DIST_THINGS)
+                     + f" | {ratio} | {acted} | {shut} |")
     return "\n".join(lines)
 
 
@@ -460,9 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=lambda s: int(float(s)), nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", choices=policies.KINDS, default=list(policies.KINDS))
     parser.add_argument("--workers", type=int, nargs="+", default=None)
-    parser.add_argument("--collector", choices=("multisync", "distributed"),
+    parser.add_argument("--collector", choices=("multisync", "unified", "distributed"),
                         default="multisync",
-                        help="MultiSyncCollector, or DistributedCollector (launcher='mp')")
+                        help="MultiSyncCollector, torchrl's unified Collector(num_collectors"
+                             "=N, sync=True), or DistributedCollector (launcher='mp')")
     parser.add_argument("--things", nargs="+", choices=sorted(set(THINGS + DIST_THINGS)),
                         default=None,
                         help=f"default: {' '.join(THINGS)}; with --collector distributed: "
@@ -491,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"--collector {args.collector}")
     report = run(args)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = "torchrl_scheme_distributed" if dist else "torchrl_scheme"
+    name = {"distributed": "torchrl_scheme_distributed",
+            "unified": "torchrl_scheme_unified"}.get(args.collector, "torchrl_scheme")
     out = args.json_out or (QUICK_DIR if args.quick else BENCH_DIR / "results") / \
         f"{name}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

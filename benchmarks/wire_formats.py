@@ -23,7 +23,7 @@ rounding with ``bf16``). Bytes per round are the learner's ``stats.bytes_sent``.
 
 Writes ``benchmarks/results/wire_formats-<stamp>.json`` (``--quick``: under
 ``benchmarks/results/quick/``) and prints a markdown table. Needs root and iproute2.
-The run quoted in the README is kept as ``benchmarks/wire_formats.json``.
+The run quoted in the docs is kept as ``benchmarks/results/wire_formats.json``.
 
 The nodes: ``python -m benchmarks.wire_formats learner|collector <json args>``.
 """

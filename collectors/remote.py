@@ -160,7 +160,8 @@ class NetworkLauncher:
 
     Args:
         num_collectors: ids ``0..num_collectors-1`` are accepted; others are refused.
-        host, port: where to listen (port 0: a free one, see :attr:`address`).
+        host: the address to listen on.
+        port: the port to listen on (0: a free one, see :attr:`address`).
         authkey: the key collectors prove (default: ``WEIGHT_SYNC_COLLECTOR_KEY``).
         handshake_timeout: bound on one connecting collector's handshake.
     """

@@ -44,13 +44,14 @@ class TorchRLGroup:
         num_collectors: torchrl worker processes.
         frames_per_batch: steps per worker and batch.
         seed: base seed of the envs.
-        transport: the weight-sync transport (``"distributed"`` or ``"shm"``...).
+        transport: the weight-sync transport (``"auto"``, the default, or a name:
+            ``"distributed"``, ``"shm"``...).
         sync_timeout: bound on one ``update_weights``, seconds.
     """
 
     def __init__(self, policy: Any, env_factory: Callable[[int], Any], *,
                  num_collectors: int = 2, frames_per_batch: int = 256, seed: int = 0,
-                 transport: str = "distributed", sync_timeout: float = 30.0) -> None:
+                 transport: str = "auto", sync_timeout: float = 30.0) -> None:
         self.num_collectors = num_collectors
         self.scheme = WeightSyncTorchRLScheme(transport=transport, ack_timeout=sync_timeout)
         self.collector = MultiSyncCollector(
@@ -87,7 +88,9 @@ class TorchRLGroup:
     @property
     def stats(self) -> SyncStats:
         """The sender's per-round records (the scheme has one sender for all workers)."""
-        return self.scheme.senders[0].stats
+        sender = self.scheme.sender
+        assert sender is not None, "the policy has weights: the scheme built a sender"
+        return sender.stats
 
     def next_batch(self) -> TensorDictBase:
         """One worker's rows (``[frames_per_batch]``, time last); the collector's next

@@ -1,11 +1,12 @@
 """``weight-sync bench`` end to end on a tiny sweep, and ``benchmarks.report`` rendering.
 
 Structure and correctness only: no assertion here depends on how fast anything is. The
-tests that share the quick sweep are ``slow`` (the sweep takes ~40 s on 2 cores).
+tests that share the quick sweep are ``slow`` (the sweep takes ~90 s on 2 cores).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -21,14 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 assert import_benchmarks(ROOT) is not None
 
 from benchmarks import baselines, bench, report  # noqa: E402
+from benchmarks.sync_latency import measure_weight_sync  # noqa: E402
 
-THINGS = {"weight_sync/distributed", "weight_sync/shm", "torchrl", "raw_gloo", "memcpy"}
+# The quick sweep (~90 s on a quiet 2-core machine) counts against the first test using it.
+pytestmark = pytest.mark.timeout(360)
+
+SERIES = ("default", "distributed", "shm", "relay")
+THINGS = {*(f"weight_sync/{s}" for s in SERIES), "torchrl", "ray", "raw_gloo", "memcpy"}
 STATS = {"median_s", "p90_s", "mean_s", "min_s", "nbytes", "gbps_payload", "wall_s", "correct"}
 
 
 # The full run's committed (or kept) outputs, which a quick run must leave alone.
-FULL_OUTPUTS = [bench.BENCH_DIR / name for name in (
-    "RESULTS.md", "latency_vs_size.png", "latency_vs_n.png", "results/latest.json")]
+FULL_OUTPUTS = [bench.BENCH_DIR / "results" / name for name in (
+    "RESULTS.md", "latency_vs_size.png", "latency_vs_n.png", "latest.json")]
 
 
 def _snapshot() -> dict[Path, bytes | None]:
@@ -65,11 +71,11 @@ def test_quick_run_leaves_the_full_results(quick_run: QuickRun) -> None:
 
 
 def test_quick_defaults_keep_off_the_full_results() -> None:
-    assert bench.default_dirs(quick=False) == (bench.BENCH_DIR / "results", bench.BENCH_DIR)
+    assert bench.default_dirs(quick=False) == (bench.BENCH_DIR / "results",) * 2
     results, report_dir = bench.default_dirs(quick=True)
     assert results == report_dir == bench.QUICK_DIR == bench.BENCH_DIR / "results" / "quick"
     assert report_dir / "RESULTS.md" not in FULL_OUTPUTS
-    assert "results/" in (ROOT / ".gitignore").read_text().split()  # quick runs stay untracked
+    assert "benchmarks/results/quick/" in (ROOT / ".gitignore").read_text().split()  # untracked
 
 
 @pytest.mark.slow
@@ -105,10 +111,13 @@ def test_quick_sweep_json(quick_run: QuickRun) -> None:
             assert 0 < res["median_s"] <= res["p90_s"]
         assert cfg["results"]["weight_sync/distributed"]["async_median_s"] > 0
         assert cfg["correct"] == dict.fromkeys(THINGS, True)
-        for transport in ("distributed", "shm"):
+        for transport in SERIES:
             ratios = cfg["ratios"][transport]
-            assert set(ratios) == {"to_torchrl", "to_raw_gloo", "to_memcpy"}
+            assert set(ratios) == {"to_torchrl", "to_ray", "to_raw_gloo", "to_memcpy",
+                                   "async_to_memcpy"}
             assert all(r > 0 for r in ratios.values())
+        placed = cfg["results"]["weight_sync/relay"]["placements"]
+        assert placed == {"relay": cfg["num_collectors"]}  # a forced transport is forced
     assert len(orders) == len(configs)  # the order of the compared things rotates
 
 
@@ -117,6 +126,9 @@ def test_quick_sweep_report(quick_run: QuickRun) -> None:
     out = quick_run.out
     text = (out / "RESULTS.md").read_text()
     assert "## wide policy (8 leaves)" in text and "## deep policy (298 leaves)" in text
+    assert "## Summary: every series" in text and "## Targets: the default series" in text
+    for column in ("`default`", "`relay`", "torchrl", "Ray", "raw gloo", "memcpy"):
+        assert f" {column} |" in text, column
     assert "AMD" in text or "cores" in text
     assert "## How to rerun" in text and "weight-sync bench --quick" in text
     for name in (report.SIZE_PLOT, report.N_PLOT):
@@ -189,3 +201,65 @@ def test_round_timeline_sees_every_hand_off_of_every_round() -> None:
     assert out["stage_counts"] == {stage: 4 for stage, _, _ in round_timeline.STAGES}
     assert all(ms is not None and ms >= 0 for ms in out["stages_ms"].values())
     assert out["round_ms"] >= out["async_ms"] > 0
+
+
+def test_the_default_series_passes_no_transport_and_auto_can_be_forced() -> None:
+    """``default`` is the README's first example (no transport keyword, whatever the
+    library's default is); every other series forces its name, ``auto`` included."""
+    assert bench.TRANSPORTS["default"] is measure_weight_sync
+    for name in ("distributed", "shm", "relay", "auto"):
+        forced = bench.TRANSPORTS[name]
+        assert isinstance(forced, functools.partial) and forced.keywords == {"transport": name}
+    assert bench.build_parser().parse_args([]).transports == list(bench.DEFAULT_TRANSPORTS)
+
+
+def test_ray_baseline_and_default_series_smoke(tmp_path: Path) -> None:
+    """One small config of the default series next to the Ray object store baseline (a
+    local Ray started and shut down inside the run): both bit-exact, ratios computed."""
+    import ray
+
+    rc = bench.main(["--sizes", "100000", "--kinds", "deep", "--collectors", "2",
+                     "--rounds", "2", "--warmup", "1", "--timeout", "60",
+                     "--transports", "default", "--baselines", "ray", "memcpy",
+                     "--results-dir", str(tmp_path), "--no-report"])
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert rc == 0 and data["errors"] == 0
+    [cfg] = data["configs"]
+    assert set(cfg["results"]) == {"weight_sync/default", "ray", "memcpy"}
+    assert cfg["correct"] == {"weight_sync/default": True, "ray": True, "memcpy": True}
+    ray_res, ours = cfg["results"]["ray"], cfg["results"]["weight_sync/default"]
+    assert ray_res["num_collectors"] == 2 and ray_res["leaves"] == 298
+    assert 0 < ray_res["put_median_s"] <= ray_res["median_s"]
+    assert sum(ours["placements"].values()) == 2
+    assert set(cfg["ratios"]["default"]) == {"to_ray", "to_memcpy", "async_to_memcpy"}
+    assert "ray.put" in data["ray_method"] and data["default_transport"]
+    assert not ray.is_initialized()  # shut down after its measurement
+
+
+def _synthetic(params: int, default_ms: float, torchrl_ms: float, ray_ms: float,
+               async_ms: float, memcpy_ms: float) -> dict[str, Any]:
+    def res(ms: float, **extra: Any) -> dict[str, Any]:
+        return {"median_s": ms / 1e3, "p90_s": ms / 1e3, "gbps_payload": 1.0, **extra}
+
+    return {"kind": "wide", "params": params, "params_target": params, "leaves": 8,
+            "nbytes": 4 * params, "num_collectors": 1, "status": "ok",
+            "correct": {"weight_sync/default": True},
+            "results": {"weight_sync/default": res(default_ms, async_median_s=async_ms / 1e3,
+                                                   placements={"shm": 1}),
+                        "torchrl": res(torchrl_ms), "ray": res(ray_ms),
+                        "memcpy": res(memcpy_ms)}}
+
+
+def test_targets_table_names_the_missed_target() -> None:
+    data = {"settings": {"transports": ["default"]}, "configs": [
+        _synthetic(10_000_000, 3.0, 15.0, 40.0, 2.0, 2.0),   # all met
+        _synthetic(10_000_000, 6.0, 15.0, 5.0, 3.0, 2.0),    # torchrl, Ray, async missed
+        _synthetic(100_000, 0.3, 1.2, 3.0, 0.05, 0.01)]}     # async not checked: small
+    text = report.render_markdown(data)
+    targets = text.split("## Targets: the default series", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| wide")]
+    assert rows[0].endswith("| 5.00x | 13.33x | 2 | 1.00x | yes |")
+    assert rows[1].endswith("| no: torchrl, Ray, async |")
+    assert rows[2].endswith("| yes |")
+    assert "Rows missing a target: 1." in targets
+    assert "| 10M | 1 | 3 (3) | 15 (15) | 40 (40) | - | 2 (2) | shm x1 | ok |" in text

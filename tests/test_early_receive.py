@@ -67,7 +67,8 @@ def connected(source: dict[str, torch.Tensor], hooks: ReceiverHooks | None = Non
               **sender_kw: Any) -> Iterator[tuple[WeightSender, WeightReceiver,
                                                   dict[str, torch.Tensor]]]:
     policy = weights(-1)
-    with WeightSender(source, num_collectors=1, timeout=RX_TIMEOUT_S, **sender_kw) as sender, \
+    with WeightSender(source, num_collectors=1, timeout=RX_TIMEOUT_S, transport="distributed",
+                      **sender_kw) as sender, \
             ThreadPoolExecutor(1) as pool:
         receiver = WeightReceiver(policy, sender.connection_info, 0, timeout=RX_TIMEOUT_S,
                                   hooks=hooks)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from weight_sync.wire import hashing
 from weight_sync.errors import ConfigError
+from weight_sync.wire import hashing
 from weight_sync.wire.layout import BufferLayout
 from weight_sync.wire.packing import check_payload, write_header
 
@@ -67,7 +67,8 @@ class Block:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import torch
-from weight_sync import WeightReceiver, WeightSender, hashing
+from weight_sync import WeightReceiver, WeightSender
+from weight_sync.wire import hashing
 assert hashing.checksum_kind() == hashing.CRC32
 for secret in ("", "s3cret"):
     weights = {"w": torch.zeros(1000)}

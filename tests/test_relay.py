@@ -251,7 +251,7 @@ def test_the_fanout_benchmark_runs_every_series_and_checks_the_weights(tmp_path:
     report_ = json.loads(result.read_text())
     assert [r["hosts"] for r in report_["rows"]] == [1, 2]
     for row in report_["rows"]:
-        assert set(row["results"]) == {"relay", "direct", "torchrl", "tcp_chain"}, row
+        assert set(row["results"]) == {"default", "relay", "direct", "torchrl", "tcp_chain"}, row
         for series, res in row["results"].items():
             assert "error" not in res, (series, res)
             assert len(res["rounds_s"]) == report_["rounds"]

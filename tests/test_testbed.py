@@ -8,6 +8,7 @@ Every child runs under a timeout and is killed by the bed (or the test) at the e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ if str(ROOT) not in sys.path:  # a checkout package, like benchmarks/
 
 import testbed  # noqa: E402
 from testbed import TestBed, TestBedError  # noqa: E402
+from testbed._system import remove_leftovers  # noqa: E402
 
 REASON = testbed.available()
 needs_bed = pytest.mark.skipif(REASON is not None, reason=f"no test bed here: {REASON}")
@@ -110,6 +113,9 @@ BED_OWNER = r'''
 import json, signal, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import testbed
+# Started from a background shell job, this process inherits SIGINT ignored (and Python
+# then installs no KeyboardInterrupt handler): what a user at a terminal gets, explicitly.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with testbed.TestBed(hosts=2, rate=None) as bed:
     victim = bed.hosts[0].popen([sys.executable, sys.argv[2], "victim"],
                                 stdout=subprocess.PIPE, text=True)
@@ -217,17 +223,24 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def spawn_owner(tmp_path: Path, tools: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+@pytest.fixture
+def bed_owner(tmp_path: Path, tools: str
+              ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    """A process holding a 2-host bed (and a victim on it), with what it made. Killed,
+    reaped and its bed removed after the test whatever the test asserted."""
     script = tmp_path / "bed_owner.py"
     script.write_text(BED_OWNER)
     owner = subprocess.Popen([PY, str(script), str(ROOT), tools], stdout=subprocess.PIPE,
                              start_new_session=True)
     try:
-        return owner, json.loads(first_line(owner))
-    except BaseException:
-        owner.kill()
+        yield owner, json.loads(first_line(owner))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(owner.pid, signal.SIGKILL)
         owner.wait(WAIT_S)
-        raise
+        assert owner.stdout is not None
+        owner.stdout.close()
+        remove_leftovers()  # its namespaces and victims, its owner now dead
 
 
 # -- availability ----------------------------------------------------------------------
@@ -385,8 +398,9 @@ def test_a_failed_build_leaves_nothing() -> None:
 @needs_bed
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
                          ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_a_signalled_bed_is_removed(tmp_path: Path, tools: str, sig: int) -> None:
-    owner, made = spawn_owner(tmp_path, tools)
+def test_a_signalled_bed_is_removed(
+        bed_owner: tuple[subprocess.Popen[bytes], dict[str, Any]], sig: int) -> None:
+    owner, made = bed_owner
     prefix, pids = made["prefix"], made["pids"]
     assert len(bed_namespaces(prefix)) == 3 and all(alive(p) for p in pids)
     os.kill(owner.pid, sig)

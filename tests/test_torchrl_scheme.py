@@ -179,14 +179,14 @@ def test_unknown_transport_is_refused_listing_the_registered_ones() -> None:
 @pytest.mark.timeout(60)
 def test_pickled_scheme_carries_only_connection_info() -> None:
     learner = buffered_policy()
-    scheme = WeightSyncTorchRLScheme(transport="shm", per_worker_senders=True)
+    scheme = WeightSyncTorchRLScheme(transport="shm")
     scheme.init_on_sender(model_id="policy", model=learner, num_workers=WORKERS)
     try:
         assert isinstance(scheme.create_transport(), LearnerEnd)
         blob = pickle.dumps(scheme)
         assert len(blob) < 20_000  # no weights, no sender, no threads
         copy_ = pickle.loads(blob)
-        assert copy_.infos == scheme.infos and len(copy_.infos) == WORKERS
+        assert copy_.infos == scheme.infos and len(copy_.infos) == 1  # one sender
         assert all(isinstance(i, ConnectionInfo) for i in copy_.infos)
         assert copy_._learner is None and copy_._worker is None
         assert not copy_.initialized_on_sender and not copy_.synchronized_on_sender
@@ -359,16 +359,26 @@ def test_sync_policy_version_bumps_on_every_update_per_worker(
 
 
 @pytest.mark.timeout(120)
-def test_sync_shared_sender_refuses_a_subset_of_workers(sync_run: dict[str, Any]) -> None:
-    collector, scheme = sync_run["collector"], sync_run["scheme"]
+def test_sync_worker_ids_one_worker_holds_w_the_other_keeps_its_weights(
+        sync_run: dict[str, Any]) -> None:
+    """The default scheme honours worker_ids: worker 1 holds w bit for bit, worker 0
+    keeps its weights and its policy_version, the learner is untouched."""
+    collector, scheme, learner = sync_run["collector"], sync_run["scheme"], sync_run["learner"]
+    collector.update_policy_weights_()
     before = dict(scheme.versions)
-    with pytest.raises(ConfigError, match="per_worker_senders=True"):
-        collector.update_policy_weights_(worker_ids=[1])
-    with pytest.raises(ConfigError, match="per_worker_senders=True"):
-        collector.update_policy_weights_({0: state(sync_run["learner"])})
-    assert scheme.versions == before  # nothing was sent
-    collector.update_policy_weights_(worker_ids=[0, 1])  # all of them: fine
-    assert scheme.versions == {w: v + 1 for w, v in before.items()}
+    kept, mine = worker_states(collector)[0]["policy_state_dict"], state(learner)
+    w = state(buffered_policy())
+    collector.update_policy_weights_(w, worker_ids=1)
+    assert equal(state(learner), mine)  # the learner's own weights untouched
+    w0, w1 = worker_states(collector)
+    assert equal(w1["policy_state_dict"], w) and not equal(w, kept)
+    assert equal(w0["policy_state_dict"], kept)
+    assert int(w0["policy_version"]) == before[0]
+    assert int(w1["policy_version"]) == scheme.versions[1] == before[1] + 1
+    assert scheme.versions[0] == before[0]
+    collector.update_policy_weights_(worker_ids=[0, 1])  # all of them again
+    assert all(equal(ws["policy_state_dict"], mine) for ws in worker_states(collector))
+    assert scheme.versions == {0: before[1] + 2, 1: before[1] + 2}
 
 
 @pytest.mark.timeout(120)
@@ -381,13 +391,12 @@ def test_sync_shutdown_is_bounded_and_leaves_no_process(sync_run: dict[str, Any]
         scheme.send()
 
 
-# -- MultiSyncCollector, one sender per worker ("shm"): worker_ids, a worker killed ----------
+# -- MultiSyncCollector over "shm": worker_ids, per-worker weights, a worker killed --------
 @pytest.fixture(scope="module")
 def per_worker_run() -> Iterator[dict[str, Any]]:
     torch.manual_seed(1)
     learner = buffered_policy()
-    scheme = WeightSyncTorchRLScheme(transport="shm", per_worker_senders=True,
-                                     **SCHEME_TIMEOUTS)
+    scheme = WeightSyncTorchRLScheme(transport="shm", **SCHEME_TIMEOUTS)
     collector = MultiSyncCollector([make_cartpole] * WORKERS, policy=learner,
                                    policy_factory=buffered_policy, frames_per_batch=32,
                                    total_frames=-1, track_policy_version=True,
@@ -417,14 +426,14 @@ def test_per_worker_worker_ids_update_only_those_workers(
     assert (batch["next", "policy_version"][0] == 0).all()
     assert (batch["next", "policy_version"][1] == 1).all()
 
-    # torchrl's per-worker weights dict: each worker gets its own.
+    # torchrl's per-worker weights dict: each worker gets its own (a version each).
     other = buffered_policy()
     collector.update_policy_weights_({0: state(other), 1: TensorDict.from_module(learner)})
-    assert scheme.versions == {0: 1, 1: 2}
+    assert scheme.versions == {0: 2, 1: 3}
     w0, w1 = worker_states(collector)
     assert equal(w0["policy_state_dict"], state(other))
     assert equal(w1["policy_state_dict"], state(learner))
-    assert [int(w0["policy_version"]), int(w1["policy_version"])] == [1, 2]
+    assert [int(w0["policy_version"]), int(w1["policy_version"])] == [2, 3]
 
 
 @pytest.mark.timeout(120)
@@ -436,15 +445,15 @@ def test_per_worker_killed_worker_is_a_typed_error_naming_it(
     victim.join(10.0)
     perturb(learner)
     start = time.monotonic()
-    with pytest.raises(CollectorFailed, match="torchrl worker") as info:
+    with pytest.raises(CollectorFailed, match=r"collector\(s\) \[1\] failed") as info:
         collector.update_policy_weights_()
     assert time.monotonic() - start < ERROR_BOUND_S
     assert info.value.collector_id == 1 and info.value.pid == victim.pid
     # The live worker was still updated (torchrl's own state_dict() cannot be asked with
     # a dead worker: its pipe is broken), and is served on.
-    assert scheme.last_acks[0].complete and scheme.last_acks[0].version == scheme.versions[0]
+    assert scheme.last_ack is not None and scheme.last_ack.acked == (0,)
     collector.update_policy_weights_(worker_ids=[0])
-    assert scheme.last_acks[0].complete and scheme.last_acks[0].version == scheme.versions[0]
+    assert scheme.last_ack.complete and scheme.last_ack.version == scheme.versions[0]
     elapsed = shut_down(collector, scheme)
     assert elapsed < SHUTDOWN_BOUND_S, f"shutdown took {elapsed:.2f}s"
     assert_no_process_left(collector)

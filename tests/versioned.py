@@ -224,7 +224,9 @@ def learner_main(out: Connection, go: Connection, num_collectors: int,
                  big: bool = False) -> None:
     """A learner that connects, publishes version 1 when told, then waits to be killed."""
     weights = big_weights(0) if big else make_weights(0)
-    sender = WeightSender(weights, num_collectors, timeout=RX_TIMEOUT_S)
+    # The big policy is for catching a transfer mid-way: sends, not shared memory.
+    sender = WeightSender(weights, num_collectors, timeout=RX_TIMEOUT_S,
+                          transport="distributed" if big else "auto")
     out.send(("info", sender.connection_info, os.getpid()))
     sender.connect(timeout=60)
     out.send(("connected", os.getpid()))

@@ -16,7 +16,7 @@ import torch
 from weight_sync.errors import ConfigError
 
 __all__ = ["ConnectionInfo", "SenderConfig", "ReceiverConfig", "RelayConfig", "BACKENDS",
-           "WIRE_DTYPES", "wire_dtype"]
+           "WIRE_DTYPES", "wire_dtype", "check_timeout", "check_count"]
 
 
 def wire_dtype(name: str) -> torch.dtype | None:
@@ -35,6 +35,34 @@ def _positive(owner: str, name: str, value: float) -> None:
     ):
         raise ConfigError(f"{owner}.{name} must be a positive finite number of seconds, "
                           f"got {value!r}")
+
+
+def check_timeout(what: str, value: object, *, zero: bool = True) -> float:
+    """``value`` as a timeout argument of ``what``: a finite number of seconds, ``>= 0``
+    (``> 0`` unless ``zero``).
+
+    Raises:
+        ConfigError: anything else (``None``, a bool, NaN, infinity, a negative number),
+            quoting it.
+    """
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0 or (value == 0 and not zero)):
+        bound = ">= 0" if zero else "> 0"
+        raise ConfigError(f"{what}: timeout must be a finite number of seconds {bound}, "
+                          f"got {value!r}")
+    return float(value)
+
+
+def check_count(what: str, value: object, least: int) -> int:
+    """``value`` as an integer argument of ``what`` (an id, a count) ``>= least``; a bool
+    is not one.
+
+    Raises:
+        ConfigError: quoting the value.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"{what} must be an int >= {least}, got {value!r}")
+    return value
 
 
 def _name(owner: str, value: str) -> None:
@@ -90,13 +118,19 @@ class SenderConfig:
     liveness_timeout: float = 10.0
     """A collector whose heartbeat stopped this long while the learner waits for its
     ack is declared failed (``CollectorFailed``). Collectors beat every tenth of it."""
-    transport: str = "distributed"
-    """The registered transport to propose (:mod:`weight_sync.transports.registry`):
-    ``"distributed"`` (gloo/nccl sends) or ``"shm"`` (collectors that share this host's
-    ``/dev/shm`` copy each message from shared memory, the others fall back to sends;
-    gloo only), ``"relay"`` (the learner sends each version once; collectors forward it
-    host to host while it arrives, see :class:`RelayConfig`; gloo only), or one of your
-    own. Checked against the registry by the sender."""
+    transport: str = "auto"
+    """The registered transport to propose (:mod:`weight_sync.transports.registry`).
+    ``"auto"`` (the default) places each collector, at its admission, on the best one it
+    proves it can use: ``"shm"`` if it shares this host's ``/dev/shm`` (it reads back a
+    token the learner wrote there) and ``/dev/shm`` has room for the snapshots'
+    bound; else ``"relay"`` if it runs on another host and reaches the relay's port;
+    else ``"distributed"``. With ``backend="nccl"`` or ``changed_only``, always
+    ``"distributed"``. A name forces that transport (and its fallbacks):
+    ``"distributed"`` (gloo/nccl sends to each collector), ``"shm"`` (collectors that
+    share this host's ``/dev/shm`` use each message in place, the others fall back to
+    sends; gloo only), ``"relay"`` (the learner sends each version once; collectors
+    forward it host to host while it arrives, see :class:`RelayConfig`; gloo only), or
+    one of your own. ``WeightSender.transports`` says where each collector was placed."""
     wire_dtype: str = ""
     """``"bfloat16"`` or ``"float16"``: float32 leaves travel in that dtype (half the
     bytes) and are widened on arrival; other leaves travel untouched. Rounding is to
@@ -142,7 +176,8 @@ class SenderConfig:
                               f"{type(self.secret).__name__}")
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError(f"SenderConfig.host must be a non-empty string, got {self.host!r}")
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not (
+                0 <= self.port <= 65535):
             raise ConfigError(f"SenderConfig.port must be an int in [0, 65535], got {self.port!r}")
         _name("SenderConfig", self.name)
         if self.backend not in BACKENDS:
@@ -233,13 +268,15 @@ class ConnectionInfo:
     """The learner may send changed-only messages (``SenderConfig.changed_only``)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 0 < self.port <= 65535:
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not (
+                0 < self.port <= 65535):
             raise ConfigError(f"ConnectionInfo.port must be in [1, 65535], got {self.port!r}")
         _name("ConnectionInfo", self.name)
         if self.backend not in BACKENDS:
             raise ConfigError(f"ConnectionInfo.backend must be one of {BACKENDS}, "
                               f"got {self.backend!r}")
-        if not isinstance(self.num_collectors, int) or self.num_collectors < 1:
+        if (not isinstance(self.num_collectors, int) or isinstance(self.num_collectors, bool)
+                or self.num_collectors < 1):
             raise ConfigError(f"ConnectionInfo.num_collectors must be >= 1, "
                               f"got {self.num_collectors!r}")
         _positive("ConnectionInfo", "heartbeat_s", self.heartbeat_s)
@@ -251,7 +288,8 @@ class ConnectionInfo:
                               f"{sorted(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.max_collectors == 0:
             object.__setattr__(self, "max_collectors", self.num_collectors)
-        if not isinstance(self.max_collectors, int) or self.max_collectors < self.num_collectors:
+        if (not isinstance(self.max_collectors, int) or isinstance(self.max_collectors, bool)
+                or self.max_collectors < self.num_collectors):
             raise ConfigError(f"ConnectionInfo.max_collectors must be >= num_collectors, "
                               f"got {self.max_collectors!r}")
 

@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "IntegrityError",
     "AuthenticationError",
+    "SharedMemoryFull",
 ]
 
 
@@ -114,3 +115,8 @@ class CollectorFailed(WeightSyncError):
 
 class ConfigError(WeightSyncError, ValueError):
     """A configuration value is invalid; the message quotes it."""
+
+
+class SharedMemoryFull(WeightSyncError, MemoryError):
+    """``/dev/shm`` has no room for a shared-memory segment: it was refused when it was
+    allocated (never a ``SIGBUS`` later), nothing was written to it."""

@@ -14,7 +14,11 @@ at every moment:
   (``DuplicateCollectorError``);
 * otherwise the first transport of the learner's proposal (and its fallbacks) that
   both ends can use is chosen: a transport with an offer only if the collector's
-  evidence satisfies it (shared memory only where it really shares ``/dev/shm``).
+  evidence satisfies it (shared memory only where it really shares ``/dev/shm``, the
+  relay only where it reaches the relay's server), and only if the learner can reserve
+  what it needs there (room in ``/dev/shm``). The verdict says why (its ``reason``), and
+  whether the collector was proven to share the learner's host (``local``: it then
+  checks no payload checksum).
 
 The collector raises the refusal; the learner raises it too where it waits for that id
 (``connect()``, ``wait_for``), and otherwise logs it and carries on.
@@ -27,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from weight_sync.control.channel import Control
@@ -50,7 +54,7 @@ from weight_sync.wire.protocol import (
     Verdict,
 )
 
-__all__ = ["Joined", "join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
+__all__ = ["Joined", "Reserve", "join", "judge", "refusal_error", "REFUSED_TRANSPORT"]
 
 if TYPE_CHECKING:
     from weight_sync.learner.sender_link import SenderLink
@@ -59,6 +63,12 @@ log = logging.getLogger(__name__)
 
 #: :attr:`Verdict.refusal` of a collector that can use none of the proposed transports.
 REFUSED_TRANSPORT = "transport"
+
+#: Asked by :func:`judge` before it places a collector on a transport the collector can
+#: use: ``(collector id, hello, transport, proven to share the learner's host, how many
+#: collectors judged with it are not)``; reserves what the learner needs for it there
+#: and returns ``""``, or says why it cannot (the next transport is tried).
+Reserve = Callable[[int, Hello, TransportSpec, bool, int], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +157,8 @@ def join(control: Control, layout: BufferLayout, cid: int, deadline: float,
 
 def judge(hello: Hello, cid: int, inc: int, current: SenderLink | None,
           chain: list[TransportSpec], offers: Mapping[str, Offer],
-          key: StreamKey | None = None) -> Verdict:
+          key: StreamKey | None = None, reserve: Reserve | None = None,
+          peers: Sequence[Hello] = ()) -> Verdict:
     """Learner side: the verdict on collector ``cid``'s incarnation ``inc`` (unsigned:
     the caller signs it with ``key``).
 
@@ -157,6 +168,10 @@ def judge(hello: Hello, cid: int, inc: int, current: SenderLink | None,
         current: the link that serves ``cid`` now, if any.
         chain: the proposed transport and its fallbacks, in order.
         offers: the learner's offers, by transport name.
+        reserve: asked before placing the collector on a transport (``None``: always
+            possible).
+        peers: the hellos of the other collectors judged together with this one (at
+            the initial ``connect()``).
     """
     who = f"collector {cid} (incarnation {inc}, pid {hello.pid} on {hello.host})"
     if key is not None and not key.hello_valid(cid, inc, hello):
@@ -172,9 +187,34 @@ def judge(hello: Hello, cid: int, inc: int, current: SenderLink | None,
                        reason=f"duplicate collector id {cid}: incarnation "
                               f"{current.incarnation} (pid {current.peer_pid}) is alive and "
                               f"served")
+    proven = _proven(hello, chain, offers)
+    local = any(spec.proves_host and spec.name in proven for spec in chain)
+    remote_peers = sum(not any(spec.proves_host and spec.name in _proven(peer, chain, offers)
+                               for spec in chain) for peer in peers)
+    passed: list[str] = []
     for spec in chain:
-        offer = offers.get(spec.name)
-        if offer is None or offer.accepts(hello.evidence.get(spec.name, {})):
-            return Verdict(transport=spec.name)
+        if spec.name in offers and spec.name not in proven:
+            found = hello.evidence.get(spec.name)
+            passed.append(f"not {spec.name!r}: "
+                          + ("its offer was not probed" if found is None else
+                             "its probe found nothing" if not found else
+                             f"its evidence {sorted(found)} was not accepted"))
+            continue
+        why_not = "" if reserve is None else reserve(cid, hello, spec, local, remote_peers)
+        if why_not:
+            passed.append(f"not {spec.name!r}: {why_not}")
+            continue
+        proof = (f"its probe proved it ({', '.join(sorted(hello.evidence[spec.name]))})"
+                 if spec.name in proven else "a transport every collector can use")
+        where = "on the learner's host (proven)" if local else f"on host {hello.host}"
+        return Verdict(transport=spec.name, local=local,
+                       reason="; ".join([f"{spec.name!r}: {proof}, {where}", *passed]))
     return Verdict(refusal=REFUSED_TRANSPORT,
-                   reason=f"{who} can use none of the transports {[s.name for s in chain]}")
+                   reason=f"{who} can use none of the transports "
+                          f"{[s.name for s in chain]}: {'; '.join(passed)}")
+
+
+def _proven(hello: Hello, chain: list[TransportSpec], offers: Mapping[str, Offer]) -> set[str]:
+    """The transports of ``chain`` whose offer accepts what ``hello`` found probing it."""
+    return {spec.name for spec in chain if spec.name in offers
+            and offers[spec.name].accepts(hello.evidence.get(spec.name, {}))}

@@ -22,11 +22,18 @@ class SyncRecord:
     """Learner time spent snapshotting the weights inside ``send_weights_async``."""
     round_s: float
     """From ``send_weights_async`` to the last collector's ack."""
+    placements: tuple[tuple[str, int, float], ...] = ()
+    """Per placement (the transport its collectors were placed on): ``(transport,
+    collectors, seconds from send_weights_async to the last of their acks)``."""
 
     @property
     def gbps(self) -> float:
         """Bytes delivered to all collectors per second of the round, in GB/s."""
-        return self.nbytes * self.num_collectors / self.round_s / 1e9 if self.round_s else 0.0
+        return _gbps(self.nbytes * self.num_collectors, self.round_s)
+
+
+def _gbps(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds else 0.0
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -66,9 +73,10 @@ class SyncStats:
         return _quantile([r.round_s for r in self.records], q)
 
     def summary(self) -> dict[str, float]:
-        """Rounds, p50/p90/p99 latency (s), median GB/s, bytes per whole message, and the
-        bytes handed to the transports in all."""
-        return {
+        """Rounds, p50/p90/p99 latency (s), median GB/s, bytes per whole message, the
+        bytes handed to the transports in all, and per placement ``<transport>_...``:
+        its collectors, median round and median GB/s (:meth:`by_placement`)."""
+        out = {
             "rounds": float(len(self.records)),
             "p50_s": self.latency(0.5),
             "p90_s": self.latency(0.9),
@@ -77,6 +85,23 @@ class SyncStats:
             "nbytes": float(self.records[-1].nbytes) if self.records else 0.0,
             "bytes_sent": float(self.bytes_sent),
         }
+        for transport, figures in self.by_placement().items():
+            out.update({f"{transport}_{name}": value for name, value in figures.items()})
+        return out
+
+    def by_placement(self) -> dict[str, dict[str, float]]:
+        """Per placement (the transport collectors were placed on): ``collectors`` (in
+        the newest round), ``p50_s`` (median time from ``send_weights_async`` to the
+        last of their acks) and ``gbps_median`` (their bytes per second of that)."""
+        rounds: dict[str, list[tuple[int, float, int]]] = {}
+        for record in self.records:
+            for transport, collectors, seconds in record.placements:
+                rounds.setdefault(transport, []).append((collectors, seconds, record.nbytes))
+        return {transport: {
+            "collectors": float(seen[-1][0]),
+            "p50_s": _quantile([s for _, s, _ in seen], 0.5),
+            "gbps_median": _quantile([_gbps(n * b, s) for n, s, b in seen], 0.5),
+        } for transport, seen in sorted(rounds.items())}
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def _connect_in_thread(rx: WeightReceiver, timeout: float = 30) -> dict[str, Any
 
 
 def _connected_pair(weights: dict[str, torch.Tensor]) -> tuple[WeightSender, WeightReceiver]:
-    sender = WeightSender(make_weights(0), 1, timeout=20)
+    # Sends: the tests hand the link snapshots of a private pool of their own.
+    sender = WeightSender(make_weights(0), 1, timeout=20, transport="distributed")
     rx = WeightReceiver(weights, sender.connection_info, 0, timeout=20)
     box = _connect_in_thread(rx)
     sender.connect(timeout=30)

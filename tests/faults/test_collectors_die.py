@@ -104,7 +104,8 @@ def test_collector_killed_idle_then_rejoins_then_killed_before_ack(
 def test_collector_killed_mid_transfer(cluster: Cluster) -> None:
     """Collector 0 dies with half of a 128 MB message received; collector 1 gets it."""
     weights = big_weights(0)
-    with WeightSender(weights, 2, timeout=RX_TIMEOUT_S) as sender:
+    # A transfer to catch in the middle: sends (shared memory has none).
+    with WeightSender(weights, 2, timeout=RX_TIMEOUT_S, transport="distributed") as sender:
         info = sender.connection_info
         cluster.start(info, 0, collector_dies_mid_transfer)
         cluster.start(info, 1, collector_main, (True,))
@@ -206,10 +207,11 @@ def test_sends_without_waits_after_a_death_keep_serving_the_others(cluster: Clus
 
 def test_collector_dying_mid_handshake_never_blocks_the_learner(cluster: Cluster) -> None:
     """Admitted, then dead before its end of the link exists: the learner's rendezvous
-    for it runs in the background, and a later restart of that id is admitted."""
+    for it runs in the background, and a later restart of that id is admitted. (About
+    a transport with a rendezvous: a shared-memory link has none to wait for.)"""
     weights = make_weights(0)
     link_timeout = 60.0  # how long the rendezvous would block the learner's thread
-    with WeightSender(weights, 2, timeout=link_timeout) as sender:
+    with WeightSender(weights, 2, timeout=link_timeout, transport="distributed") as sender:
         connect_all(sender, cluster, [0, 1])
         cluster.kill(0)
         publish(sender, weights)
@@ -240,7 +242,8 @@ def test_initial_connect_keeps_its_bound_when_a_collector_dies_in_handshake(
         cluster: Cluster) -> None:
     """The rendezvous with a collector that died after admission ends with connect's
     own timeout, not the links' (longer) one."""
-    with WeightSender(make_weights(0), 2, timeout=120) as sender:
+    # a transport with a rendezvous (a shared-memory link has none to wait for)
+    with WeightSender(make_weights(0), 2, timeout=120, transport="distributed") as sender:
         info = sender.connection_info
         cluster.start(info, 0)
         cluster.start(info, 1, collector_dies_in_handshake)

@@ -66,7 +66,8 @@ def test_a_flood_of_refused_joins_leaves_nothing_behind() -> None:
             with pytest.raises(ConfigError, match=r"collector_id must be an int in \[0, 2\)"):
                 WeightReceiver(make_weights(-7), info, cid, secret=SECRET)
 
-        # Joins are admitted inside the learner's calls: keep calling while they run.
+        # The door refuses them in the background: keep publishing meanwhile (a flood
+        # of joins must not hold up the sends).
         attempts = [pool.submit(_attempt, sender, 1, "guess" if i % 2 else "")
                     for i in range(ATTEMPTS)]
         pending = list(attempts)

@@ -33,7 +33,15 @@ class Attachment:
     nonce: str = ""
     lost: bool = False
     fresh: bool = True  # its first message is not applied yet
+    applied: int | None = None  # a version applied, for its listener to ack
+    acked: threading.Event = field(default_factory=lambda: _set(threading.Event()))
+    """Clear while a version applied waits for its ack."""
     deadline: float = math.inf  # a reattach: when receive_weights gives up on it
+
+
+def _set(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,11 +1,26 @@
 """A collector's message buffers and the switch of its policy between them:
-:class:`PolicyBuffers`."""
+:class:`PolicyBuffers`.
+
+What an apply updates (every form, every path, whatever ``wire_dtype``):
+
+* an ``nn.Module``: the tensors the module holds *at the apply* (also ones replaced
+  since construction: ``load_state_dict(..., assign=True)``, a forward that rebinds a
+  buffer), switched onto the message in one step (no copy) when the message is in
+  their dtypes and on their device, else copied into;
+* a TensorDict or a ``state_dict``: the tensors given at construction, written in place
+  (copied into), so that whatever shares their storage (the module whose
+  ``state_dict()`` or ``TensorDict(state_dict())`` they are) holds the new values.
+
+Tensors on the meta device are refused at construction (nothing to write into)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from weight_sync.wire.layout import BufferLayout
+from weight_sync.wire.live import LiveLeaves
 from weight_sync.wire.packing import copy_in, swap_in
 
 __all__ = ["PolicyBuffers"]
@@ -16,14 +31,18 @@ class PolicyBuffers:
     one of them in one step (or copied from it).
 
     Args:
-        targets: the policy's tensors, in the layout's order.
+        policy: the collector's ``nn.Module``, TensorDict or ``state_dict``.
         layout: the policy's layout; ``wire_layout``: the messages' (they differ with a
             narrower wire dtype).
+        who: names the collector in errors.
+
+    Raises:
+        InvalidWeightsError: a tensor on the meta device.
     """
 
-    def __init__(self, targets: list[torch.Tensor], layout: BufferLayout,
-                 wire_layout: BufferLayout) -> None:
-        self.targets = targets
+    def __init__(self, policy: Any, layout: BufferLayout, wire_layout: BufferLayout,
+                 who: str) -> None:
+        self._leaves = LiveLeaves(policy, layout, who)
         self.layout = layout
         self.wire_layout = wire_layout
         self.held: torch.Tensor | None = None
@@ -33,14 +52,19 @@ class PolicyBuffers:
         self._private: list[torch.Tensor] = []  # buffers a copying transport fills
         self._active: torch.Tensor | None = None  # the message the policy points at
         self._views: dict[int, list[torch.Tensor]] = {}  # data_ptr -> per-leaf views
-        self._can_swap = True
+        self._can_swap = self._leaves.followed
+        self._placed: list[torch.Tensor] | None = None  # the targets _can_swap was for
+
+    @property
+    def targets(self) -> list[torch.Tensor]:
+        """The policy's tensors now, in the layout's order."""
+        return self._leaves.current()
 
     def place(self, device: torch.device) -> None:
         """Messages arrive on ``device`` (the link's): swap onto them when they are in
         the policy's own dtypes and on its device, else copy each one in."""
         self._device = device
-        self._can_swap = self.wire_layout == self.layout and all(
-            t.device == device for t in self.targets)
+        self._placed = None
 
     def staging(self, lends: bool) -> torch.Tensor | None:
         """The private buffer the next message goes into (``None`` when the transport
@@ -58,11 +82,16 @@ class PolicyBuffers:
         """Switch the policy to ``data`` in one step (or copy it in, when the policy's
         tensors live on another device or in other dtypes than the messages)."""
         views = self._views_of(data)
+        targets = self._leaves.current()
+        if targets is not self._placed:  # first apply, or the module's were replaced
+            self._placed = targets
+            self._can_swap = (self._leaves.followed and self.wire_layout == self.layout
+                              and all(t.device == self._device for t in targets))
         if self._can_swap:
-            swap_in(self.targets, views)
+            swap_in(targets, views)
             self._active = data
         else:
-            copy_in(self.targets, views)
+            copy_in(targets, views)
         self.held = data
 
     def keep_private(self) -> None:
@@ -74,7 +103,9 @@ class PolicyBuffers:
         own = active.clone()
         self._private = [own]
         self._views.clear()
-        self.apply(own)
+        if self._placed is not None:  # the tensors switched onto the lent message
+            swap_in(self._placed, self._views_of(own))
+        self._active = self.held = own
 
     def forget_views(self) -> None:
         self._views.clear()

@@ -42,13 +42,15 @@ from weight_sync.collector.hooks import ReceiverHooks
 from weight_sync.collector.policy_buffers import PolicyBuffers
 from weight_sync.collector.reattach import check_first_version, wait_for_store
 from weight_sync.collector.receiver_link import ReceiverLink
-from weight_sync.config import ConnectionInfo, ReceiverConfig, wire_dtype
+from weight_sync.config import ConnectionInfo, ReceiverConfig, check_timeout, wire_dtype
 from weight_sync.control.channel import Control
+from weight_sync.control.discovery import address_towards
 from weight_sync.control.liveness import LearnerWatch
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
     ConnectionFailed,
+    InvalidWeightsError,
     PeerGone,
     ProtocolError,
     WeightSyncError,
@@ -56,10 +58,9 @@ from weight_sync.errors import (
 )
 from weight_sync.handshake import join
 from weight_sync.transports.base import LinkSpec
-from weight_sync.transports.pair import address_towards
 from weight_sync.transports.registry import get_transport
 from weight_sync.wire.auth import resolve_secret
-from weight_sync.wire.layout import BufferLayout, named_leaves
+from weight_sync.wire.layout import BufferLayout
 
 __all__ = ["WeightReceiver"]
 
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 # close() waits this long for the background threads, before and after it closes the
 # transport end.
 _CLOSE_JOIN_S = 1.0
+# While a received version waits for its apply, the listener looks this often whether
+# the learner closed the stream (the learner waits for the goodbye for 2 s only).
+_CLOSE_WATCH_S = 0.25
 # receive_weights gives up on a reattach this long after reattach_timeout even if the
 # background attempt has not ended: a store call to a frozen learner never returns.
 _REATTACH_GRACE_S = 5.0
@@ -77,8 +81,12 @@ class WeightReceiver:
     """Receives versions of the learner's weights into ``policy``.
 
     Args:
-        policy: the collector's ``nn.Module``, TensorDict or ``state_dict``; its
-            tensors are updated in place (same objects, new values).
+        policy: the collector's ``nn.Module``, TensorDict or ``state_dict``: a module's
+            tensors as it holds them at each apply (also ones replaced since), switched
+            to the new values without a copy where they can be; a TensorDict's or
+            ``state_dict``'s tensors written in place (so a module whose
+            ``state_dict()`` they are is updated too); see
+            :mod:`weight_sync.collector.policy_buffers`.
         info: the learner's :attr:`WeightSender.connection_info`.
         collector_id: this collector's id, ``0 <= id < info.max_collectors``.
         config: waits; keyword arguments override its fields (``timeout``...).
@@ -99,7 +107,8 @@ class WeightReceiver:
         self.config = ReceiverConfig(**{**base.__dict__, **overrides})
         if not isinstance(info, ConnectionInfo):
             raise ConfigError(f"info must be a ConnectionInfo, got {type(info)!r}")
-        if not isinstance(collector_id, int) or not 0 <= collector_id < info.max_collectors:
+        if (not isinstance(collector_id, int) or isinstance(collector_id, bool)
+                or not 0 <= collector_id < info.max_collectors):
             raise ConfigError(f"collector_id must be an int in [0, {info.max_collectors}), "
                               f"got {collector_id!r}")
         self.info = info
@@ -118,8 +127,14 @@ class WeightReceiver:
         self._connected = False
         self._nonce = ""  # the nonce of the learner whose weights are applied
         self._refused_before = 0  # refusals on the links of learners left behind
-        self._buffers = PolicyBuffers(list(named_leaves(policy).values()), self.layout,
-                                      self.wire_layout)
+        self._buffers = PolicyBuffers(policy, self.layout, self.wire_layout, self._who())
+        for entry, tensor in zip(self.layout.entries, self._buffers.targets, strict=True):
+            if any(stride == 0 and size > 1
+                   for size, stride in zip(tensor.shape, tensor.stride(), strict=True)):
+                raise InvalidWeightsError(
+                    f"{self._who()}: weight {entry.name!r} has elements sharing memory "
+                    f"(stride {tensor.stride()}, e.g. from expand()): received values "
+                    f"cannot be written into it; give it its own memory (.clone())")
         self._inbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self._applied = threading.Event()  # staging may be refilled
         self._error: WeightSyncError | None = None  # the stream's end, once raised
@@ -162,18 +177,27 @@ class WeightReceiver:
             The version applied (the learner's current version).
 
         Raises:
-            ConnectionFailed: no store at ``info.host:info.port`` within ``timeout``.
+            ConnectionFailed: no store at ``info.host:info.port`` within ``timeout``
+                (also one that accepts connections and never answers).
+            ProtocolError: this receiver is already connected (the stream is left
+                alone).
+            ConfigError: ``timeout`` is not a positive finite number.
             LayoutMismatchError: this policy differs from the learner's (listed).
             DuplicateCollectorError: a live process already serves this id.
             AuthenticationError: with a shared secret on either side, the other side
                 could not prove it knows it.
             WeightSyncTimeout: the learner did not complete the sync in time.
         """
+        timeout = check_timeout(f"{self._who()}: connect", timeout, zero=False)
         if self._closed:
             raise ClosedError(f"{self._who()}: connect() after close()")
+        if self._connected:  # a second join would be refused as a duplicate of this one
+            raise ProtocolError(f"{self._who()}: connect() while already connected (over "
+                                f"{self.transport!r}, version {self.version}); the stream "
+                                f"goes on")
         deadline = time.monotonic() + timeout
         att = self._att
-        # One client per thread: this one (acks), the listener's, the heartbeat's.
+        # One client per thread: this one (closing), the listener's (acks), the heartbeat's.
         control = self._control(timeout)
         try:
             version, data = self._attach(att, control, deadline)
@@ -181,8 +205,8 @@ class WeightReceiver:
             del data
             self.version = version
             self._nonce, att.fresh = att.nonce, False
-            assert att.link is not None
-            att.link.ack(version)
+            att.applied = version  # acked by the listener, first thing
+            att.acked.clear()
         except BaseException:
             self.close()
             raise
@@ -218,7 +242,7 @@ class WeightReceiver:
             link = ReceiverLink(spec, transport.receiver(spec),
                                 self._control(deadline - time.monotonic()), control,
                                 self._hooks, lends=transport.lends, key=joined.key,
-                                changed_only=self.info.changed_only,
+                                changed_only=self.info.changed_only, local=verdict.local,
                                 **vars(transport.capabilities(spec)))
         except BaseException:
             control.close()
@@ -257,9 +281,18 @@ class WeightReceiver:
         thread.start()
 
     def _listen(self, att: Attachment) -> None:
-        """Receive each next message, hand it over, wait for its apply."""
+        """Ack what was applied, then receive each next message, hand it over, wait for
+        its apply and ack it: the acks leave the collector's thread, so a poll never
+        waits on a store call (which a frozen or cut-off learner never answers)."""
         link = att.link
         assert link is not None
+        try:
+            self._listen_on(att, link)
+        finally:
+            att.acked.set()  # no ack comes from this thread any more: close() waits for none
+
+    def _listen_on(self, att: Attachment, link: ReceiverLink) -> None:
+        self._ack_applied(att, link)
         while not att.stop.is_set():
             message = link.receive(self._buffers.staging(link.lends), self.config.idle_slice,
                                    self._buffers.held)
@@ -270,16 +303,37 @@ class WeightReceiver:
             del message  # no reference of this thread may outlive the apply
             if not self._wait_applied(att):
                 return
-            # After the ack, not during the apply: the store serves one request at a
-            # time, and the ack must not queue behind these deletes.
+            self._ack_applied(att, link)
+            # After the ack: the store serves one request at a time, and the ack must not
+            # queue behind these deletes.
             link.collect_garbage()
+
+    @staticmethod
+    def _ack_applied(att: Attachment, link: ReceiverLink) -> None:
+        """Tell the learner the version the collector applied (listener's thread).
+
+        Raises:
+            PeerGone: the learner's store is gone (it ends the stream, or starts a
+                reattach, as any loss of the learner).
+        """
+        version, att.applied = att.applied, None
+        if version is not None:
+            link.ack(version)
+        att.acked.set()
 
     def _wait_applied(self, att: Attachment) -> bool:
         """Wait until the collector applied the message handed over; False once
-        ``att`` is stopped."""
-        while not self._applied.wait(self.config.idle_slice):
+        ``att`` is stopped.
+
+        Raises:
+            ClosedError: the learner closed the stream meanwhile (the collector gets it
+                after the version handed over, not a vanished store later).
+        """
+        assert att.link is not None
+        while not self._applied.wait(min(self.config.idle_slice, _CLOSE_WATCH_S)):
             if att.stop.is_set():
                 return False
+            att.link.check_closed()
         return not att.stop.is_set()
 
     def _reattach(self, old: Attachment, new: Attachment, cause: WeightSyncError) -> None:
@@ -289,8 +343,14 @@ class WeightReceiver:
         self._retire(old)
         if not wait_for_store(self.info, deadline, new.stop, self._who(), cause):
             return
-        version, data = self._attach(new, self._control(deadline - time.monotonic()),
-                                     deadline)
+        try:
+            version, data = self._attach(new, self._control(deadline - time.monotonic()),
+                                         deadline)
+        except ConnectionFailed as exc:  # something listens there, but no learner answers
+            raise PeerGone(
+                f"{self._who()}: no learner took this collector back at {self.info.host}:"
+                f"{self.info.port} (stream {self.info.name!r}) within reattach_timeout "
+                f"{self.config.reattach_timeout}s: {exc}") from exc
         if new.stop.is_set():  # closed meanwhile: release what was just built
             self._retire(new)
             return
@@ -362,7 +422,8 @@ class WeightReceiver:
             raise ProtocolError(f"{self._who()}: receive_weights() before connect()")
         if self._error is not None:
             raise self._error
-        wait = self.config.timeout if timeout is None else timeout
+        wait = self.config.timeout if timeout is None else check_timeout(
+            f"{self._who()}: receive_weights", timeout)
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
@@ -418,15 +479,9 @@ class WeightReceiver:
             log.info("%s: re-attached, epoch %d, version %d (was %d)", self._who(),
                      self.epoch, version, self.version)
         self.version = version
-        try:
-            att.link.ack(version)
-        except ConnectionFailed as exc:  # applied; its learner went away meanwhile
-            if not self._may_reattach(att, exc):
-                raise
-            self._begin_reattach(exc)
-        finally:
-            # After the ack: the listener's next store call would delay it.
-            self._applied.set()
+        att.applied = version
+        att.acked.clear()
+        self._applied.set()  # the listener acks it, off this thread
         return version
 
     def _may_reattach(self, att: Attachment, error: WeightSyncError) -> bool:
@@ -438,9 +493,11 @@ class WeightReceiver:
     def _retire(self, att: Attachment) -> None:
         """Stop an attachment's threads and release its link (without a store call
         once its learner is lost)."""
+        reach = not att.lost
+        if reach:  # the learner sees the last version applied acked before the leave
+            att.acked.wait(_CLOSE_JOIN_S)
         att.stop.set()
         self._applied.set()
-        reach = not att.lost
         if att.link is not None:
             att.link.stop(reach_learner=reach)  # wakes the listener's wait
         # A listener inside a transfer (one the learner cut short, or will never finish

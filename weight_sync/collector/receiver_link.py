@@ -6,7 +6,8 @@ the message before it is handed over, the same for every transport: with a share
 secret, the signal's HMAC before anything is received (a forged or replayed signal
 ends the stream) and the message's BLAKE3 digest after; the header against the signalled
 version; without a secret, the payload against the header's checksum (except a lent,
-zero-copy message: the learner's own memory, nothing travelled). A message that
+zero-copy message, the learner's own memory, and a message to a collector the learner
+proved shares its host: memory to memory through one kernel, nothing crossed a wire). A message that
 fails its digest or checksum is refused and asked for again (the learner sends its
 version again as the next message), at most ``MAX_RESENDS`` times in a row.
 
@@ -61,34 +62,39 @@ class ReceiverLink:
     Args:
         spec: the link.
         end: the transport's collector end.
-        listener: the store client of the thread that calls :meth:`receive`.
-        acker: the store client of the thread that calls :meth:`ack` and :meth:`close`
+        listener: the store client of the thread that calls :meth:`receive` and
+            :meth:`ack`.
+        acker: the store client of the thread that calls :meth:`stop` and :meth:`close`
             (a TCPStore client must not be shared between threads).
         hooks: fault-injection and instrumentation hooks.
         lends: the transport lends its messages (zero-copy) instead of filling buffers.
         key: with a shared secret, the stream's key: only signals it authenticates are
             acted on.
         changed_only: the learner may send changed-only messages.
+        local: the learner proved this collector shares its host: no payload
+            checksum is checked (a secret's digest still is).
     """
 
     def __init__(self, spec: LinkSpec, end: ReceiverTransport, listener: Control,
                  acker: Control, hooks: ReceiverHooks | None = None, *,
                  lends: bool = False, key: StreamKey | None = None,
                  changed_only: bool = False, streams: bool = False,
-                 posts_early: bool = False) -> None:
+                 posts_early: bool = False, local: bool = False) -> None:
         self.spec = spec
         self._key = key
         self._refusals = 0  # messages refused in a row (failed digest or checksum)
         self.refused = 0
         """Messages refused so far as corrupted (each asked for again)."""
         self.lends = lends
+        self.local = local
         self.collector_id = spec.collector_id
         self.incarnation = spec.incarnation
         self._end = end
         self._streaming = end if streams and isinstance(end, StreamingReceiver) else None
         # Hash streamed pieces as they land: not when a hook may still change the
         # message after it landed, nor once the learner is seen to send no checksum.
-        self._hash_ahead = key is None and (hooks is None or hooks.after_receive is None)
+        self._hash_ahead = (key is None and not local
+                            and (hooks is None or hooks.after_receive is None))
         self._early = (end if posts_early and isinstance(end, EarlyReceiver)
                        and not lends and not changed_only
                        and (hooks is None or hooks.before_receive is None) else None)
@@ -147,11 +153,7 @@ class ReceiverLink:
                                       f"authenticated (forged or replayed); refused, nothing "
                                       f"applied")
         if update.closed:
-            self._listener.bye(cid, inc)  # the learner keeps its store up until we did
-            # Nothing more to tell it: stop() and close() make no store call (its store
-            # may be gone by then, and c10d logs each failed call with a stack trace).
-            self._stopped = True
-            raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
+            self._closed_by_learner()
         running: hashing.Checksum | None = None
         if update.delta:
             data = self._receive_delta(update, buffer, held)
@@ -186,6 +188,31 @@ class ReceiverLink:
         self._last_version = update.version
         self._seq += 1
         return update.version, data
+
+    def _closed_by_learner(self) -> None:
+        """The learner closed the stream: say goodbye and raise ``ClosedError``."""
+        self._listener.bye(self.collector_id, self.incarnation)  # its store waits for it
+        # Nothing more to tell it: stop() and close() make no store call (its store
+        # may be gone by then, and c10d logs each failed call with a stack trace).
+        self._stopped = True
+        raise ClosedError(f"{self.spec.who()}: the weight stream was closed")
+
+    def check_closed(self) -> None:
+        """Non-blocking, while the message received last waits for its apply: raise
+        ``ClosedError`` (after saying goodbye) if the learner's next signal closes the
+        stream. The learner keeps its store up only briefly for that goodbye; a
+        collector that applies slowly would otherwise find the store gone instead.
+
+        Raises:
+            ClosedError: the learner closed the stream.
+        """
+        cid, inc = self.collector_id, self.incarnation
+        update = self._listener.next_update(cid, inc, self._seq, 0)
+        if update is None or not update.closed:
+            return  # a next version's signal is read by receive(), as any other
+        if self._key is not None and not self._key.authentic(cid, inc, self._seq, update):
+            return  # receive() refuses it, loudly
+        self._closed_by_learner()
 
     def _receive_delta(self, update: Update, buffer: torch.Tensor | None,
                        held: torch.Tensor | None) -> torch.Tensor | None:
@@ -234,7 +261,7 @@ class ReceiverLink:
         learner's memory, read in place: without a secret there is no transit to check,
         and hashing it would cost each collector a pass over the weights."""
         if self._key is None:
-            if self.lends:  # the learner's own memory: nothing travelled to corrupt
+            if self.lends or self.local:  # nothing crossed a wire to corrupt it
                 return
             kind, _ = header_checksum(data)
             if kind == hashing.NO_CHECKSUM:
@@ -264,12 +291,14 @@ class ReceiverLink:
             self._listener.forget(self.collector_id, self.incarnation, seq, version)
 
     def ack(self, version: int) -> None:
-        """Tell the learner ``version`` is applied.
+        """Tell the learner ``version`` is applied (listener: the thread that calls
+        :meth:`receive`, never the collector's own, which a store call to a frozen
+        learner would hold up).
 
         Raises:
             PeerGone: the learner's store is gone.
         """
-        self._acker.ack(self.collector_id, self.incarnation, version)
+        self._listener.ack(self.collector_id, self.incarnation, version)
 
     def stop(self, *, reach_learner: bool = True) -> None:
         """Tell the learner this collector leaves, and wake a :meth:`receive` waiting

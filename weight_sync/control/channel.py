@@ -286,6 +286,23 @@ class Control:
             except (ConnectionFailed, _Timeout):
                 return
 
+    def forget_link(self, cid: int, inc: int, seqs: Iterable[int],
+                    versions: Iterable[int]) -> None:
+        """Learner: delete what a retired incarnation left in the store (its collector
+        is gone and will not): its heartbeat and goodbye, the signals of messages
+        ``seqs`` and their resend requests, the acks of ``versions``. Best effort, as
+        :meth:`forget`."""
+        keys = [self.keys.alive(cid, inc), self.keys.bye(cid, inc)]
+        for seq in seqs:
+            keys += [self.keys.update(cid, inc, seq), self.keys.resend(cid, inc, seq)]
+        keys += [self.keys.ack(cid, inc, version) for version in versions]
+        for key in keys:
+            try:
+                _call("deleting a retired link's keys",
+                      lambda: self._store.delete_key(key))  # noqa: B023
+            except (ConnectionFailed, _Timeout):
+                return
+
     # -- liveness and goodbyes ---------------------------------------------------------
     def learner_beat(self) -> None:
         self._add(self.keys.beat, 1, "the learner's heartbeat")

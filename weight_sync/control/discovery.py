@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 
 from weight_sync.config import ConnectionInfo
@@ -29,7 +30,7 @@ from weight_sync.control.channel import Control
 from weight_sync.errors import ConfigError
 
 __all__ = ["ADDR_VAR", "NAME_VAR", "ID_VAR", "info_from_address", "info_from_env",
-           "collector_id_from_env", "env_for_collectors"]
+           "collector_id_from_env", "env_for_collectors", "address_towards"]
 
 #: ``host:port`` of the learner's store.
 ADDR_VAR = "WEIGHT_SYNC_ADDR"
@@ -95,3 +96,19 @@ def env_for_collectors(info: ConnectionInfo) -> dict[str, str]:
     """The variables :func:`info_from_env` reads, for the learner to hand out."""
     host = f"[{info.host}]" if ":" in info.host else info.host
     return {ADDR_VAR: f"{host}:{info.port}", NAME_VAR: info.name}
+
+
+def address_towards(host: str, port: int) -> str | None:
+    """This host's address on the route to ``host`` (loopback for a local learner).
+
+    A collector binds its gloo socket there, so the link uses the interface the store
+    connection uses, and a loopback run never listens on a public interface. ``None``
+    if the route cannot be found (gloo then picks its default interface).
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))  # UDP: picks a route, sends nothing
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None

@@ -7,17 +7,24 @@ server (bound to exactly the address asked for) and the clients.
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from weight_sync.errors import ConnectionFailed
+from weight_sync.config import check_timeout
+from weight_sync.errors import ConfigError, ConnectionFailed, PeerGone
 
 __all__ = ["StoreServer", "connect_client", "WILDCARDS"]
 
 #: Addresses that bind every interface, and the loopback address that reaches them.
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+# connect_client waits this much longer than its timeout for TCPStore's own retries to
+# give up on a port where nothing listens.
+_CONNECT_MARGIN_S = 0.5
 
 
 def _listen(host: str, port: int) -> int:
@@ -83,12 +90,41 @@ def _bound_port(fd: int) -> int:
 def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:
     """Connect to a running store, retrying until ``timeout`` seconds.
 
+    The connection is made on a daemon thread waited for at most ``timeout`` (plus
+    :data:`_CONNECT_MARGIN_S`): TCPStore's own check of a new connection waits without
+    a limit for an endpoint that accepts it and never answers (a frozen learner, some
+    other server). Such a thread ends when that endpoint answers or closes; a client it
+    makes after the caller gave up is dropped.
+
     Raises:
-        ConnectionFailed: no store answered at ``host:port`` within ``timeout``.
+        ConnectionFailed: no store answered at ``host:port`` within ``timeout``;
+            :class:`PeerGone` (a kind of it) for an endpoint that accepted the
+            connection and stayed silent (a frozen learner).
+        ConfigError: ``port`` is not in ``1..65535``, or ``timeout`` is not a positive
+            finite number.
     """
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
+        raise ConfigError(f"store port must be an int in [1, 65535], got {port!r}")
+    timeout = check_timeout(f"connecting to the store at {host}:{port}", timeout, zero=False)
     start = time.monotonic()
+    result: Future[dist.TCPStore] = Future()
+
+    def build() -> None:
+        try:
+            result.set_result(dist.TCPStore(host, port, is_master=False,
+                                            timeout=timedelta(seconds=timeout)))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    threading.Thread(target=build, name=f"weight-sync-connect-{host}:{port}",
+                     daemon=True).start()
     try:
-        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+        return result.result(timeout + _CONNECT_MARGIN_S)
+    except FutureTimeout:
+        raise PeerGone(
+            f"the endpoint at {host}:{port} accepted a connection but did not answer as a "
+            f"weight-sync store within {time.monotonic() - start:.1f}s (timeout "
+            f"{timeout}s): its process is frozen, or it is not a store") from None
     except (dist.DistError, RuntimeError) as exc:
         raise ConnectionFailed(
             f"no weight-sync store reachable at {host}:{port} after "

@@ -7,30 +7,32 @@ transport ends: in the caller's thread at the initial ``connect()``, in a backgr
 thread for run-time joins, since a rendezvous blocks until the collector builds its end,
 and a collector that dies halfway through its handshake must cost the learner's
 ``send_weights_async``/``wait_ack`` nothing.
+
+After ``connect()``, run-time joins are looked for by a :class:`Door`: a thread of the
+learner's own, so a collector is admitted (or refused) and caught up while the learner
+trains, evaluates or sleeps, not only when it calls in.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_futures
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 
 from weight_sync.control.channel import Control
-from weight_sync.errors import WeightSyncError, WeightSyncTimeout
-from weight_sync.handshake import judge, refusal_error
+from weight_sync.errors import ProtocolError, WeightSyncError
+from weight_sync.handshake import Reserve, judge, refusal_error
 from weight_sync.learner.sender_link import SenderLink
 from weight_sync.transports.base import Offer
 from weight_sync.transports.registry import TransportSpec
 from weight_sync.wire.auth import StreamKey
-from weight_sync.wire.protocol import REFUSED_DUPLICATE, Hello, Verdict
+from weight_sync.wire.protocol import REFUSED_DUPLICATE, REFUSED_PROTOCOL, Hello, Verdict
 
-__all__ = ["Admissions"]
+__all__ = ["Admissions", "Door"]
 
 # How long an incarnation that said no hello yet, while a newer one of its id did, is
 # looked for (its process took the number, then was slower than the next one): it
@@ -39,8 +41,9 @@ _LATE_HELLO_S = 120.0
 
 log = logging.getLogger(__name__)
 
-#: Builds an unconnected link: ``(collector id, incarnation, hello, transport spec)``.
-LinkFactory = Callable[[int, int, Hello, TransportSpec], SenderLink]
+#: Builds an unconnected link: ``(collector id, incarnation, hello, transport spec,
+#: proven to share the learner's host)``.
+LinkFactory = Callable[[int, int, Hello, TransportSpec, bool], SenderLink]
 
 
 class Admissions:
@@ -55,12 +58,16 @@ class Admissions:
         connect_control: makes a new store client, for a background thread.
         key: with a shared secret, the stream's key (hellos must prove it, verdicts
             are signed with it).
+        reserve: asked before a collector is placed on a transport
+            (:data:`~weight_sync.handshake.Reserve`).
     """
 
     def __init__(self, control: Control, make_link: LinkFactory, chain: list[TransportSpec],
                  offers: Mapping[str, Offer], max_collectors: int,
-                 connect_control: Callable[[], Control], key: StreamKey | None = None) -> None:
+                 connect_control: Callable[[], Control], key: StreamKey | None = None,
+                 reserve: Reserve | None = None) -> None:
         self._key = key
+        self._reserve = reserve
         self._control = control
         self._make_link = make_link
         self._chain = chain
@@ -72,15 +79,18 @@ class Admissions:
         self._refused: dict[int, tuple[int, WeightSyncError]] = {}  # id -> (inc, why)
         self._joins_seen = 0
         self._late: dict[tuple[int, int], float] = {}  # (id, incarnation) -> since when
+        self._malformed: set[tuple[int, int]] = set()  # hellos that were not hellos
         self._attempts: list[tuple[SenderLink, Future[None]]] = []  # links connecting
 
     # -- judging -----------------------------------------------------------------------
-    def _judge(self, cid: int, inc: int, hello: Hello,
-               current: SenderLink | None) -> SenderLink | None:
-        """Judge one incarnation and write the verdict; its link if admitted."""
+    def _judge(self, cid: int, inc: int, hello: Hello, current: SenderLink | None,
+               peers: Sequence[Hello] = ()) -> SenderLink | None:
+        """Judge one incarnation (``peers``: the hellos judged together with it) and
+        write the verdict; its link if admitted."""
         self.seen[cid] = inc  # never judged again: a replayed hello admits nobody
         self._control.forget_hello(cid, inc)
-        verdict = judge(hello, cid, inc, current, self._chain, self._offers, self._key)
+        verdict = judge(hello, cid, inc, current, self._chain, self._offers, self._key,
+                        self._reserve, peers)
         if not verdict.admitted:
             who = f"collector {cid} (pid {hello.pid})"
             self._refused[cid] = (inc, refusal_error(verdict, who, hello.refused))
@@ -89,11 +99,29 @@ class Admissions:
                 self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
             return None
         spec = next(s for s in self._chain if s.name == verdict.transport)
-        link = self._make_link(cid, inc, hello, spec)
+        link = self._make_link(cid, inc, hello, spec, verdict.local)
         self._refused.pop(cid, None)
         self._control.admit(cid, inc, self._signed(cid, inc, hello, verdict))
-        log.info("admitting collector %d (incarnation %d) over %r", cid, inc, spec.name)
+        log.info("admitting collector %d (incarnation %d, pid %d on %s) over %r: %s", cid,
+                 inc, hello.pid, hello.host, spec.name, verdict.reason)
         return link
+
+    def _hello(self, cid: int, inc: int) -> Hello | None:
+        """Collector ``cid``'s hello for incarnation ``inc``, if it said one. A value
+        that is no hello (a foreign process writing to the store, a bug) is refused and
+        dropped, never fatal to the door: the id stays open to a real collector."""
+        try:
+            return self._control.hello(cid, inc)
+        except ProtocolError as exc:
+            if (cid, inc) not in self._malformed:
+                self._malformed.add((cid, inc))
+                self.seen[cid] = max(self.seen.get(cid, 0), inc)
+                log.warning("collector %d, incarnation %d: %s; refused and dropped", cid,
+                            inc, exc)
+                self._control.forget_hello(cid, inc)
+                self._control.admit(cid, inc, Verdict(refusal=REFUSED_PROTOCOL,
+                                                      reason=f"malformed hello: {exc}"))
+            return None
 
     def _signed(self, cid: int, inc: int, hello: Hello, verdict: Verdict) -> Verdict:
         if self._key is None:
@@ -118,12 +146,14 @@ class Admissions:
         self._control.wait_hellos(newest.items(), deadline - time.monotonic(),
                                   "collectors to finish their handshake")
         links: dict[int, SenderLink] = {}
+        batch = {c: h for c in ids if (h := self._control.hello(c, newest[c])) is not None}
         for cid in ids:
+            peers = [h for c, h in batch.items() if c != cid]
             for inc in range(1, newest[cid] + 1):
-                hello = self._control.hello(cid, inc)
+                hello = self._hello(cid, inc)
                 if hello is None:  # an earlier incarnation that never said hello
                     continue
-                link = self._judge(cid, inc, hello, links.get(cid))
+                link = self._judge(cid, inc, hello, links.get(cid), peers)
                 if link is not None:
                     superseded = links.pop(cid, None)  # its process is gone
                     if superseded is not None:
@@ -200,8 +230,10 @@ class Admissions:
             newest = self._control.incarnation(cid)
             current = live.get(cid)
             for inc in range(self.seen.get(cid, 0) + 1, newest + 1):
-                hello = self._control.hello(cid, inc)
+                hello = self._hello(cid, inc)
                 if hello is None:
+                    if (cid, inc) in self._malformed:
+                        continue
                     if inc == newest:
                         handshaking = True  # look again on a later call
                     else:  # superseded before its hello: answered when it comes
@@ -218,7 +250,7 @@ class Admissions:
         """Refuse the late incarnations whose hello came: as any other would be, or, if
         it would be admitted, as superseded by the newer one already judged."""
         for (cid, inc), since in list(self._late.items()):
-            hello = self._control.hello(cid, inc)
+            hello = self._hello(cid, inc)
             if hello is None:
                 if time.monotonic() - since > _LATE_HELLO_S:
                     del self._late[(cid, inc)]  # it never will
@@ -257,26 +289,53 @@ class Admissions:
                  link.incarnation, time.monotonic() - start)
         future.set_result(None)
 
-    def wait(self, ids: Iterable[int], timeout: float) -> None:
-        """Block up to ``timeout`` s until a join of one of ``ids`` makes progress: a
-        connect in progress ends, or a new incarnation says hello."""
-        wanted = set(ids)
-        futures = [f for link, f in self._attempts if link.collector_id in wanted]
-        if futures:
-            wait_futures(futures, timeout, return_when=FIRST_COMPLETED)
-            return
-        # The store waits for all keys: with several ids, the caller's slice bounds
-        # the wait before the ones that did arrive are admitted.
-        with contextlib.suppress(WeightSyncTimeout):
-            self._control.wait_hellos([(c, self.seen.get(c, 0) + 1) for c in sorted(wanted)],
-                                      timeout, f"collectors {sorted(wanted)} to join")
-
     def close(self) -> None:
         """Stop admitting: links still connecting are closed (their threads end with
         their rendezvous timeout)."""
         for link, _future in self._attempts:
             link.close()
         self._attempts.clear()
+
+
+class Door:
+    """The learner's always-open door: runs ``step`` (look for joins, judge them,
+    install and catch up the links connected since) every ``period`` s on a daemon
+    thread of its own, whatever the learner's caller is doing, until :meth:`close`.
+
+    Args:
+        step: one round; it takes the learner's lock itself, and uses a store client
+            only under that lock (or the thread's own).
+        period: seconds between rounds.
+
+    A round that raises stops the door: the error is kept in :attr:`failure` (and
+    logged) for the learner's next call to raise.
+    """
+
+    def __init__(self, step: Callable[[], None], period: float) -> None:
+        self._step = step
+        self._period = period
+        self._stop = threading.Event()
+        self.failure: BaseException | None = None
+        """What stopped the door, if a round raised."""
+        self._thread = threading.Thread(target=self._run, name="weight-sync-door",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._step()
+            except BaseException as exc:
+                if not self._stop.is_set():  # not the learner closing under it
+                    log.exception("the learner's admission thread stopped")
+                    self.failure = exc
+                return
+
+    def close(self, timeout: float) -> None:
+        """Stop after the round in progress (waiting up to ``timeout`` s); idempotent."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
 
 def is_local(hello: Hello) -> bool:

@@ -65,8 +65,9 @@ class DataParallelSender:
         shard: split the collectors between the ranks (default); if False, rank
             ``sender_rank`` serves them all and the other ranks' calls do nothing.
         sender_rank: the serving rank when ``shard`` is False.
-        rank, world_size: default to the process group's (see
+        rank: this rank; defaults to the process group's (see
             :func:`rank_and_world_size`).
+        world_size: the number of ranks; defaults to the process group's.
         sender_options: passed to each rank's :class:`WeightSender` (``host``,
             ``port``, ``timeout``, ...). A fixed ``port`` is offset by the rank.
 

@@ -14,38 +14,57 @@ Example::
 
 A collector that dies is reported once (``CollectorFailed`` carrying an
 :class:`~weight_sync.metrics.AckResult`) and then no longer waited for; a process that
-connects again with its id is admitted on the next call and caught up with the newest
-version.
+connects again with its id is admitted and caught up with the newest version by the
+learner's door, a thread of its own, whatever the learner is doing meanwhile (training,
+evaluating, sleeping between calls): refusals too are answered at once.
+
+Thread safety: the public calls may come from several threads. They are serialised by
+one lock around the sender's state (never held across a blocking wait), so each
+``send_weights_async`` gets a version of its own and publishes it whole; ``wait_ack``
+and ``wait_for`` wait outside it, so a send from another thread never waits for them.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from weight_sync.config import ConnectionInfo, SenderConfig, wire_dtype
+from weight_sync.config import (
+    ConnectionInfo,
+    SenderConfig,
+    check_count,
+    check_timeout,
+    wire_dtype,
+)
 from weight_sync.control.channel import Control
 from weight_sync.control.liveness import LearnerHeartbeat
 from weight_sync.control.store import WILDCARDS, StoreServer
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
+    ConnectionFailed,
     ProtocolError,
+    SharedMemoryFull,
+    WeightSyncError,
     WeightSyncTimeout,
 )
-from weight_sync.learner.admission import Admissions, is_local
+from weight_sync.learner.admission import Admissions, Door, is_local
 from weight_sync.learner.publisher import Publisher
 from weight_sync.learner.sender_link import SenderLink
 from weight_sync.metrics import AckResult, SyncStats
 from weight_sync.transports.base import LearnerSide, LinkSpec, Offer
-from weight_sync.transports.registry import TransportSpec, sender_chain
+from weight_sync.transports.registry import AUTO, TransportSpec, sender_chain
 from weight_sync.wire.auth import StreamKey, new_nonce, resolve_secret
 from weight_sync.wire.layout import BufferLayout, named_leaves
+from weight_sync.wire.live import LiveLeaves
 from weight_sync.wire.protocol import Hello
+from weight_sync.wire.shm import SHM_DIR, shm_room
 from weight_sync.wire.snapshots import SnapshotPool
 
 __all__ = ["WeightSender"]
@@ -56,8 +75,11 @@ log = logging.getLogger(__name__)
 _ACK_SLICE_S = 1.0
 # close() waits at most this long for the live collectors to read it.
 _CLOSE_GRACE_S = 2.0
-# Joins are looked for at most this often by send_weights_async / wait_ack (a store
-# round trip each): a (re)joining collector waits this much longer at most.
+# wait_ack waits for the placements' acks in this order (the ones that usually come
+# first, first): a placement's round is when the last of its acks is seen.
+_FAST_FIRST = ("shm", "distributed", "relay")
+# The door looks for joins this often (a store round trip each): a (re)joining
+# collector waits this much longer at most, whatever the learner's caller is doing.
 _JOIN_CHECK_S = 0.05
 
 
@@ -66,7 +88,10 @@ class WeightSender:
 
     Args:
         policy: an ``nn.Module``, a TensorDict or a ``state_dict`` whose tensors are
-            read (not copied) at every :meth:`send_weights_async`.
+            read (not copied) at every :meth:`send_weights_async`. A module's tensors
+            are the ones it holds at each send (also after ``load_state_dict(...,
+            assign=True)`` or a rebound buffer); a TensorDict's or ``state_dict``'s are
+            the ones given here (pass the module if its tensors may be replaced).
         num_collectors: how many collectors :meth:`connect` waits for (ids 0..N-1).
         max_collectors: highest number of collector ids accepted (elastic joins of ids
             ``num_collectors..max_collectors-1`` at run time); defaults to N.
@@ -78,7 +103,7 @@ class WeightSender:
             versions go on growing.
 
     Raises:
-        InvalidWeightsError: empty or non-tensor weights.
+        InvalidWeightsError: empty or non-tensor weights, or tensors on the meta device.
         ConnectionFailed: the store cannot bind its address.
     """
 
@@ -87,19 +112,17 @@ class WeightSender:
                  **overrides: Any) -> None:
         base = config or SenderConfig()
         self.config = SenderConfig(**{**base.__dict__, **overrides})
-        if not isinstance(num_collectors, int) or num_collectors < 1:
-            raise ConfigError(f"num_collectors must be an int >= 1, got {num_collectors!r}")
-        max_collectors = num_collectors if max_collectors is None else max_collectors
-        if not isinstance(max_collectors, int) or max_collectors < num_collectors:
-            raise ConfigError(f"max_collectors must be an int >= num_collectors "
-                              f"({num_collectors}), got {max_collectors!r}")
+        check_count("num_collectors", num_collectors, 1)
+        max_collectors = check_count(
+            f"max_collectors (at least num_collectors, {num_collectors})",
+            num_collectors if max_collectors is None else max_collectors, num_collectors)
         chain = sender_chain(self.config)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ConfigError(f"version must be an int >= 0, got {version!r}")
         self.num_collectors = num_collectors
         self.max_collectors = max_collectors
-        self._sources = list(named_leaves(policy).values())
         self.layout = BufferLayout.from_weights(policy)
+        self._sources = LiveLeaves(policy, self.layout, "WeightSender")
         self.wire_layout = self.layout.on_wire(wire_dtype(self.config.wire_dtype))
         """The layout of each message (``layout`` unless ``wire_dtype`` narrows it)."""
         nonce = new_nonce()
@@ -113,10 +136,10 @@ class WeightSender:
             self._heartbeat = LearnerHeartbeat(self._new_control(),
                                                self.connection_info.heartbeat_s)
             for spec in chain:
-                if spec.offer is not None and self.config.backend in spec.backends:
-                    self._offers[spec.name] = spec.offer()
                 if spec.learner is not None:
                     self._sides[spec.name] = spec.learner(self.config)
+                if spec.offer is not None and self.config.backend in spec.backends:
+                    self._offers[spec.name] = spec.offer(self._sides.get(spec.name))
             self._control.publish_stream(
                 self.layout.to_json(), self.connection_info.to_json(),
                 {name: offer.params for name, offer in self._offers.items()}, nonce)
@@ -126,27 +149,51 @@ class WeightSender:
             raise
         self.stats = SyncStats()
         self._publisher = Publisher(
-            SnapshotPool(self.wire_layout, self._device(), shared=chain[0].shared_snapshots,
+            # In shared memory once a collector is placed where it is read in place.
+            SnapshotPool(self.wire_layout, self._device(), shared=False,
                          # with a secret, the signed digest covers it all
                          checksum=self.config.checksum and self._key is None,
                          digests=self._key is not None,
                          leaf_digests=self.config.changed_only),
             self.stats)
         self.links: dict[int, SenderLink] = {}
-        """The live collectors' links, by collector id."""
+        """The live collectors' links, by collector id (the door adds to it at any time:
+        read a copy, e.g. ``sorted(sender.links)``)."""
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
+        self._retired: dict[int, SenderLink] = {}  # failed links, until their id rejoins
+        self._connecting = False  # connect() is waiting for the initial collectors
+        self._on_shm: set[int] = set()  # ids placed where snapshots are read in place
         self._admissions = Admissions(self._control, self._make_link, chain, self._offers,
-                                      max_collectors, self._new_control, self._key)
-        self._joins_read = 0.0  # when joins were last looked for
+                                      max_collectors, self._new_control, self._key,
+                                      self._reserve)
         self.version = version
         self._connected = False
         self._closed = False
+        # Guards the links, the publisher, the admissions and the main store client
+        # (self._control), which only non-blocking store calls use: the caller's threads
+        # and the door take it; blocking waits run outside it, each on its thread's own
+        # client (_waiter). Re-entrant: connect() calls wait_ack().
+        self._lock = threading.RLock()
+        self._admitted = threading.Condition(self._lock)  # notified after each door round
+        self._waiters = threading.local()
+        self._waiter_clients: list[Control] = []
+        self._door: Door | None = None
 
     def _new_control(self) -> Control:
         """A new client of this learner's store (one per thread that uses it)."""
         return Control.connect(self._server.local_host, self._server.port, self.config.name,
                                self.config.timeout)
+
+    def _waiter(self) -> Control:
+        """The calling thread's own store client, for the blocking waits (made on first
+        use, closed by :meth:`close`)."""
+        client: Control | None = getattr(self._waiters, "control", None)
+        if client is None:
+            client = self._waiters.control = self._new_control()
+            with self._lock:
+                self._waiter_clients.append(client)
+        return client
 
     def _device(self) -> torch.device:
         if self.config.backend == "nccl":
@@ -184,7 +231,8 @@ class WeightSender:
     @property
     def transports(self) -> dict[int, str]:
         """The transport each live collector's link uses, by collector id."""
-        return {cid: link.transport for cid, link in self.links.items()}
+        with self._lock:
+            return {cid: link.transport for cid, link in self.links.items()}
 
     def learner_side(self, transport: str) -> LearnerSide:
         """The learner-wide state of ``transport`` (e.g. the relay's
@@ -210,6 +258,10 @@ class WeightSender:
             raise ClosedError(f"WeightSender.{what}() after close()")
         if what != "connect" and not self._connected:
             raise ProtocolError(f"WeightSender.{what}() before connect()")
+        failure = None if self._door is None else self._door.failure
+        if failure is not None:
+            raise WeightSyncError(f"WeightSender.{what}(): the learner's admission thread "
+                                  f"failed: {failure!r}") from failure
 
     def connect(self, timeout: float = 60.0) -> None:
         """Wait for collectors 0..N-1, check their layouts, and sync the weights to all.
@@ -220,22 +272,85 @@ class WeightSender:
             DuplicateCollectorError: never for a duplicate alone (the first live
                 process of an id is served; the duplicate is refused and raises).
         """
-        self._check_open("connect")
+        timeout = check_timeout("WeightSender.connect", timeout, zero=False)
+        with self._lock:
+            self._check_open("connect")
+            if self._connected or self._connecting:
+                raise ProtocolError("WeightSender.connect() called twice")
+            self._connecting = True
         deadline = time.monotonic() + timeout
-        self.links.update(self._admissions.initial(range(self.num_collectors), timeout))
-        self._connected = True
-        self._publisher.publish(self._sources, self.version, self.links)
+        # Outside the lock, so that a close() from another thread (a collector that
+        # failed to start) ends this wait at once: it stops the store the wait is on.
+        # Nothing else uses the main client before _connected: the door opens below.
+        try:
+            links = self._admissions.initial(range(self.num_collectors), timeout)
+        except WeightSyncError:
+            if self._closed:
+                raise ClosedError("WeightSender closed during connect()") from None
+            raise
+        finally:
+            self._connecting = False
+        with self._lock:
+            if self._closed:
+                for link in links.values():
+                    link.close()
+                raise ClosedError("WeightSender closed during connect()")
+            self.links.update(links)
+            self._connected = True
+            self._publisher.publish(self._sources.current(), self.version, self.links)
+            self._door = Door(self._door_round, _JOIN_CHECK_S)
         self.wait_ack(max(deadline - time.monotonic(), 0.001))
         log.info("connected %d collector(s) on %s:%s over %s, layout %s (%d bytes)",
                  self.num_collectors, self.config.host, self._server.port,
                  sorted(set(self.transports.values())), self.layout.digest,
                  self.wire_layout.nbytes)
 
-    def _make_link(self, cid: int, inc: int, hello: Hello, spec: TransportSpec) -> SenderLink:
+    def _reserve(self, cid: int, hello: Hello, spec: TransportSpec, local: bool,
+                 remote_peers: int) -> str:
+        """Before collector ``cid`` is placed on ``spec``: reserve what it needs there,
+        or say why it cannot be (:data:`~weight_sync.handshake.Reserve`)."""
+        if spec.shared_snapshots:
+            return self._reserve_shared(cid)
+        if self.config.transport != AUTO or spec.name != "relay":
+            return ""
+        if local:  # the relay's point is the network (and its slots are shared memory)
+            return "the collector shares the learner's host; the relay is for other hosts"
+        others = remote_peers + sum(1 for c, link in self.links.items()
+                                    if c != cid and not link.local)
+        if not others:
+            # Measured on the test bed (1 Gbit/s, 100 MB): one collector on one other
+            # host, relay 847 ms, direct 837 ms; the relay pays off from two collectors.
+            return ("the only collector off the learner's host: direct sends cost less "
+                    "than the relay for one")
+        return ""
+
+    def _reserve_shared(self, cid: int) -> str:
+        """Room in ``/dev/shm`` for the snapshots' bound with ``cid`` reading them in
+        place (2 per such collector, plus 2: see :attr:`buffers_allocated`), and the
+        snapshots kept for joins moved there."""
+        users = len(self._on_shm | {cid})
+        nbytes = self.wire_layout.nbytes
+        pool = self._publisher.pool
+        need = (2 * users + 2) * nbytes - pool.shared_bytes
+        room = shm_room()
+        if room < need:
+            return (f"{SHM_DIR} has {room / 1e6:.1f} MB free, {need / 1e6:.1f} MB more are "
+                    f"needed for the snapshots of {users} collector(s) reading them in place")
+        try:
+            self._publisher.share()
+        except SharedMemoryFull as exc:
+            return str(exc)
+        self._on_shm.add(cid)
+        return ""
+
+    def _make_link(self, cid: int, inc: int, hello: Hello, spec: TransportSpec,
+                   local: bool) -> SenderLink:
         host = self.config.host
         link_spec = LinkSpec(cid, inc, self.wire_layout, backend=self.config.backend,
                              timeout=self.config.timeout,
                              bind_host=None if host in WILDCARDS else host)
+        if not spec.shared_snapshots:
+            self._on_shm.discard(cid)
         side = self._sides.get(spec.name)
         if side is not None:
             end = side.end(link_spec)
@@ -246,60 +361,110 @@ class WeightSender:
                           liveness_timeout=self.config.liveness_timeout,
                           peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends,
                           key=self._key, changed_only=self.config.changed_only,
-                          stats=self.stats, streams=spec.capabilities(link_spec).streams)
+                          stats=self.stats, streams=spec.capabilities(link_spec).streams,
+                          local=local)
 
-    def _admit_joins(self, *, force: bool = False) -> None:
-        """Install collectors that (re)joined, catching them up with the newest
-        published version (at most one look per ``_JOIN_CHECK_S`` unless ``force``).
+    def _door_round(self) -> None:
+        """One round of the door (its thread): admit joins, then wake :meth:`wait_for`."""
+        with self._lock:
+            if self._closed:
+                return
+            self._admit_joins()
+            self._admitted.notify_all()
+
+    def _admit_joins(self) -> None:
+        """Judge new joins (verdicts written) and install the collectors whose links
+        connected since, catching them up with the newest published version; under
+        the lock.
 
         Their links are connected in the background (:class:`Admissions`), so this
         never waits on a joining collector.
         """
-        now = time.monotonic()
-        if not force and now - self._joins_read < _JOIN_CHECK_S:
-            return
-        self._joins_read = now
         ready, failed = self._admissions.poll(self.links)
         self.failed.update(failed)
         for link in ready:
-            old = self.links.pop(link.collector_id, None)
-            if old is not None:
-                old.close()
+            # The incarnations this one replaces are gone: what they left in the store
+            # goes with them.
+            for old in (self.links.pop(link.collector_id, None),
+                        self._retired.pop(link.collector_id, None)):
+                if old is not None:
+                    old.close()
+                    old.forget(close_signal=True)
             self.links[link.collector_id] = link
             self.failed.pop(link.collector_id, None)
             log.info("collector %d (incarnation %d) joined at version %d over %r",
                      link.collector_id, link.incarnation, self.version, link.transport)
             self._publisher.catch_up(link)
 
-    def send_weights_async(self, weights: Any = None) -> int:
+    def send_weights_async(self, weights: Any = None, *,
+                           collectors: Iterable[int] | None = None) -> int:
         """Snapshot the weights as a new version and start sending it; never blocks
         on a collector.
 
         Args:
-            weights: weights to send instead of the policy's (same layout).
+            weights: weights to send instead of the policy's (same layout). Without
+                them, the policy's tensors as it holds them now: a module's tensors
+                replaced since construction (``load_state_dict(..., assign=True)``, a
+                rebound buffer) are found and sent.
+            collectors: send to these collector ids only (``None``: all). The new
+                version becomes their *current* version; every other collector keeps
+                its own and is never sent this one (not when it re-joins either):
+                :meth:`wait_ack` then waits for each collector's current version.
+                Ids not connected now get it when they join.
 
         Returns:
-            The new version number.
+            The new version number (one counter for all collectors, so a number
+            always names one set of weights).
+
+        Raises:
+            ConfigError: ``collectors`` empty, or an id outside
+                ``0..max_collectors-1``.
+            LayoutMismatchError: ``weights``, or the policy's replaced tensors, differ
+                from the layout.
         """
+        with self._lock:
+            return self._send_weights_async(weights, collectors)
+
+    def _send_weights_async(self, weights: Any, collectors: Iterable[int] | None) -> int:
         self._check_open("send_weights_async")
-        sources = self._sources
+        to = None if collectors is None else self._collector_ids(collectors)
         if weights is not None:
             leaves = named_leaves(weights)
             BufferLayout.from_tensors(leaves).check_compatible(
                 self.layout.to_json(), who="send_weights_async(weights=...)", mine="weights")
             sources = list(leaves.values())
-        self._admit_joins()
+        else:
+            sources = self._sources.current()
         self.version += 1
         try:
-            self._publisher.publish(sources, self.version, self.links)
+            self._publisher.publish(sources, self.version, self.links, to)
         except BaseException:
             self.version -= 1  # never published: the next call reuses the number
             raise
         return self.version
 
-    def send_weights(self, weights: Any = None, timeout: float = 60.0) -> AckResult:
+    def _collector_ids(self, collectors: Iterable[int]) -> frozenset[int]:
+        try:
+            ids: list[object] = list(collectors)
+        except TypeError:  # e.g. a single int
+            ids = [collectors]
+        bad = [c for c in ids if not isinstance(c, int) or isinstance(c, bool)
+               or not 0 <= c < self.max_collectors]
+        if bad or not ids:
+            raise ConfigError(f"send_weights_async: collectors must be a non-empty "
+                              f"collection of ids in [0, {self.max_collectors}), got "
+                              f"{collectors!r}")
+        return frozenset(c for c in ids if isinstance(c, int))
+
+    def current_version(self, collector_id: int) -> int:
+        """The version collector ``collector_id`` should hold: the newest sent to all
+        collectors, or a newer one sent to it with ``collectors=`` (-1: none yet)."""
+        return self._publisher.current(collector_id)
+
+    def send_weights(self, weights: Any = None, timeout: float = 60.0, *,
+                     collectors: Iterable[int] | None = None) -> AckResult:
         """:meth:`send_weights_async` then :meth:`wait_ack`."""
-        self.send_weights_async(weights)
+        self.send_weights_async(weights, collectors=collectors)
         return self.wait_ack(timeout)
 
     def _retire_failed(self, pids: dict[int, int | None]) -> dict[int, str]:
@@ -310,14 +475,19 @@ class WeightSender:
             link = self.links.pop(c)
             pids[c] = link.peer_pid
             link.close()
+            link.forget(close_signal=False)
+            self._retired[c] = link
         self.failed.update(newly)
         return newly
 
     def wait_ack(self, timeout: float = 60.0) -> AckResult:
-        """Block until every live collector applied the newest version.
+        """Block until every live collector applied its current version: the newest
+        version, or for a collector left out of a ``send_weights_async(collectors=...)``
+        the newest one sent to it (:meth:`current_version`).
 
         Returns:
-            The :class:`AckResult` (all live collectors acked).
+            The :class:`AckResult` of the newest version (all live collectors hold
+            their current version).
 
         Raises:
             CollectorFailed: a collector's link broke during the wait; raised after the
@@ -326,41 +496,90 @@ class WeightSender:
             WeightSyncTimeout: after ``timeout`` s, naming the lagging collectors and
                 carrying the ``AckResult``.
         """
-        self._check_open("wait_ack")
+        timeout = check_timeout("WeightSender.wait_ack", timeout)
+        with self._lock:
+            self._check_open("wait_ack")
+            target = self.version
         start = time.monotonic()
         deadline = start + timeout
-        target = self.version
         newly_failed: dict[int, str] = {}
         failed_pids: dict[int, int | None] = {}
-        acked: set[int] = set()  # links whose awaited ack the last wait saw
-        admit = True
+        # The acks the last wait saw. Checked against each link's awaited ack under the
+        # lock: another thread may have moved a link on (or the door replaced it) since.
+        acked: dict[int, tuple[int, int, int]] = {}
+        ack_seen: dict[int, float] = {}  # when each ack was seen (perf_counter)
         while True:
-            if admit:
-                self._admit_joins()
-            for cid, link in self.links.items():
-                link.progress(acked=cid in acked)
-            newly_failed.update(self._retire_failed(failed_pids))
-            lagging = [link for link in self.links.values() if link.acked_version < target]
+            with self._lock:
+                self._check_open("wait_ack")
+                for cid, link in self.links.items():
+                    link.progress(acked=cid in acked and link.awaited_ack == acked[cid])
+                newly_failed.update(self._retire_failed(failed_pids))
+                lagging = [link for c, link in self.links.items()
+                           if link.acked_version < self._publisher.current(c)]
+                waiting = {link.collector_id: (link.transport, a) for link in lagging
+                           if (a := link.awaited_ack) is not None}
             remaining = deadline - time.monotonic()
             if not lagging or remaining <= 0:
                 break
-            waiting = {link.collector_id: a for link in lagging
-                       if (a := link.awaited_ack) is not None}
             if not waiting:  # cannot happen after progress(); never spin
                 break
             # Slices: between them links are checked for failure, so a dead collector
-            # costs a slice, not the whole timeout.
+            # costs a slice, not the whole timeout. Outside the lock: the door admits and
+            # other threads send meanwhile.
             try:
-                self._control.wait_acks(waiting.values(), min(remaining, _ACK_SLICE_S),
-                                        f"acks of version {target}")
-                acked, admit = set(waiting), False
-            except WeightSyncTimeout:  # re-check links, joins and the deadline
-                acked, admit = set(), True
+                seen = self._wait_acks(waiting, min(remaining, _ACK_SLICE_S), target)
+                acked = {cid: waiting[cid][1] for cid in seen}
+                ack_seen.update(seen)
+            except WeightSyncTimeout:  # re-check links and the deadline
+                acked = {}
+        with self._lock:
+            return self._ack_result(target, start, newly_failed, failed_pids, ack_seen)
+
+    def _ack_result(self, target: int, start: float, newly_failed: dict[int, str],
+                    failed_pids: dict[int, int | None],
+                    ack_seen: dict[int, float]) -> AckResult:
         acked_versions = {c: link.acked_version for c, link in self.links.items()}
-        result = AckResult.of(target, acked_versions, newly_failed)
+        behind = {c for c, v in acked_versions.items() if v < self._publisher.current(c)}
+        result = AckResult(target, tuple(sorted(acked_versions.keys() - behind)),
+                           newly_failed, tuple(sorted(behind)))
         result.raise_if_incomplete(time.monotonic() - start, failed_pids, acked_versions)
-        self._publisher.record(target, self.wire_layout.nbytes, len(self.links))
+        now = time.perf_counter()
+        acks: dict[str, list[float]] = {}
+        for cid, link in self.links.items():
+            acks.setdefault(link.transport, []).append(ack_seen.get(cid, now))
+        self._publisher.record(target, self.wire_layout.nbytes, len(self.links), acks)
         return result
+
+    def _wait_acks(self, waiting: dict[int, tuple[str, tuple[int, int, int]]],
+                   timeout: float, target: int) -> dict[int, float]:
+        """Wait up to ``timeout`` for the acks ``waiting`` names, one placement
+        (transport) after the other, best first: each placement's acks are seen when
+        it completes (``stats`` per placement), at a store round trip per placement.
+        Returns when each collector's ack was seen.
+
+        Raises:
+            WeightSyncTimeout: not all of them came in time.
+            ClosedError: :meth:`close` was called meanwhile (from another thread).
+        """
+        groups: dict[str, dict[int, tuple[int, int, int]]] = {}
+        for cid, (transport, key) in waiting.items():
+            groups.setdefault(transport, {})[cid] = key
+        deadline = time.monotonic() + timeout
+        seen: dict[int, float] = {}
+        for transport in sorted(groups, key=lambda t: (t not in _FAST_FIRST,
+                                                       _FAST_FIRST.index(t)
+                                                       if t in _FAST_FIRST else 0, t)):
+            try:
+                self._waiter().wait_acks(groups[transport].values(),
+                                         max(deadline - time.monotonic(), 0.001),
+                                         f"acks of version {target}")
+            except ConnectionFailed as exc:
+                if self._closed:  # its store stopped under this wait
+                    raise ClosedError("WeightSender.wait_ack(): closed meanwhile") from exc
+                raise
+            now = time.perf_counter()
+            seen.update(dict.fromkeys(groups[transport], now))
+        return seen
 
     def wait_for(self, collector_ids: Any, timeout: float = 60.0) -> AckResult:
         """Block until each of ``collector_ids`` is connected and applied the newest
@@ -379,29 +598,33 @@ class WeightSender:
             ConfigError: an id outside ``0..max_collectors-1``.
             CollectorFailed: a link broke during the wait.
         """
+        timeout = check_timeout("WeightSender.wait_for", timeout)
         self._check_open("wait_for")
         ids = sorted(set(collector_ids))
-        bad = [c for c in ids if not isinstance(c, int) or not 0 <= c < self.max_collectors]
+        bad = [c for c in ids if not isinstance(c, int) or isinstance(c, bool)
+               or not 0 <= c < self.max_collectors]
         if bad:
             raise ConfigError(f"wait_for: collector ids must be in [0, {self.max_collectors}), "
                               f"got {bad!r}")
         start = time.monotonic()
         deadline = start + timeout
-        while True:
-            self._admit_joins(force=True)
-            absent = [c for c in ids if c not in self.links]
-            if not absent:
-                return self.wait_ack(max(deadline - time.monotonic(), 0.001))
-            for c in absent:
-                refusal = self._admissions.refusal(c)
-                if refusal is not None:
-                    raise refusal
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WeightSyncTimeout(
-                    f"collector(s) {absent} not connected after {time.monotonic() - start:.2f}s"
-                    f" (version {self.version})")
-            self._admissions.wait(absent, min(remaining, _ACK_SLICE_S))
+        with self._admitted:
+            while True:
+                self._check_open("wait_for")
+                absent = [c for c in ids if c not in self.links]
+                if not absent:
+                    break
+                for c in absent:
+                    refusal = self._admissions.refusal(c)
+                    if refusal is not None:
+                        raise refusal
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WeightSyncTimeout(
+                        f"collector(s) {absent} not connected after "
+                        f"{time.monotonic() - start:.2f}s (version {self.version})")
+                self._admitted.wait(remaining)  # the door admits meanwhile
+        return self.wait_ack(max(deadline - time.monotonic(), 0.001))
 
     def _release_offers(self) -> None:
         held: list[Offer | LearnerSide] = [*self._offers.values(), *self._sides.values()]
@@ -413,22 +636,31 @@ class WeightSender:
     def close(self) -> None:
         """Tell the collectors the stream ended, release links, memory and the offers,
         and stop the store server; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._admissions.close()
-        for link in self.links.values():
-            link.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._admitted.notify_all()
+        if self._door is not None:
+            self._door.close(_CLOSE_GRACE_S)  # outside the lock: its round may need it
+        with self._lock:
+            self._admissions.close()
+            for link in self.links.values():
+                link.close()
+            live = [(c, link.incarnation) for c, link in self.links.items()
+                    if link.failure is None]
         # The store server lives in this process: keep it up until the live collectors
         # read the close (briefly), or a collector would see the store vanish instead.
-        self._control.wait_byes([(c, link.incarnation) for c, link in self.links.items()
-                                 if link.failure is None],
-                                min(_CLOSE_GRACE_S, self.config.timeout))
-        self.links.clear()
-        self._publisher.close()
-        self._release_offers()
-        self._heartbeat.close()
-        self._control.close()
+        if live:
+            self._waiter().wait_byes(live, min(_CLOSE_GRACE_S, self.config.timeout))
+        with self._lock:
+            self.links.clear()
+            self._publisher.close()
+            self._release_offers()
+            self._heartbeat.close()
+            self._control.close()
+            for client in self._waiter_clients:
+                client.close()
         # Collectors normally read the close first (ClosedError); one that reads later
         # sees PeerGone.
         self._server.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 
 from weight_sync.control.channel import Control
 from weight_sync.errors import CollectorFailed, ConnectionFailed, WeightSyncError
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 # How often progress() checks an unacked collector's pid (a /proc read), seconds.
 _ALIVE_CHECK_S = 0.05
 
+
+# Signals and acks a collector may leave behind unspent (it deletes older ones itself).
+_KEPT_SIGNALS = 4
 
 def process_alive(pid: int) -> bool:
     """False once process ``pid`` (on this host) is gone or a zombie."""
@@ -78,13 +82,16 @@ class SenderLink:
         changed_only: send only the leaves that changed since the version the collector
             acked (:mod:`weight_sync.wire.delta`; the snapshots then carry leaf digests).
         stats: where each message handed to the transport is counted.
+        local: the collector was proven to share this host (it checks no payload
+            checksum: nothing crosses a wire).
     """
 
     def __init__(self, spec: LinkSpec, end: SenderTransport, transport: str,
                  control: Control, *, liveness_timeout: float | None = None,
                  peer_pid: int | None = None, lends: bool = False,
                  key: StreamKey | None = None, changed_only: bool = False,
-                 stats: SyncStats | None = None, streams: bool = False) -> None:
+                 stats: SyncStats | None = None, streams: bool = False,
+                 local: bool = False) -> None:
         self.spec = spec
         self._key = key
         self._delta = DeltaEncoder(spec.layout) if changed_only else None
@@ -95,10 +102,12 @@ class SenderLink:
         self.liveness_timeout = liveness_timeout
         self.peer_pid = peer_pid
         self.lends = lends
+        self.local = local
         self._end = end
         self._streams = streams
         self._control = control
         self._seq = 0  # next message number
+        self._versions: deque[int] = deque(maxlen=_KEPT_SIGNALS)  # of the last messages
         self._beats = -1  # heartbeat counter last read
         self._beat_seen = time.monotonic()  # when it last moved
         self._beat_read = 0.0  # when it was last read
@@ -132,6 +141,12 @@ class SenderLink:
             self._pending.release()
         self._pending = snapshot.retain()
         self.progress()
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the collector checks the payload checksum of what it is sent (not
+        where the bytes never left this host's memory)."""
+        return not (self.lends or self.local)
 
     @property
     def takes_unpacked(self) -> bool:
@@ -207,6 +222,7 @@ class SenderLink:
         if self._stats is not None:
             self._stats.count_message(message.buffer.numel(), changed_only=delta is not None)
         self._in_flight = _InFlight(self._seq, snapshot, sending, resends)
+        self._versions.append(snapshot.version)
         update = Update(snapshot.version, sending.note,
                         delta="" if delta is None else delta.encode())
         self._control.post_update(self.collector_id, self.incarnation, self._seq,
@@ -325,3 +341,13 @@ class SenderLink:
                                   self._signal(Update(CLOSED)))
         self._drop_snapshots()
         self._end.close()
+
+    def forget(self, *, close_signal: bool) -> None:
+        """After :meth:`close`, once the collector is gone: delete the keys this
+        incarnation left in the store (best effort). The close signal stays unless
+        ``close_signal``: a collector retired because it froze learns from it, when it
+        wakes, that it was; it goes when a newer incarnation of its id is admitted."""
+        last = self._seq + 1 if close_signal else self._seq
+        self._control.forget_link(self.collector_id, self.incarnation,
+                                  range(max(0, self._seq - _KEPT_SIGNALS), last),
+                                  self._versions)

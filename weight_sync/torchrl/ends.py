@@ -19,6 +19,7 @@ from weight_sync.errors import (
 from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
 from weight_sync.wire.layout import BufferLayout, named_leaves
+from weight_sync.wire.live import LiveLeaves
 
 __all__ = ["LearnerEnd", "WorkerEnd"]
 
@@ -48,10 +49,12 @@ class LearnerEnd:
         except WeightSyncError as exc:
             raise self._renamed(exc) from exc
 
-    def send_weights_async(self, weights: Any = None) -> int:
-        """Snapshot ``weights`` (``None``: the live policy) and start sending; the new
-        version. Never blocks on a worker."""
-        return self.sender.send_weights_async(weights)
+    def send_weights_async(self, weights: Any = None, *,
+                           collectors: Sequence[int] | None = None) -> int:
+        """Snapshot ``weights`` (``None``: the live policy) and start sending it to
+        all workers, or to ``collectors`` (collector ids) only; the new version. Never
+        blocks on a worker."""
+        return self.sender.send_weights_async(weights, collectors=collectors)
 
     def wait_ack(self, timeout: float = 60.0) -> AckResult:
         """Until every live worker of this end applied the newest version.
@@ -102,7 +105,7 @@ class WorkerEnd:
         self.receiver = receiver
         self.worker = worker
         self._model_ref = _ref(model)
-        self._targets = list(named_leaves(model).values())
+        self._leaves = LiveLeaves(model, receiver.layout, f"torchrl worker {worker}")
         self._followers: dict[int, tuple[Any, list[torch.Tensor]]] = {}
 
     @property
@@ -149,7 +152,7 @@ class WorkerEnd:
             self._followers = {key: (_ref(model), list(leaves.values()))}
             entry = self._followers[key]
         with torch.no_grad():
-            for dst, src in zip(entry[1], self._targets, strict=True):
+            for dst, src in zip(entry[1], self._leaves.current(), strict=True):
                 if dst.device == src.device:
                     dst.data = src.data  # same storage: no copy
                 else:

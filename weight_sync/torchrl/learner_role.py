@@ -1,5 +1,5 @@
 """The learner's half of :class:`~weight_sync.torchrl.WeightSyncTorchRLScheme`: its
-senders, their connect while the workers start, and one update to all or some workers."""
+sender, its connect while the workers start, and one update to all or some workers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
 from weight_sync.torchrl.ends import LearnerEnd
 
-__all__ = ["SchemeLearner", "close_ends"]
+__all__ = ["SchemeLearner"]
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,14 @@ _WATCH_S = 0.05
 
 
 class SchemeLearner:
-    """The senders of one scheme on the learner, and what ``update_policy_weights_``
-    does with them.
+    """The sender of one scheme on the learner, and what ``update_policy_weights_``
+    does with it.
 
     Args:
         source: the learner's weights (``nn.Module``, TensorDict or ``state_dict``).
-        num_workers: how many torchrl workers the collector runs.
-        config: the senders' settings.
-        per_worker_senders: one sender per worker (each its own version stream)
-            instead of one for all.
+        num_workers: how many torchrl workers the collector runs (collector ids
+            ``0..num_workers-1``).
+        config: the sender's settings.
         context: the torchrl collector (its ``procs``/``pipes`` tell a dead worker; its
             ``policy_device`` maps devices to workers), or ``None``.
         bumped: per worker, a shared value its collector sets to the version its
@@ -43,112 +42,88 @@ class SchemeLearner:
     """
 
     def __init__(self, source: Any, num_workers: int, config: SenderConfig, *,
-                 per_worker_senders: bool, context: Any, bumped: list[Any] | None) -> None:
+                 context: Any, bumped: list[Any] | None) -> None:
         self.num_workers = num_workers
-        self.per_worker_senders = per_worker_senders
         self.context = context
         self._bumped = bumped
-        self.last_acks: dict[int, AckResult] = {}
-        """The last :class:`AckResult` of each sender (by its first worker)."""
-        ends: list[LearnerEnd] = []
-        try:
-            if per_worker_senders:
-                for w in range(num_workers):
-                    ends.append(LearnerEnd(WeightSender(source, 1, config), [w]))
-            else:
-                ends.append(LearnerEnd(WeightSender(source, num_workers, config),
-                                       range(num_workers)))
-        except BaseException:
-            close_ends(ends)
-            raise
-        self.ends = ends
+        self.last_ack: AckResult | None = None
+        """The :class:`AckResult` of the last update."""
+        self.end = LearnerEnd(WeightSender(source, num_workers, config), range(num_workers))
 
     @property
     def infos(self) -> list[ConnectionInfo]:
-        """What the workers connect with, one per sender."""
-        return [end.connection_info for end in self.ends]
-
-    @property
-    def senders(self) -> list[WeightSender]:
-        return [end.sender for end in self.ends]
+        """What the workers connect with (one sender: one info)."""
+        return [self.end.connection_info]
 
     @property
     def versions(self) -> dict[int, int]:
-        """The version last sent to each worker (applied once :meth:`send` returned)."""
-        return {w: end.version for end in self.ends for w in end.workers}
+        """The version each worker holds once :meth:`send` returned: the newest sent
+        to it."""
+        return {w: self.end.sender.current_version(w) for w in range(self.num_workers)}
 
     def connect(self, timeout: float) -> None:
-        """Connect every sender (in threads) while watching the worker processes, so one
+        """Connect the sender (in a thread) while watching the worker processes, so one
         that dies before connecting is reported at once instead of after ``timeout``.
 
         Raises:
             CollectorFailed: a worker process ended first (its index is
                 ``collector_id``).
-            WeightSyncError: a sender's connect failed (the first one's error).
+            WeightSyncError: the sender's connect failed.
         """
-        errors: dict[int, BaseException] = {}
+        errors: list[BaseException] = []
 
-        def run(i: int, end: LearnerEnd) -> None:
+        def run() -> None:
             try:
-                end.setup_connection_and_weights_on_sender(timeout)
+                self.end.setup_connection_and_weights_on_sender(timeout)
             except BaseException as exc:
-                errors[i] = exc
+                errors.append(exc)
 
-        threads = [threading.Thread(target=run, args=(i, end), daemon=True,
-                                    name=f"weight-sync-torchrl-connect-{i}")
-                   for i, end in enumerate(self.ends)]
-        for thread in threads:
-            thread.start()
+        thread = threading.Thread(target=run, daemon=True,
+                                  name="weight-sync-torchrl-connect")
+        thread.start()
         start = time.monotonic()
-        pending = set(range(len(self.ends)))
-        while pending:
-            for i in sorted(pending):
-                threads[i].join(_WATCH_S / len(pending))
-                if not threads[i].is_alive():
-                    pending.discard(i)
+        while thread.is_alive():
+            thread.join(_WATCH_S)
             if errors:
-                raise errors[min(errors)]
-            dead = self._dead_worker([w for i in pending for w in self.ends[i].workers])
+                break
+            dead = self._dead_worker(range(self.num_workers))
             if dead is not None:
                 worker, why = dead
                 raise CollectorFailed(f"torchrl worker {worker} {why} before connecting "
                                       f"(after {time.monotonic() - start:.2f}s)", worker)
+        if errors:
+            raise errors[0]
 
     def send(self, weights: Any, worker_ids: Any, ack_timeout: float) -> None:
         """One update: see :meth:`WeightSyncTorchRLScheme.send`."""
         per_worker = (isinstance(weights, dict) and bool(weights)
-                      and all(isinstance(k, int) for k in weights))
+                      and all(isinstance(k, int) and not isinstance(k, bool)
+                              for k in weights))
         if per_worker:
             if worker_ids is not None:
                 raise ConfigError("send(): give per-worker weights or worker_ids, not both")
             workers = self._worker_list(sorted(weights))
+            for w in workers:  # each worker its own version
+                self.end.send_weights_async(self._resolve_weights(weights[w]),
+                                            collectors=[w])
         else:
             workers = self._worker_list(worker_ids)
-        if not self.per_worker_senders and (per_worker or workers != list(range(
-                self.num_workers))):
-            what = "per-worker weights" if per_worker else f"worker_ids={worker_ids!r}"
-            raise ConfigError(
-                f"{what}: this scheme serves all {self.num_workers} workers with one "
-                f"sender and cannot update only some of them; build it with "
-                f"WeightSyncTorchRLScheme(per_worker_senders=True) for that")
-        targets = [end for end in self.ends if set(end.workers) & set(workers)]
-        for end in targets:
-            chosen = weights[end.workers[0]] if per_worker else weights
-            end.send_weights_async(self._resolve_weights(chosen))
+            everyone = workers == list(range(self.num_workers))
+            self.end.send_weights_async(self._resolve_weights(weights),
+                                        collectors=None if everyone else workers)
         deadline = time.monotonic() + ack_timeout
         first: WeightSyncError | None = None
+        result: Any
+        try:
+            result = self.end.wait_ack(max(deadline - time.monotonic(), 0.001))
+        except WeightSyncError as exc:
+            first = exc
+            result = getattr(exc, "result", None)
         applied: dict[int, int] = {}  # worker -> version it acked
-        for end in targets:  # every end is waited for, even after one failed
-            result: Any
-            try:
-                result = end.wait_ack(max(deadline - time.monotonic(), 0.001))
-            except WeightSyncError as exc:
-                first = first or exc
-                result = getattr(exc, "result", None)
-            if isinstance(result, AckResult):
-                self.last_acks[end.workers[0]] = result
-                applied.update({end.workers[c]: result.version for c in result.acked
-                                if end.workers[c] in workers})
+        if isinstance(result, AckResult):
+            self.last_ack = result
+            applied = {w: self.end.sender.current_version(w) for w in result.acked
+                       if w in workers}
         try:
             self._wait_bumped(applied, deadline)
         except WeightSyncError as exc:
@@ -157,7 +132,10 @@ class SchemeLearner:
             raise first
 
     def close(self) -> None:
-        close_ends(self.ends)
+        try:
+            self.end.close()
+        except Exception as exc:
+            log.warning("closing the sender of the torchrl workers: %r", exc)
 
     def _dead_worker(self, workers: Iterable[int]) -> tuple[int, str] | None:
         """A worker process (of a local multi-process collector) that ended, and how."""
@@ -232,25 +210,6 @@ class SchemeLearner:
         if isinstance(weights, str):  # torchrl allows a model's attribute path
             return getattr(self.context, weights)
         return weights
-
-
-def close_ends(ends: list[LearnerEnd]) -> None:
-    """Close the senders in parallel (each waits briefly for its workers' goodbyes)."""
-
-    def close(end: LearnerEnd) -> None:
-        try:
-            end.close()
-        except Exception as exc:
-            log.warning("closing the sender of torchrl worker(s) %s: %r", end.workers, exc)
-
-    if len(ends) == 1:
-        close(ends[0])
-        return
-    threads = [threading.Thread(target=close, args=(end,), daemon=True) for end in ends]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30.0)
 
 
 def _describe_exit(code: int | None) -> str:

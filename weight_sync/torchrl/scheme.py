@@ -7,12 +7,15 @@ the learner, :class:`~weight_sync.torchrl.worker_role.SchemeWorker` in a worker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing.util
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
+from tensordict import TensorDictBase
+from torch import nn
+from torchrl.weight_update.utils import _resolve_model
 from torchrl.weight_update.weight_sync_schemes import WeightSyncScheme
 
 from weight_sync.config import ConnectionInfo, SenderConfig
@@ -20,9 +23,9 @@ from weight_sync.errors import ClosedError, ConfigError, ProtocolError, WeightSy
 from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
 from weight_sync.torchrl.ends import LearnerEnd, WorkerEnd
-from weight_sync.torchrl.learner_role import SchemeLearner, close_ends
+from weight_sync.torchrl.learner_role import SchemeLearner
 from weight_sync.torchrl.worker_role import SchemeWorker
-from weight_sync.transports.registry import get_transport
+from weight_sync.transports.registry import sender_chain
 
 __all__ = ["WeightSyncTorchRLScheme"]
 
@@ -33,15 +36,17 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
     """A torchrl ``WeightSyncScheme`` whose weights travel over weight-sync.
 
     Args:
-        transport: a registered weight-sync transport (``"distributed"``: gloo/nccl
-            sends; ``"shm"``: same-host shared memory; or one of your own, registered in
-            the learner *and* in the workers, e.g. at import of the module that defines
-            the env factory).
-        per_worker_senders: one :class:`WeightSender` per worker, so that
-            ``update_policy_weights_(worker_ids=...)`` updates only those workers (each
-            worker then has its own version stream). With the default ``False`` one
-            sender serves all workers (one snapshot per update, whatever N) and a strict
-            subset of ``worker_ids`` is refused with :class:`ConfigError`.
+        transport: ``"auto"`` (the default: each worker placed on the best transport
+            it proves it can use, see :attr:`SenderConfig.transport
+            <weight_sync.config.SenderConfig.transport>`), or a registered weight-sync
+            transport (``"distributed"``: gloo/nccl sends; ``"shm"``: same-host shared
+            memory; or one of your own, registered in the learner *and* in the workers,
+            e.g. at import of the module that defines the env factory).
+        weights: the learner's copy of a model that lives only in the workers (an env
+            or replay-buffer transform's module, e.g. for the key
+            ``"env.transform[0].module"``): its layout is what the workers' models are
+            checked against. Not needed for the policy, nor for a model the collector
+            holds on the learner (found at the key's path, as torchrl's schemes do).
         timeout: bound on each store operation and transfer (both sides), seconds.
         connect_timeout: bound on the initial connect (the workers start, import
             torchrl, build their env and policy meanwhile), seconds.
@@ -54,27 +59,40 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         name: name of the weight stream.
         strategy: torchrl's strategy argument (kept for compatibility; unused).
 
+    One :class:`WeightSender` serves all workers: ``update_policy_weights_(w,
+    worker_ids=[...])`` sends ``w`` to those workers only (the others keep theirs, and
+    their ``policy_version`` does not move); a ``{worker: weights}`` dict sends each
+    worker its own. Version numbers are the sender's one counter, so a
+    ``policy_version`` names one set of weights whichever worker tagged it.
+
+    A policy without weights (e.g. torchrl's ``RandomPolicy``) has nothing to sync: the
+    scheme then starts no sender, and updates do nothing. A single in-process
+    ``Collector`` (no worker processes) is refused: it acts with the learner's own
+    policy, so there is nothing to sync.
+
     Raises:
         ConfigError: an unknown transport (the registered ones are listed) or a bad
             setting.
     """
 
-    def __init__(self, transport: str = "distributed", *, per_worker_senders: bool = False,
+    def __init__(self, transport: str = "auto", *, weights: Any = None,
                  timeout: float = 60.0, connect_timeout: float = 120.0,
                  ack_timeout: float = 60.0, liveness_timeout: float = 10.0,
                  backend: str = "gloo", host: str = "127.0.0.1", name: str = "policy",
                  strategy: str = "tensordict") -> None:
         super().__init__(strategy)
-        get_transport(transport)  # ConfigError listing the registered ones
         self._config = SenderConfig(host=host, name=name, backend=backend, timeout=timeout,
                                     liveness_timeout=liveness_timeout, transport=transport)
+        sender_chain(self._config)  # ConfigError listing the registered ones
         for label, value in (("connect_timeout", connect_timeout),
                              ("ack_timeout", ack_timeout)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"WeightSyncTorchRLScheme.{label} must be a positive "
                                   f"number of seconds, got {value!r}")
         self.transport = transport
-        self.per_worker_senders = bool(per_worker_senders)
+        self._weights = weights  # never pickled into the workers (__getstate__)
+        self.weightless = False
+        """The model has no weights (nothing is synced; set by ``init_on_sender``)."""
         self.connect_timeout = float(connect_timeout)
         self.ack_timeout = float(ack_timeout)
         self.num_workers = 0
@@ -92,7 +110,7 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for key in ("_learner", "_worker", "_sender_transports", "_receiver_transport",
-                    "_shared_transport"):
+                    "_shared_transport", "_weights"):
             state[key] = None
         state["_shut_down"] = False
         return state
@@ -105,9 +123,11 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         """Build the sender(s) now, so their ``ConnectionInfo`` exists before torchrl
         pickles this scheme into the workers."""
         self.model_id = model_id
+        _refuse_in_process(context)
         if context is not None:
             self.context = context
-        source = _sender_source(context, model_id, model, weights)
+        source = _sender_source(context, model_id, model,
+                                weights if weights is not None else self._weights)
         if num_workers is None:
             num_workers = getattr(context, "num_workers", None)
         if not isinstance(num_workers, int) or num_workers < 1:
@@ -116,26 +136,28 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
                               f"{num_workers!r}")
         self.num_workers = num_workers
         self._worker_offset = 1 if _is_distributed_collector(context) else 0
+        if not _has_weights(source):
+            self.weightless = True
+            log.info("torchrl scheme: model %r (%s) has no weights: nothing to sync",
+                     model_id, type(source).__name__)
+            return
         if ctx is None and self._worker_offset and getattr(context, "launcher", "") == "mp":
             ctx = multiprocessing.get_context("spawn")  # its nodes are local processes too
         if ctx is not None:  # pickled into the workers by torchrl as they are spawned
             self._bumped = [ctx.Value("q", -1, lock=False) for _ in range(num_workers)]
-        learner = SchemeLearner(source, num_workers, self._config,
-                                per_worker_senders=self.per_worker_senders,
-                                context=context, bumped=self._bumped)
+        learner = SchemeLearner(source, num_workers, self._config, context=context,
+                                bumped=self._bumped)
         self._learner = learner
         self.infos = learner.infos
-        for end in learner.ends:
-            for w in end.workers:
-                self._register_worker_sender(worker_idx=w, transport=end)
+        for w in range(num_workers):
+            self._register_worker_sender(worker_idx=w, transport=learner.end)
         if context is not None:
             # torchrl's multi-process collectors do not shut their schemes down:
-            # release the senders (store, sockets, segments) at the latest when the
+            # release the sender (store, sockets, segments) at the latest when the
             # collector goes.
-            weakref.finalize(context, close_ends, list(learner.ends))
-        log.info("torchrl scheme: %d sender(s) for %d worker(s) over %r, layout %s",
-                 len(learner.ends), num_workers, self.transport,
-                 learner.ends[0].sender.layout.digest)
+            weakref.finalize(context, learner.end.close)
+        log.info("torchrl scheme: one sender for %d worker(s) over %r, layout %s",
+                 num_workers, self.transport, learner.end.sender.layout.digest)
 
     def _require_learner(self, what: str) -> SchemeLearner:
         if self._shut_down:
@@ -148,6 +170,8 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
     def _setup_connection_and_weights_on_sender_impl(
         self, *, worker_idx: int | None = None, weights: Any = None,
     ) -> None:
+        if self.weightless:
+            return
         learner = self._require_learner("connect")
         try:
             learner.connect(self.connect_timeout)
@@ -163,13 +187,13 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
 
         Args:
             weights: ``None`` (the learner's live policy), an ``nn.Module``, a TensorDict
-                or a ``state_dict`` of the same layout; with ``per_worker_senders``, also
-                a ``{worker: weights}`` dict.
-            worker_ids: which workers (``None``: all).
+                or a ``state_dict`` of the same layout, or a ``{worker: weights}`` dict
+                (each worker its own).
+            worker_ids: which workers (``None``: all); the others keep their weights
+                and their ``policy_version``.
 
         Raises:
-            ConfigError: a strict subset of workers without ``per_worker_senders``, or
-                bad ``worker_ids``.
+            ConfigError: bad ``worker_ids``.
             CollectorFailed: a worker died or its link broke (its index is
                 ``collector_id``); the others were still waited for.
             WeightSyncTimeout: a worker did not apply it within ``ack_timeout``.
@@ -178,18 +202,22 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         if not self.initialized_on_sender or not self.synchronized_on_sender:
             raise ProtocolError("WeightSyncTorchRLScheme.send() before init_on_sender() and "
                                 "connect()")
+        if self.weightless:
+            if self._shut_down:
+                raise ClosedError("WeightSyncTorchRLScheme.send() after shutdown()")
+            return
         self._require_learner("send").send(weights, worker_ids, self.ack_timeout)
 
     @property
-    def last_acks(self) -> dict[int, AckResult]:
-        """Learner side: the last :class:`AckResult` of each sender (by first worker)."""
-        return self._learner.last_acks if self._learner is not None else {}
+    def last_ack(self) -> AckResult | None:
+        """Learner side: the :class:`AckResult` of the last update (``None`` before)."""
+        return self._learner.last_ack if self._learner is not None else None
 
     @property
-    def senders(self) -> list[WeightSender]:
-        """Learner side: the :class:`WeightSender` (one per worker with
-        ``per_worker_senders``), e.g. for their ``stats``."""
-        return self._learner.senders if self._learner is not None else []
+    def sender(self) -> WeightSender | None:
+        """Learner side: the :class:`WeightSender` (e.g. for its ``stats``); ``None``
+        for a weightless model."""
+        return self._learner.end.sender if self._learner is not None else None
 
     @property
     def versions(self) -> dict[int, int]:
@@ -207,9 +235,7 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         if context is not None:
             self.context = context
             if model is None:
-                get_model = getattr(context, "get_model", None)
-                model = get_model(model_id) if callable(get_model) else getattr(
-                    context, model_id)
+                model = _model_at(context, model_id)
             if worker_idx is None:
                 worker_idx = getattr(context, "worker_idx", None)
         if model is not None:
@@ -224,12 +250,13 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
             raise ConfigError(f"WeightSyncTorchRLScheme: a worker needs its worker_idx, got "
                               f"{rank!r}")
         worker = rank - self._worker_offset
+        if self.weightless:
+            return
         if not 0 <= worker < self.num_workers or not self.infos:
             raise ConfigError(f"WeightSyncTorchRLScheme: worker {worker} (worker_idx "
                               f"{rank}) outside the {self.num_workers} worker(s) the "
                               f"learner built this scheme for")
-        info, collector_id = ((self.infos[worker], 0) if self.per_worker_senders
-                              else (self.infos[0], worker))
+        info, collector_id = self.infos[0], worker
         model = self._current_model()
         if model is None:
             raise ConfigError(f"WeightSyncTorchRLScheme: worker {worker} has no model "
@@ -274,12 +301,15 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
     def _current_model(self) -> Any:
         try:
             return self.model
-        except (AttributeError, KeyError):
+        except (AttributeError, KeyError, ValueError):
             return None
 
     def receive(self, timeout: float | None = None) -> int | None:
         """Apply new weights now (for loops that call it); ``None`` while the background
-        thread applies them (it always runs after ``connect``). Returns the version."""
+        thread applies them (it always runs after ``connect``), or for a weightless
+        model. Returns the version."""
+        if self.weightless:
+            return None
         if self._worker is None:
             raise ProtocolError("WeightSyncTorchRLScheme.receive() before connect() on "
                                 "a worker")
@@ -292,14 +322,14 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         if self._worker is not None:
             return self._worker.end
         if self._learner is not None:
-            return self._learner.ends[0]
+            return self._learner.end
         raise ProtocolError("WeightSyncTorchRLScheme: its ends are built by "
                             "init_on_sender() (learner) and connect() (worker)")
 
     # -- both -------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Stop the worker's background thread and close the receiver, or close the
-        learner's senders (in parallel); bounded, idempotent."""
+        learner's sender; bounded, idempotent."""
         if getattr(self, "_shut_down", True):
             return
         self._shut_down = True
@@ -313,17 +343,20 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
 
 
 def _sender_source(context: Any, model_id: str, model: Any, weights: Any) -> Any:
-    """The learner's weights: a model or weights given, else the collector's."""
+    """The learner's weights: a model or weights given, else the collector's model at
+    ``model_id`` (a path such as ``"env.transform[0].module"``, resolved as torchrl's
+    own schemes resolve it)."""
     if model is not None:
         return model
     if weights is not None:
         return weights
     found = None
+    why = "no collector given"
     if context is not None:
-        get_model = getattr(context, "get_model", None)
-        with contextlib.suppress(AttributeError, KeyError, ValueError):
-            found = get_model(model_id) if callable(get_model) else getattr(
-                context, model_id)
+        try:
+            found = _model_at(context, model_id)
+        except (AttributeError, KeyError, ValueError, IndexError, TypeError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
         if found is None and model_id == "policy":
             found = getattr(context, "_fallback_policy", None)
         if found is None and model_id == "policy":
@@ -333,10 +366,49 @@ def _sender_source(context: Any, model_id: str, model: Any, weights: Any) -> Any
             first = next((f for f in factories if f is not None), None)
             found = first() if first is not None else None
     if found is None:
-        raise ConfigError(f"WeightSyncTorchRLScheme: no weights for model "
-                          f"{model_id!r} (give model=/weights= to init_on_sender, or a "
-                          f"collector that holds the model)")
+        raise ConfigError(
+            f"WeightSyncTorchRLScheme: no weights for model {model_id!r} on the learner "
+            f"({why}). The sender is built before the workers start, from the learner's "
+            f"copy of the model: for a model that lives only in the workers (an env or "
+            f"replay-buffer transform), pass it as WeightSyncTorchRLScheme(weights="
+            f"<the learner's copy of that module>)")
     return found
+
+
+def _model_at(context: Any, model_id: str) -> Any:
+    """The model of ``context`` at ``model_id``: the collector's ``get_model`` for the
+    policy, torchrl's own path resolution for the others."""
+    get_model = getattr(context, "get_model", None)
+    if model_id == "policy" and callable(get_model):
+        return get_model(model_id)
+    return _resolve_model(context, model_id)
+
+
+def _has_weights(source: Any) -> bool:
+    """False for a policy with nothing to sync: a module without parameters or buffers,
+    or a callable that is no module (torchrl's ``RandomPolicy``)."""
+    if isinstance(source, nn.Module):
+        return any(True for _ in source.parameters()) or any(
+            b is not None for b in source.buffers())
+    if isinstance(source, (TensorDictBase, Mapping)):
+        return True  # empty weights are refused by the sender, naming them
+    return not callable(source)
+
+
+def _refuse_in_process(context: Any) -> None:
+    """Refuse a single in-process torchrl ``Collector``: it runs the learner's policy
+    object itself, in the learner's process, so there are no workers to sync."""
+    try:
+        from torchrl.collectors import Collector
+    except ImportError:
+        return
+    if type(context) is Collector:
+        raise ConfigError(
+            "WeightSyncTorchRLScheme: a single in-process torchrl Collector acts with the "
+            "learner's own policy object, so there is nothing to sync: drop "
+            "weight_sync_schemes, or collect in worker processes with "
+            "Collector(..., num_collectors=K, sync=True|False), MultiSyncCollector, "
+            "MultiAsyncCollector or DistributedCollector")
 
 
 def _is_distributed_collector(context: Any) -> bool:

@@ -168,8 +168,8 @@ class SchemeWorker:
         to exactly ours, should an update have been collapsed into a newer one."""
         context = self._context()
         update = getattr(context, "update_policy_weights_", None)
-        if not callable(update):
-            return
+        if not callable(update) or self._model_id != "policy":
+            return  # policy_version counts the policy's versions only
         if _is_leaf_collector_of(context, model):
             # torchrl's Collector.update_policy_weights_ would copy `model` onto itself
             # (7 ms for 300 leaves), then call increment_version(): only the latter.

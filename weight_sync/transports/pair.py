@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -20,28 +19,12 @@ from weight_sync.control.channel import LinkChannel
 from weight_sync.errors import ConfigError, WeightSyncTimeout
 from weight_sync.transports.base import LinkSpec
 
-__all__ = ["LEARNER_RANK", "COLLECTOR_RANK", "address_towards", "PairGroup"]
+__all__ = ["LEARNER_RANK", "COLLECTOR_RANK", "PairGroup"]
 
 log = logging.getLogger(__name__)
 
 LEARNER_RANK = 0
 COLLECTOR_RANK = 1
-
-
-def address_towards(host: str, port: int) -> str | None:
-    """This host's address on the route to ``host`` (loopback for a local learner).
-
-    A collector binds its gloo socket there, so the link uses the interface the store
-    connection uses, and a loopback run never listens on a public interface. ``None``
-    if the route cannot be found (gloo then picks its default interface).
-    """
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((host, port))  # UDP: picks a route, sends nothing
-            return str(probe.getsockname()[0])
-    except OSError:
-        return None
 
 
 def _gloo_options(timeout: float, bind_host: str | None) -> Any:

@@ -3,8 +3,10 @@ user registers.
 
 ``WeightSender(..., transport="<name>")`` proposes a transport; for each collector the
 learner takes the first of that transport and its fallbacks that both ends can use,
-and tells the collector which one in its admission verdict. A collector looks the name
-up in its own registry, which finds it in one of three places, in this order:
+and tells the collector which one in its admission verdict. ``transport="auto"`` (the
+default) proposes the built-ins best first, each collector placed on the first it can
+prove (:func:`sender_chain`). A collector looks the name up in its own registry, which
+finds it in one of three places, in this order:
 
 1. registered in this process (:func:`register_transport`);
 2. a built-in (``"distributed"``, ``"shm"``, ``"relay"``), imported on first use;
@@ -44,8 +46,9 @@ from weight_sync.transports.base import (
     SenderTransport,
 )
 
-__all__ = ["ENTRY_POINT_GROUP", "LinkCapabilities", "TransportSpec", "fallback_chain",
-           "get_transport", "register_transport", "sender_chain", "transport_names"]
+__all__ = ["AUTO", "ENTRY_POINT_GROUP", "LinkCapabilities", "TransportSpec",
+           "fallback_chain", "get_transport", "register_transport", "sender_chain",
+           "transport_names"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,13 @@ ENTRY_POINT_GROUP = "weight_sync.transports"
 # name -> "module:attribute" of the built-ins, imported on first use.
 _BUILTINS = {name: f"weight_sync.transports.builtins:{name}"
              for name in ("distributed", "shm", "relay")}
+
+AUTO = "auto"
+"""The proposal that places each collector on the best built-in it can prove; not a
+transport of its own (no verdict names it)."""
+# Best first: zero-copy where /dev/shm is shared, one copy per host across hosts, then
+# a copy per collector, which every collector can use.
+_AUTO_ORDER = ("shm", "relay", "distributed")
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,14 @@ class TransportSpec:
             holds each snapshot until the collector acks a newer one, and the
             collector's end returns its own tensor instead of filling a buffer.
         offer: learner side, for a transport only some collectors can use: makes the
-            :class:`Offer` published to collectors (``None``: every collector can).
-        probe: collector side: what it finds probing the offer's parameters.
+            :class:`Offer` published to collectors, given the transport's
+            :class:`LearnerSide` (``None`` if it has none) (``None``: every collector
+            can).
+        probe: collector side: what it finds probing the offer's parameters (bounded:
+            it runs while the collector joins).
+        proves_host: a collector whose evidence its offer accepts shares the learner's
+            host: what the learner sends it goes memory to memory through one kernel,
+            so it skips payload checksums on whatever transport it is placed.
         deltas: each link carries its own messages, of any size: the learner's end sends
             whatever ``buffer`` it is given, the collector's end fills the buffer it is
             given whatever its size. Only such a transport can carry changed-only
@@ -114,8 +130,9 @@ class TransportSpec:
     fallback: str | None = None
     shared_snapshots: bool = False
     lends: bool = False
-    offer: Callable[[], Offer] | None = None
+    offer: Callable[[LearnerSide | None], Offer] | None = None
     probe: Callable[[Mapping[str, str]], dict[str, str]] | None = None
+    proves_host: bool = False
     learner: Callable[[SenderConfig], LearnerSide] | None = None
     deltas: bool = False
     streams: Callable[[LinkSpec], bool] | None = None
@@ -125,6 +142,11 @@ class TransportSpec:
         if not isinstance(self.name, str) or not self.name or " " in self.name:
             raise ConfigError(f"TransportSpec.name must be a non-empty string without "
                               f"spaces, got {self.name!r}")
+        if self.name == AUTO:
+            raise ConfigError(f"TransportSpec.name {AUTO!r} is reserved (the proposal "
+                              f"that picks a built-in per collector)")
+        if self.proves_host and self.offer is None:
+            raise ConfigError(f"transport {self.name!r}: proves_host needs an offer")
         if self.fallback == self.name:
             raise ConfigError(f"transport {self.name!r} cannot fall back to itself")
         if (self.sender is None) == (self.learner is None):
@@ -222,12 +244,20 @@ def fallback_chain(name: str) -> list[TransportSpec]:
 
 
 def sender_chain(config: SenderConfig) -> list[TransportSpec]:
-    """The fallback chain of ``config.transport``, checked against the rest of it.
+    """The transports the learner proposes, best first.
+
+    ``"auto"``: shared memory, the relay, then direct sends, less those that cannot
+    run on ``config.backend`` or carry ``changed_only`` messages (on ``"nccl"``, or with
+    ``changed_only``, only direct sends are left). A name: that transport's fallback
+    chain, checked against the rest of the config.
 
     Raises:
         ConfigError: ``changed_only`` with a transport that cannot send each collector
             its own message, or a ``backend`` the transport does not run on.
     """
+    if config.transport == AUTO:
+        return [spec for spec in map(get_transport, _AUTO_ORDER)
+                if config.backend in spec.backends and (spec.deltas or not config.changed_only)]
     chain = fallback_chain(config.transport)
     if config.changed_only and not all(spec.deltas for spec in chain):
         raise ConfigError(f"SenderConfig.changed_only needs a transport that sends each "

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -41,9 +41,25 @@ from weight_sync.transports.relay_wire import (
 )
 from weight_sync.wire.shm import SHM_DIR
 
-__all__ = ["RelayReceiver"]
+__all__ = ["RelayReceiver", "probe_relay"]
 
 log = logging.getLogger(__name__)
+
+#: How long a joining collector tries to reach the learner's relay server.
+PROBE_S = 2.0
+
+
+def probe_relay(params: Mapping[str, str]) -> dict[str, str]:
+    """Connect to the learner's relay server (at most :data:`PROBE_S`): ``{"reached":
+    "<host>:<port>"}`` if this process reaches it, else nothing."""
+    host, port = params.get("host", ""), params.get("port", "")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_S):
+            return {"reached": f"{host}:{port}"}
+    except (OSError, ValueError) as exc:
+        log.info("the learner's relay server at %s:%s is out of reach here: %s", host,
+                 port, exc)
+        return {}
 
 
 class _SourceFailed(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from weight_sync.config import RelayConfig, SenderConfig
@@ -26,7 +27,7 @@ from weight_sync.transports.relay_plan import LEARNER, Node, plan
 from weight_sync.transports.relay_wire import RelayServer, Request, Slots
 from weight_sync.wire.snapshots import Snapshot
 
-__all__ = ["RelayHub", "RelaySender", "HubInfo", "Assignment"]
+__all__ = ["RelayHub", "RelayOffer", "RelaySender", "HubInfo", "Assignment"]
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,18 @@ class RelayHub:
         self._lock = threading.Lock()
         self._members: dict[int, _Member] = {}
         self._plan: dict[int, int] | None = None
-        self._slots: Slots | None = None
-        self._server: RelayServer | None = None
-        self._host = ""
         self.fallbacks = 0
+        # Serving from the start, so that collectors can probe that they reach it
+        # before they join (RelayOffer); the message size comes with the first link.
+        bind = "0.0.0.0" if config.host in WILDCARDS else config.host
+        self._slots = Slots(0)
+        self._server = RelayServer(self._slots, bind, stall_s=self.config.stall_s,
+                                   chunk_bytes=self.config.chunk_bytes,
+                                   on_request=self._on_request)
+        self.host = socket.gethostname() if bind in WILDCARDS else bind
+        """The address collectors reach the learner's relay server at."""
+        self.port = self._server.address[1]
+        """Its port."""
 
     def end(self, spec: LinkSpec) -> RelaySender:
         """The learner's end of one collector's link."""
@@ -125,24 +134,22 @@ class RelayHub:
 
     # -- for the ends --------------------------------------------------------------------
     def serve(self, spec: LinkSpec) -> HubInfo:
-        """Start the learner's server (once) and say where it is."""
+        """Say where the learner's server is (it serves messages of ``spec``'s size)."""
         with self._lock:
-            if self._server is None:
-                bind = spec.bind_host or "0.0.0.0"
-                self._slots = Slots(spec.layout.nbytes)
-                self._server = RelayServer(self._slots, bind, stall_s=self.config.stall_s,
-                                           chunk_bytes=self.config.chunk_bytes,
-                                           on_request=self._on_request)
-                self._host = socket.gethostname() if bind in WILDCARDS else bind
-            port = self._server.address[1]
-        return HubInfo(self._host, port, self.config.stall_s, self.config.patience_s,
+            self._slots.nbytes = spec.layout.nbytes
+        return HubInfo(self.host, self.port, self.config.stall_s, self.config.patience_s,
                        self.config.chunk_bytes)
 
     def join(self, spec: LinkSpec, host: str, address: tuple[str, int]) -> None:
         with self._lock:
             self._members.pop(spec.collector_id, None)  # an older incarnation's place
+            head = next((c for c, m in self._members.items() if m.host == host
+                         and not m.slow), None)
             self._members[spec.collector_id] = _Member(spec, host, address)
             self._plan = None
+        log.info("relay: %s on host %s %s", spec.who(), host,
+                 "heads its host (receives from the network)" if head is None
+                 else f"receives from its host's head, collector {head}")
 
     def leave(self, spec: LinkSpec) -> None:
         with self._lock:
@@ -155,7 +162,6 @@ class RelayHub:
         """Hand ``snapshot`` to a collector: pin it here and say where to fetch it
         from, the nearest ancestor that is receiving that version (the learner if
         none is)."""
-        assert self._slots is not None, "assign before serve"
         snapshot.retain()
         if not self._slots.pin(snapshot.version, snapshot.buffer, snapshot.release):
             snapshot.release()  # held already, for another link
@@ -173,19 +179,14 @@ class RelayHub:
             while parent != LEARNER and self._members[parent].assigned != version:
                 parent = parents.get(parent, LEARNER)
             if parent == LEARNER:
-                return Assignment(version, LEARNER, self._host, self._port())
+                return Assignment(version, LEARNER, self.host, self.port)
             host, port = self._members[parent].address
             return Assignment(version, parent, host, port,
                               local=self._members[parent].host == member.host)
 
     def release(self, version: int) -> None:
         """A link no longer needs ``version`` (its collector acked it, or left)."""
-        if self._slots is not None:
-            self._slots.unpin(version)
-
-    def _port(self) -> int:
-        assert self._server is not None
-        return self._server.address[1]
+        self._slots.unpin(version)
 
     def _current_plan(self) -> dict[int, int]:
         if self._plan is None:
@@ -213,10 +214,27 @@ class RelayHub:
 
     def close(self) -> None:
         """Stop serving and give every held snapshot back; idempotent."""
-        if self._server is not None:
-            self._server.close()
-        if self._slots is not None:
-            self._slots.clear()
+        self._server.close()
+        self._slots.clear()
+
+
+class RelayOffer:
+    """Publishes where the learner's relay server listens; accepts the collectors that
+    reached it (:func:`~weight_sync.transports.relay_receiver.probe_relay`): a
+    collector behind a firewall, or that resolves the learner's name elsewhere, is
+    placed on another transport instead of failing its first fetch."""
+
+    def __init__(self, hub: object) -> None:
+        if not isinstance(hub, RelayHub):
+            raise ProtocolError(f"the relay's offer needs its RelayHub, got {hub!r}")
+        self._where = f"{hub.host}:{hub.port}"
+        self.params = {"host": hub.host, "port": str(hub.port)}
+
+    def accepts(self, evidence: Mapping[str, str]) -> bool:
+        return evidence.get("reached") == self._where
+
+    def close(self) -> None:
+        return None  # the hub closes its server
 
 
 class _Relayed:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from weight_sync.errors import SharedMemoryFull
 from weight_sync.wire.shm import create_segment
 
 __all__ = ["Slot", "Slots", "Request", "RelayServer", "UNAVAILABLE", "DONE", "recv_exact",
@@ -132,7 +133,11 @@ class Slots:
     reads that is not among the ``keep`` newest); the learner :meth:`pin` s its
     snapshots. Either way a slot is never rewritten while a server thread streams it.
     ``shared``: a collector's slots live in shared-memory segments, so that its
-    neighbours on the host copy from them instead of through a socket.
+    neighbours on the host copy from them instead of through a socket; where
+    ``/dev/shm`` has no room for one more, the slot is made in private memory (its
+    neighbours then take its bytes over the socket) and ``shared_failed`` is counted.
+    A learner's hub makes its slots before it knows the message size: it sets
+    ``nbytes`` with its first link.
     """
 
     def __init__(self, nbytes: int, keep: int = 2, shared: bool = False) -> None:
@@ -142,6 +147,7 @@ class Slots:
         self._segments: list[Any] = []
         self._cond = threading.Condition()
         self._slots: list[Slot] = []
+        self.shared_failed = 0
 
     @property
     def allocated(self) -> int:
@@ -158,17 +164,25 @@ class Slots:
                     and id(s) not in kept]
             if free:
                 slot = min(free, key=lambda s: s.version)
-            elif self._shared:
-                segment, buffer = create_segment(self.nbytes)
-                self._segments.append(segment)
-                slot = Slot(buffer, segment.name)
-                self._slots.append(slot)
             else:
-                slot = Slot(torch.empty(self.nbytes, dtype=torch.uint8))
+                slot = self._new_slot()
                 self._slots.append(slot)
             slot.version, slot.filled, slot.filling = version, 0, True
             self._cond.notify_all()
             return slot
+
+    def _new_slot(self) -> Slot:
+        if self._shared:
+            try:
+                segment, buffer = create_segment(self.nbytes)
+            except SharedMemoryFull as exc:
+                self.shared_failed += 1
+                log.warning("relay: %s; this slot is private (same-host children take "
+                            "its bytes over the socket)", exc)
+            else:
+                self._segments.append(segment)
+                return Slot(buffer, segment.name)
+        return Slot(torch.empty(self.nbytes, dtype=torch.uint8))
 
     def advance(self, slot: Slot, n: int) -> None:
         """``n`` more bytes of ``slot`` arrived."""
@@ -276,6 +290,9 @@ class RelayServer:
         chunk_bytes: largest piece sent at once.
         on_request: called with each request before it is served (the learner uses it
             to notice fallbacks).
+
+    A connection that closes before its request (a collector probing that it reaches
+    the server) is dropped.
     """
 
     def __init__(self, slots: Slots, host: str, *, stall_s: float, chunk_bytes: int,
@@ -322,8 +339,9 @@ class RelayServer:
             try:
                 if request.local and slot.segment is not None:
                     self._count(conn, slot, request, slot.segment)
-                elif request.local:
-                    send_size(conn, UNAVAILABLE)
+                elif request.local:  # a slot in private memory: the child asks for bytes
+                    send_size(conn, self._slots.nbytes)
+                    send_name(conn, "")
                 else:
                     self._stream(conn, slot, request)
             finally:

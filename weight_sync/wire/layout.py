@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,32 +39,54 @@ def _is_container(value: Any) -> bool:
     return isinstance(value, TensorDictBase) and not is_non_tensor(value)
 
 
+# torch.compile wraps a module as `_orig_mod`: a compiled policy and an uncompiled one
+# hold the same weights under names that differ only by these segments.
+_COMPILED = re.compile(r"(?:^|(?<=\.))_orig_mod\.")
+
+
+def _uncompiled(name: str) -> str:
+    return _COMPILED.sub("", name) if "_orig_mod." in name else name
+
+
 def named_leaves(weights: Any) -> dict[str, torch.Tensor]:
     """Return the tensors to sync, by dotted name, sorted by name.
 
     Accepts an ``nn.Module`` (its parameters and buffers, tied tensors once), a
     TensorDict (nested keys joined by ``"."``) or a mapping of name to tensor
-    (a ``state_dict``). The returned tensors are the live objects, not copies.
+    (a ``state_dict``). The returned tensors are the live objects, not copies. The
+    ``_orig_mod.`` segments of a ``torch.compile``'d module are left out of the names,
+    so a compiled policy and an uncompiled one have the same layout.
 
     Raises:
-        InvalidWeightsError: empty weights, a non-tensor value, or a sparse tensor.
+        InvalidWeightsError: empty weights, a non-tensor value, a sparse tensor, a
+            name that is not a string, or two keys of a TensorDict with the same
+            dotted name (``"a.b"`` and ``("a", "b")``).
     """
     leaves: dict[str, torch.Tensor] = {}
     if isinstance(weights, torch.nn.Module):
         for name, param in weights.named_parameters():
-            leaves[name] = param
+            leaves[_uncompiled(name)] = param
         for name, buf in weights.named_buffers():
             if buf is not None:
-                leaves[name] = buf
+                leaves[_uncompiled(name)] = buf
     elif isinstance(weights, TensorDictBase):
         # items() without leaves_only also yields non-tensor data (strings...), which
         # leaves_only would silently skip: refuse it below instead of dropping it.
+        firsts: dict[str, Any] = {}  # name -> the key it came from
         for key, value in weights.items(include_nested=True):
-            name = key if isinstance(key, str) else ".".join(key)
+            name = _uncompiled(key if isinstance(key, str) else ".".join(key))
             if isinstance(value, torch.Tensor) or not _is_container(value):
+                if name in leaves:  # "a.b" next to ("a", "b"): one would never sync
+                    raise InvalidWeightsError(
+                        f"weights {firsts[name]!r} and {key!r} both have the name "
+                        f"{name!r}: rename one of them")
+                firsts[name] = key
                 leaves[name] = value
     elif isinstance(weights, Mapping):
-        leaves = dict(weights)
+        odd = [key for key in weights if not isinstance(key, str)]
+        if odd:
+            raise InvalidWeightsError(f"weight names must be strings, got {odd[:5]!r}")
+        leaves = {_uncompiled(k) if isinstance(k, str) else k: v for k, v in weights.items()}
     else:
         raise InvalidWeightsError(
             f"weights must be an nn.Module, a TensorDict or a state_dict, got {type(weights)!r}"

@@ -69,7 +69,7 @@ from typing import Any
 from weight_sync.errors import ProtocolError
 
 __all__ = ["CLOSED", "LEFT", "MAX_RESENDS", "Keys", "Hello", "Verdict", "Update",
-           "REFUSED_LAYOUT", "REFUSED_DUPLICATE", "REFUSED_AUTH"]
+           "REFUSED_LAYOUT", "REFUSED_DUPLICATE", "REFUSED_AUTH", "REFUSED_PROTOCOL"]
 
 #: Version carried by an ``update`` that ends the stream.
 CLOSED = -1
@@ -79,6 +79,8 @@ LEFT = -(1 << 40)
 REFUSED_LAYOUT = "layout"
 REFUSED_DUPLICATE = "duplicate"
 REFUSED_AUTH = "auth"
+#: A :attr:`Verdict.refusal`: what was written as the hello could not be read.
+REFUSED_PROTOCOL = "protocol"
 #: How often in a row a collector asks for a message again after a failed checksum
 #: (and a learner sends one version again) before the link fails.
 MAX_RESENDS = 3
@@ -144,14 +146,18 @@ class Verdict:
         transport: the transport the link uses (empty when refused).
         refusal: ``""`` when admitted, else :data:`REFUSED_LAYOUT` or
             :data:`REFUSED_DUPLICATE`.
-        reason: why it was refused, for the collector's error message.
+        reason: why it was refused, for the collector's error message; for an
+            admitted one, why it was placed on its transport.
         proof: with a shared secret, the HMAC over the rest and the hello's nonce.
+        local: the learner proved the collector shares its host (the bytes go memory to
+            memory through one kernel): the collector checks no payload checksum.
     """
 
     transport: str = ""
     refusal: str = ""
     reason: str = ""
     proof: str = ""
+    local: bool = False
 
     @property
     def admitted(self) -> bool:
@@ -159,7 +165,7 @@ class Verdict:
 
     def signed_body(self) -> str:
         """Every field but the proof, canonically (what the proof covers)."""
-        return json.dumps([self.transport, self.refusal, self.reason])
+        return json.dumps([self.transport, self.refusal, self.reason, self.local])
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -167,8 +173,11 @@ class Verdict:
     @classmethod
     def decode(cls, raw: bytes) -> Verdict:
         value = _decode_json("admission verdict", raw)
+        local = value.pop("local", False)
         try:
-            return cls(**{k: str(v) for k, v in value.items()})
+            if not isinstance(local, bool):
+                raise TypeError(f"local must be a bool, got {local!r}")
+            return cls(**{k: str(v) for k, v in value.items()}, local=local)
         except TypeError as exc:
             raise ProtocolError(f"malformed admission verdict: {raw[:200]!r}") from exc
 

@@ -6,20 +6,31 @@ same hostname is not enough (a container or another mount namespace may share th
 hostname but not the memory). The learner writes a random token into a file of its
 ``/dev/shm`` and publishes only the file's name; a collector that can read the token
 back proves it shares the memory.
+
+``/dev/shm`` is often small (64 MB in Docker and many CI runners), and a tmpfs claims a
+page only when it is first written: a segment larger than the room left is created
+without complaint and kills its writer with ``SIGBUS`` later. Every segment made here is
+therefore allocated in full at creation (``posix_fallocate``): a full ``/dev/shm`` is a
+:class:`~weight_sync.errors.SharedMemoryFull` then, never a signal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
+import re
 import secrets
 from multiprocessing import shared_memory
 
 import torch
 
-__all__ = ["SHM_DIR", "create_segment", "SegmentReader", "ShmToken", "read_token"]
+from weight_sync.errors import SharedMemoryFull
+
+__all__ = ["SHM_DIR", "create_segment", "shm_room", "SegmentReader", "ShmToken",
+           "read_token"]
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +39,53 @@ SHM_DIR = "/dev/shm"
 
 
 def create_segment(nbytes: int) -> tuple[shared_memory.SharedMemory, torch.Tensor]:
-    """A new segment of ``nbytes`` and a ``uint8`` tensor over it (the creator unlinks
-    it; its resource tracker also does if the creator dies)."""
-    segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+    """A new segment of ``nbytes``, its pages allocated, and a ``uint8`` tensor over it
+    (the creator unlinks it; its resource tracker also does if the creator dies).
+
+    Raises:
+        SharedMemoryFull: ``/dev/shm`` has not ``nbytes`` left (nothing is left behind).
+    """
+    segment = _allocated(nbytes)
     return segment, torch.frombuffer(segment.buf, dtype=torch.uint8, count=nbytes)
+
+
+def _allocated(nbytes: int, name: str | None = None) -> shared_memory.SharedMemory:
+    """A new segment whose ``nbytes`` are allocated (``SharedMemoryFull`` if they
+    cannot be)."""
+    size = max(nbytes, 1)
+    try:
+        segment = shared_memory.SharedMemory(name, create=True, size=size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        raise _full(nbytes, exc) from exc
+    try:
+        fd = os.open(_path(segment.name), os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        segment.close()
+        segment.unlink()
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise
+        raise _full(nbytes, exc) from exc
+    return segment
+
+
+def _full(nbytes: int, exc: OSError) -> SharedMemoryFull:
+    return SharedMemoryFull(f"{SHM_DIR} has no room for a segment of {nbytes} bytes "
+                            f"({shm_room()} bytes free): {exc.strerror}")
+
+
+def shm_room() -> int:
+    """Bytes this process may still allocate in ``/dev/shm`` (0 if it has none)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
 
 
 def _path(name: str) -> str:
@@ -89,21 +143,67 @@ class SegmentReader:
 
 
 class ShmToken:
-    """A random token in a file of this host's ``/dev/shm`` (learner side)."""
+    """A random token in a file of this host's ``/dev/shm`` (learner side).
+
+    The file must not outlive the learner, however it ends. It is a shared-memory
+    segment, so the learner's resource tracker (a process of its own) unlinks it if the
+    learner is killed (``SIGKILL``, ``SIGTERM``, ``SIGBUS``); and its name carries the
+    learner's pid namespace, pid and start time, so that the next learner on the host
+    removes the token of one whose tracker died with it (:func:`_sweep_tokens`).
+    """
 
     def __init__(self) -> None:
-        self.name = f"ws-token-{os.getpid()}-{secrets.token_hex(8)}"
+        tag = _process_tag(os.getpid())
+        if tag is not None:
+            _sweep_tokens(tag.split("-")[0])
         self.value = secrets.token_hex(16)
-        fd = os.open(_path(self.name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(self.value)
+        self.name = f"ws-token-{tag or f'0-{os.getpid()}-0'}-{secrets.token_hex(8)}"
+        self._segment = _allocated(len(self.value), self.name)
+        buf = self._segment.buf
+        assert buf is not None  # open until close()
+        buf[:len(self.value)] = self.value.encode()
 
     def matches(self, value: str | None) -> bool:
         return value is not None and secrets.compare_digest(value, self.value)
 
     def close(self) -> None:
+        self._segment.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(_path(self.name))
+            self._segment.unlink()
+
+
+_TOKEN_NAME = re.compile(r"ws-token-(\d+)-(\d+)-(\d+)-[0-9a-f]+")
+
+
+def _process_tag(pid: int) -> str | None:
+    """``<pid namespace inode>-<pid>-<start time>`` of a live process, ``None`` if it is
+    gone (or this cannot be read)."""
+    try:
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    inode = namespace.rpartition("[")[2].rstrip("]")
+    # fields[0] is the stat file's 3rd field; the start time (in clock ticks) is its 22nd.
+    return f"{inode}-{pid}-{fields[19]}" if fields[0] != "Z" else None
+
+
+def _sweep_tokens(namespace: str) -> None:
+    """Remove the tokens of dead learners of pid namespace ``namespace`` (this one: a
+    pid, or a start time, means nothing in another one, whose tokens are left alone)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        match = _TOKEN_NAME.fullmatch(name)
+        if match is None or match[1] != namespace:
+            continue
+        if _process_tag(int(match[2])) != "-".join(match.group(1, 2, 3)):
+            with contextlib.suppress(OSError):
+                os.unlink(_path(name))
+                log.info("removed %s, the token of a learner that is gone", name)
 
 
 def read_token(name: str) -> str | None:

@@ -90,11 +90,15 @@ class Snapshot:
         return self
 
     def release(self) -> None:
-        """Drop one reference; the last one returns the buffer to the pool."""
+        """Drop one reference; the last one returns the buffer to the pool (a private
+        one to a pool that now shares its buffers is dropped)."""
         with self._pool.lock:
             self._refs -= 1
             if self._refs == 0:
-                self._pool.free.append(self)
+                if self._pool.shared and self.segment is None:
+                    self._pool.allocated -= 1
+                else:
+                    self._pool.free.append(self)
             elif self._refs < 0:
                 raise RuntimeError("snapshot released more often than retained")
 
@@ -104,7 +108,8 @@ class SnapshotPool:
 
     Args:
         shared: allocate the buffers in named shared-memory segments (CPU only), so
-            that collectors on this host can read them (``transport="shm"``).
+            that collectors on this host can read them (``transport="shm"``); a pool
+            may also start private and :meth:`share` once such a collector comes.
         checksum: stamp each message's header with a checksum of its payload.
         digests: compute each message's BLAKE3 digest (:attr:`Snapshot.digest`), for signed
             signals.
@@ -155,19 +160,68 @@ class SnapshotPool:
         with self.lock:
             snap = self.free.pop() if self.free else None
         if snap is None:
-            segment = None
-            if self.shared:
-                segment, buffer = create_segment(self.layout.nbytes)
-                self._segments.append(segment)
-            else:
-                buffer = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=self.device)
-            snap = Snapshot(self, buffer)
-            snap.segment = None if segment is None else segment.name
-            self.allocated += 1
+            snap = self._allocate(self.shared)
         snap.version, snap.digest, snap.leaf_digests = version, "", ()
         snap.abandoned, snap._packed, snap._finished = False, 0, False
         snap.checksummed = self.checksum and checksum
         return snap.retain()
+
+    def _allocate(self, shared: bool) -> Snapshot:
+        """A new buffer (``SharedMemoryFull`` if a shared one finds no room)."""
+        segment = None
+        if shared:
+            segment, buffer = create_segment(self.layout.nbytes)  # zeroed by the kernel
+            self._segments.append(segment)
+        else:
+            buffer = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        snap = Snapshot(self, buffer)
+        snap.segment = None if segment is None else segment.name
+        with self.lock:
+            self.allocated += 1
+        return snap
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of shared memory this pool's buffers hold."""
+        return len(self._segments) * self.layout.nbytes
+
+    def share(self) -> None:
+        """Allocate buffers in shared memory from now on (a collector was placed on a
+        transport that uses them in place); private buffers are dropped as they come
+        back. Copy what must stay with :meth:`shared_copy`."""
+        with self.lock:
+            if self.shared:
+                return
+            self.shared = True
+            kept = [snap for snap in self.free if snap.segment is not None]
+            self.allocated -= len(self.free) - len(kept)
+            self.free = kept
+        # The stamper keeps views of the buffers it packed into: let the private go.
+        old, self._stamper = self._stamper, Stamper(self.layout, self.checksum)
+        old.close()
+
+    def shared_copy(self, snap: Snapshot) -> Snapshot:
+        """``snap`` (packed) in a shared buffer: itself if it is one, else a copy of its
+        bytes and what it says of them (whether or not the pool shares yet); the caller
+        holds one ref of the result.
+
+        Raises:
+            SharedMemoryFull: no room for the copy.
+        """
+        if snap.segment is not None:
+            return snap.retain()
+        with self.lock:
+            copy = next((s for s in self.free if s.segment is not None), None)
+            if copy is not None:
+                self.free.remove(copy)
+        if copy is None:
+            copy = self._allocate(True)
+        copy.buffer.copy_(snap.buffer)
+        copy.version, copy.digest, copy.leaf_digests = (snap.version, snap.digest,
+                                                         snap.leaf_digests)
+        copy.abandoned, copy.checksummed = snap.abandoned, snap.checksummed
+        copy._packed, copy._finished = snap._packed, True
+        return copy.retain()
 
     def fill(self, snap: Snapshot, sources: list[torch.Tensor]) -> None:
         """Pack ``sources`` into the reserved ``snap``; a transport streaming it sends
