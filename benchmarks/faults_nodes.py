@@ -26,6 +26,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from benchmarks.soak_hosts_nodes import load_checkpoint, save_checkpoint  # noqa: E402
+
 STREAM = "faults"
 
 
@@ -156,21 +158,6 @@ def held_keys(store: Any, collectors: int, version: int) -> list[str]:
             names += [keys.ack(cid, inc, v) for v in range(version + 3)]
             names += [keys.resend(cid, inc, s) for s in range(version + 3)]
     return [n[len(keys.prefix):] for n in names if store.check([n])]
-
-
-def save_checkpoint(path: str, version: int) -> None:
-    """The version a restarted learner resumes from (written whole, then renamed)."""
-    with open(path + ".tmp", "w") as file:
-        file.write(str(version))
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path: str) -> int:
-    try:
-        with open(path) as file:
-            return int(file.read())
-    except FileNotFoundError:
-        return 0
 
 
 # -- a collector -------------------------------------------------------------------------
