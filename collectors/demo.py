@@ -229,6 +229,12 @@ def _summary(rows: list[dict[str, Any]], group: _Group, wall_s: float,
         "fps": rows[-1]["fps"] if rows else None,
         "final_version": group.version,
         "wall_s": wall_s,
+        # where the collectors were placed (transport="auto": per collector)
+        "placements": {key[:-len("_collectors")]: {
+            "collectors": int(stats[key]),
+            "p50_ms": _ms(stats[key.replace("_collectors", "_p50_s")]),
+            "gbps_median": stats[key.replace("_collectors", "_gbps_median")],
+        } for key in stats if key.endswith("_collectors")},
     }
 
 
@@ -256,6 +262,10 @@ def _table(summary: dict[str, Any]) -> Table:
                   f"{summary['sync_p50_ms']:.2f} / {summary['sync_p99_ms']:.2f}")
     table.add_row("weights per sync (bytes), median GB/s",
                   f"{summary['weights_bytes']}, {summary['sync_gbps_median']:.4f}")
+    for transport, placed in sorted(summary.get("placements", {}).items()):
+        table.add_row(f"placed on {transport}: collectors, p50 (ms), median GB/s",
+                      f"{placed['collectors']}, {placed['p50_ms']:.2f}, "
+                      f"{placed['gbps_median']:.4f}")
     table.add_row("staleness mean / max (versions)",
                   f"{summary['staleness_mean']:.2f} / {fmt(summary['staleness_max'], '.0f')}")
     table.add_row("frames, frames/s",

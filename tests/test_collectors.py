@@ -273,6 +273,8 @@ def test_demo_short_run_writes_json(tmp_path: Path) -> None:
             assert key in row
         assert row["frames"] == 2 * 64 and row["version"] == row["iteration"]
     assert data["summary"]["iterations"] == 3 and data["summary"]["sync_rounds"] >= 3
+    # no settings: both local collectors share the learner's /dev/shm, and say so
+    assert data["summary"]["placements"]["shm"]["collectors"] == 2
 
 
 def test_max_restarts_replaces_a_killed_collector_and_the_others_never_stop() -> None:
