@@ -23,10 +23,12 @@ TIMEOUT_S = 3.0
 BOUND_S = 4.0  # issue 24: connect(timeout=3) raises within ~4 s
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def silent() -> Iterator[int]:
-    """A port whose listener accepts every connection and never answers; its sockets
-    are closed after the test (which also ends any connect attempt still waiting)."""
+    """A port whose listener accepts every connection and never answers, for the whole
+    session: a connect attempt the library gave up on stays parked on it (TCPStore's
+    check cannot be interrupted) and retries; were the port freed, it could reach
+    whatever a later test binds there (a store, a gloo pair) and disturb it."""
     server = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     stop = threading.Event()

@@ -20,7 +20,7 @@ from versioned import RX_TIMEOUT_S, fingerprint
 
 from weight_sync import WeightReceiver, WeightSender
 from weight_sync.collector.hooks import ReceiverHooks
-from weight_sync.transports import TransportSpec, register_transport
+from weight_sync.transports import TransportSpec, get_transport, register_transport
 from weight_sync.transports.distributed_receiver import DistributedReceiver
 from weight_sync.transports.distributed_sender import DistributedSender
 from weight_sync.transports.streaming import STREAM_PIECE, pieces
@@ -75,8 +75,12 @@ class CorruptingReceiver(DistributedReceiver):
 
 @pytest.fixture()
 def corrupting() -> str:
+    # the capabilities of the ends it reuses, declared as the built-in declares them
+    builtin = get_transport("distributed")
     register_transport(TransportSpec(CORRUPTING, sender=DistributedSender,
-                                     receiver=CorruptingReceiver, backends=("gloo",)),
+                                     receiver=CorruptingReceiver, backends=("gloo",),
+                                     streams=builtin.streams,
+                                     posts_early=builtin.posts_early),
                        replace=True)
     CorruptingReceiver.corrupted = CorruptingReceiver.deliveries = 0
     return CORRUPTING

@@ -365,11 +365,17 @@ class WeightSender:
                           local=local)
 
     def _door_round(self) -> None:
-        """One round of the door (its thread): admit joins, then wake :meth:`wait_for`."""
+        """One round of the door (its thread): admit joins, start the sends that wait
+        behind an in-flight message whose ack came (acks arrive after the apply, from
+        the collector's listener: a learner that calls nothing must not hold its next
+        version back), then wake :meth:`wait_for`."""
         with self._lock:
             if self._closed:
                 return
             self._admit_joins()
+            for link in self.links.values():
+                if link.waiting_to_send:
+                    link.progress()
             self._admitted.notify_all()
 
     def _admit_joins(self) -> None:

@@ -178,6 +178,12 @@ class SenderLink:
         # A remote collector's death surfaces as a transfer error or a heartbeat.
         return self.peer_pid is None or process_alive(self.peer_pid)
 
+    @property
+    def waiting_to_send(self) -> bool:
+        """A newer snapshot waits behind the one in flight (started by :meth:`progress`
+        once that one is acked)."""
+        return self._pending is not None and self._in_flight is not None and not self._closed
+
     def progress(self, *, acked: bool = False) -> None:
         """Non-blocking: record acks, check liveness, start the pending send.
 
