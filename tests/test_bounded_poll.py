@@ -112,3 +112,26 @@ def test_polls_never_block_on_a_frozen_learner(cluster: Cluster, learner: tuple)
         cluster.take(lambda m: m[0] == "acked" and m[1] == 2, 30, "the learner's ack of v2")
     finally:
         rx.close()
+
+
+CLOSE_BOUND_S = 8.0  # the goodbye's 2 s and the threads' joins, on a loaded 2-core machine
+
+
+def test_close_returns_while_the_learner_is_frozen(cluster: Cluster, learner: tuple) -> None:
+    """The goodbye to the learner is a store call, which a frozen or cut-off learner never
+    answers: close() gives up on it (before, a collector whose stream ended other than by
+    the learner watch hung in close() until the learner came back, forever after a cut)."""
+    pid, go, info = learner
+    mine = make_weights(-7)
+    rx = WeightReceiver(mine, info, 0, timeout=RX_TIMEOUT_S, learner_timeout=60.0)
+    try:
+        assert rx.connect(timeout=60) == 0
+        os.kill(pid, signal.SIGSTOP)  # frozen well inside learner_timeout: not yet "lost"
+        start = time.monotonic()
+        rx.close()
+        took = time.monotonic() - start
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        rx.close()
+    assert took < CLOSE_BOUND_S, f"close() took {took:.1f}s with the learner frozen"
+    go.send("publish")  # thawed, the learner goes on; the version is not waited for here

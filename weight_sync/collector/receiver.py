@@ -498,8 +498,10 @@ class WeightReceiver:
             att.acked.wait(_CLOSE_JOIN_S)
         att.stop.set()
         self._applied.set()
-        if att.link is not None:
-            att.link.stop(reach_learner=reach)  # wakes the listener's wait
+        if att.link is not None:  # wakes the listener's wait
+            link = att.link
+            reach = reach and self._bounded_goodbye(lambda: link.stop(reach_learner=True))
+            link.stop(reach_learner=False)
         # A listener inside a transfer (one the learner cut short, or will never finish
         # now that this collector left) is woken by closing the transport end; daemon
         # threads, so the waits stay short.
@@ -510,6 +512,28 @@ class WeightReceiver:
         for thread in att.threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 log.warning("%s: %s still busy after close", self._who(), thread.name)
+
+    def _bounded_goodbye(self, goodbye: Callable[[], None]) -> bool:
+        """Run ``goodbye`` (store calls) on a daemon thread; whether it ended within
+        ``_CLOSE_JOIN_S``. A learner cut off or frozen since the last beat never answers
+        a store call, and a close must not wait for it."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                goodbye()
+            except WeightSyncError as exc:  # the learner went away meanwhile: nothing to tell
+                log.debug("%s: goodbye not delivered: %s", self._who(), exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"weight-sync-bye-{self.collector_id}",
+                         daemon=True).start()
+        if done.wait(_CLOSE_JOIN_S):
+            return True
+        log.warning("%s: the learner did not answer the goodbye within %.0fs (cut off or "
+                    "frozen); closing without it", self._who(), _CLOSE_JOIN_S)
+        return False
 
     def close(self) -> None:
         """Stop the background threads and release the link; idempotent. The policy
