@@ -384,6 +384,22 @@ _SMALL_SHM = textwrap.dedent("""
     for rx in rxs:
         rx.close()
     tx.close()
+
+    # /dev/shm full before the learner starts (not even its 32-byte token fits): "auto"
+    # leaves shm out and runs; shm named by the user fails at once
+    with open(hog, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shm_room())
+    try:
+        WeightSender(flat(1 << 10, 0), 1, timeout=60, transport="shm").close()
+    except SharedMemoryFull as exc:
+        out["named_full"] = type(exc).__name__
+    tx, rx, weights, policy = pair(1 << 10)
+    out["full_auto"] = tx.transports[0]
+    weights["w"].fill_(1); tx.send_weights_async()
+    out["full_auto_exact"] = rx.receive_weights(timeout=60) == 1 and bool((policy["w"] == 1).all())
+    tx.wait_ack(60)
+    rx.close(); tx.close()
+    os.unlink(hog)
     print(json.dumps(out), flush=True)
 """)
 
@@ -395,7 +411,8 @@ def test_a_small_dev_shm_never_crashes_and_nothing_is_half_applied() -> None:
     ``/dev/shm`` mid-run, a send that needs a new buffer raises ``SharedMemoryFull``
     (its version not used, nothing applied), and the run goes on once there is room. The
     relay's slots that do not fit are made in private memory, and its collectors stay
-    bit-exact (P3)."""
+    bit-exact (P3). A ``/dev/shm`` full before the learner starts: ``"auto"`` leaves shm
+    out and runs over direct sends; ``transport="shm"`` fails at once."""
     reason = _can_unshare()
     if reason:
         pytest.skip(reason)
@@ -414,6 +431,8 @@ def test_a_small_dev_shm_never_crashes_and_nothing_is_half_applied() -> None:
     assert out["policy_before_apply"] == 2.0  # nothing applied meanwhile
     assert out["after"] == [out["version_after_full"] + 1, True]
     assert out["relay_exact"] == [True] * 3 and out["relay_private_slots"] > 0
+    assert out["named_full"] == "SharedMemoryFull"
+    assert out["full_auto"] == "distributed" and out["full_auto_exact"], out
 
 
 # -- across simulated hosts ----------------------------------------------------------

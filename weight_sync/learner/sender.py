@@ -135,11 +135,7 @@ class WeightSender:
             self._control = self._new_control()
             self._heartbeat = LearnerHeartbeat(self._new_control(),
                                                self.connection_info.heartbeat_s)
-            for spec in chain:
-                if spec.learner is not None:
-                    self._sides[spec.name] = spec.learner(self.config)
-                if spec.offer is not None and self.config.backend in spec.backends:
-                    self._offers[spec.name] = spec.offer(self._sides.get(spec.name))
+            chain = [spec for spec in chain if self._prepare(spec, spec is chain[-1])]
             self._control.publish_stream(
                 self.layout.to_json(), self.connection_info.to_json(),
                 {name: offer.params for name, offer in self._offers.items()}, nonce)
@@ -304,6 +300,27 @@ class WeightSender:
                  self.num_collectors, self.config.host, self._server.port,
                  sorted(set(self.transports.values())), self.layout.digest,
                  self.wire_layout.nbytes)
+
+    def _prepare(self, spec: TransportSpec, last: bool) -> bool:
+        """Set up ``spec``'s learner side and offer; whether it stays in the chain.
+        Under ``"auto"`` a transport this host cannot serve (a full ``/dev/shm``, a
+        relay port that cannot be bound) is left out, with a warning, instead of
+        failing the learner; a transport named by the user fails as it is."""
+        try:
+            if spec.learner is not None:
+                self._sides[spec.name] = spec.learner(self.config)
+            if spec.offer is not None and self.config.backend in spec.backends:
+                self._offers[spec.name] = spec.offer(self._sides.get(spec.name))
+        except (OSError, WeightSyncError) as exc:  # SharedMemoryFull is both
+            if self.config.transport != AUTO or last:
+                raise
+            for held in (self._offers.pop(spec.name, None), self._sides.pop(spec.name, None)):
+                if held is not None:
+                    held.close()
+            log.warning("transport %r left out of %r on this learner: %s", spec.name,
+                        AUTO, exc)
+            return False
+        return True
 
     def _reserve(self, cid: int, hello: Hello, spec: TransportSpec, local: bool,
                  remote_peers: int) -> str:
