@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from weight_sync.control.store import connect_client
+from weight_sync.control.store import IN_FLIGHT, connect_client
 from weight_sync.errors import (
     ClosedError,
     ConnectionFailed,
@@ -56,7 +56,8 @@ class _ClosedClient:
 def _call(what: str, op: Callable[[], T]) -> T:
     """Run one store operation; torch's errors become typed ones naming ``what``."""
     try:
-        return op()
+        with IN_FLIGHT.entered(what):
+            return op()
     except dist.DistStoreError as exc:  # torch's type for a timed-out wait or get
         raise _Timeout(str(exc)) from exc
     except dist.DistNetworkError as exc:

@@ -6,25 +6,92 @@ server (bound to exactly the address asked for) and the clients.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
 import socket
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
 from weight_sync.config import check_timeout
-from weight_sync.errors import ConfigError, ConnectionFailed, PeerGone
+from weight_sync.errors import ClosedError, ConfigError, ConnectionFailed, PeerGone
 
-__all__ = ["StoreServer", "connect_client", "WILDCARDS"]
+__all__ = ["StoreServer", "connect_client", "WILDCARDS", "IN_FLIGHT"]
+
+log = logging.getLogger(__name__)
 
 #: Addresses that bind every interface, and the loopback address that reaches them.
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 # connect_client waits this much longer than its timeout for TCPStore's own retries to
 # give up on a port where nothing listens.
 _CONNECT_MARGIN_S = 0.5
+
+
+class _InFlight:
+    """The blocking C++ calls in progress in this process (store calls, gloo waits),
+    for a clean interpreter exit.
+
+    A store call to a learner that was cut off or frozen can stay parked for as long as
+    TCP retransmits (minutes), and a gloo receive cut mid-transfer waits for its whole
+    timeout (gloo cannot cancel it: ``ProcessGroupGloo.shutdown()`` and ``abort()`` do
+    not wake it, measured with torch 2.13), each on a thread the collector gave up on.
+    If such a call returns while the interpreter finalizes, CPython (before 3.14) ends
+    its thread from inside torch's GIL guard and the process dies with "terminate
+    called without an active exception" (SIGABRT; seen on the test bed after a link cut
+    and restore). So at exit no new call starts, and the exit waits for those in
+    progress: a gloo wait until its own deadline, a store call :data:`_EXIT_GRACE_S`.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, float] = {}  # call token -> when it ends by itself
+        self._next = 0
+        self._exiting = False
+
+    @contextlib.contextmanager
+    def entered(self, what: str, bound: float | None = None) -> Any:
+        """Around one blocking call; ``bound``: the most seconds it can last."""
+        with self._cond:
+            if self._exiting:
+                raise ClosedError(f"{what}: the process is exiting")
+            token, self._next = self._next, self._next + 1
+            self._deadlines[token] = (time.monotonic() + bound if bound is not None
+                                      else float("inf"))
+        try:
+            yield
+        finally:
+            with self._cond:
+                del self._deadlines[token]
+                self._cond.notify_all()
+
+    def drain(self, grace: float) -> None:
+        """Refuse new calls; wait for those in progress (see the class)."""
+        with self._cond:
+            self._exiting = True
+            if not self._deadlines:
+                return
+            # a wait ends a little after its own timeout (its thread must be scheduled)
+            end = max([time.monotonic() + grace,
+                       *(d + _LATE_S for d in self._deadlines.values() if d != float("inf"))])
+            log.warning("exiting: waiting up to %.1fs for %d call(s) to an unreachable "
+                        "peer (a store call, or a gloo transfer cut mid-way)",
+                        end - time.monotonic(), len(self._deadlines))
+            self._cond.wait_for(lambda: not self._deadlines, max(end - time.monotonic(), 0))
+
+
+#: How long an exiting process waits for store calls in progress (atexit); gloo
+#: transfers in progress are waited for until their own deadline.
+_EXIT_GRACE_S = 3.0
+_LATE_S = 0.5
+IN_FLIGHT = _InFlight()
+"""Every store call and connect, and every gloo wait, of this process goes through it."""
+atexit.register(IN_FLIGHT.drain, _EXIT_GRACE_S)
 
 
 def _listen(host: str, port: int) -> int:
@@ -111,8 +178,9 @@ def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:
 
     def build() -> None:
         try:
-            result.set_result(dist.TCPStore(host, port, is_master=False,
-                                            timeout=timedelta(seconds=timeout)))
+            with IN_FLIGHT.entered(f"connecting to {host}:{port}"):
+                result.set_result(dist.TCPStore(host, port, is_master=False,
+                                                timeout=timedelta(seconds=timeout)))
         except BaseException as exc:
             result.set_exception(exc)
 

@@ -81,6 +81,12 @@ _FAST_FIRST = ("shm", "distributed", "relay")
 # The door looks for joins this often (a store round trip each): a (re)joining
 # collector waits this much longer at most, whatever the learner's caller is doing.
 _JOIN_CHECK_S = 0.05
+# A replaced incarnation's keys are deleted again every _SWEEP_S for _FORGET_AGAIN_S:
+# its process may have a store write parked behind a cut link (a beat, a goodbye, an
+# ack) that TCP delivers after the link is back, later than the id's rejoin (TCP's
+# retransmission interval grows to 120 s).
+_SWEEP_S = 1.0
+_FORGET_AGAIN_S = 120.0
 
 
 class WeightSender:
@@ -158,6 +164,8 @@ class WeightSender:
         self.failed: dict[int, str] = {}
         """Collectors whose link broke (id -> reason), until they join again."""
         self._retired: dict[int, SenderLink] = {}  # failed links, until their id rejoins
+        self._replaced: list[tuple[float, SenderLink]] = []  # (when, link): _FORGET_AGAIN_S
+        self._next_sweep = 0.0
         self._connecting = False  # connect() is waiting for the initial collectors
         self._on_shm: set[int] = set()  # ids placed where snapshots are read in place
         self._admissions = Admissions(self._control, self._make_link, chain, self._offers,
@@ -394,6 +402,19 @@ class WeightSender:
                 if link.waiting_to_send:
                     link.progress()
             self._admitted.notify_all()
+            self._sweep_replaced()
+
+    def _sweep_replaced(self) -> None:
+        """Delete again what replaced incarnations left in the store (see
+        :data:`_FORGET_AGAIN_S`); at most every :data:`_SWEEP_S`."""
+        now = time.monotonic()
+        if now < self._next_sweep or not self._replaced:
+            return
+        self._next_sweep = now + _SWEEP_S
+        self._replaced = [(t, link) for t, link in self._replaced
+                          if now - t < _FORGET_AGAIN_S]
+        for _, link in self._replaced:
+            link.forget(close_signal=True)
 
     def _admit_joins(self) -> None:
         """Judge new joins (verdicts written) and install the collectors whose links
@@ -413,6 +434,7 @@ class WeightSender:
                 if old is not None:
                     old.close()
                     old.forget(close_signal=True)
+                    self._replaced.append((time.monotonic(), old))
             self.links[link.collector_id] = link
             self.failed.pop(link.collector_id, None)
             log.info("collector %d (incarnation %d) joined at version %d over %r",

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from weight_sync.control.channel import LinkChannel
+from weight_sync.control.store import IN_FLIGHT
 from weight_sync.errors import PeerGone, ProtocolError
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import COLLECTOR_RANK, PairGroup
@@ -67,8 +68,9 @@ class DistributedReceiver:
             works = ([posted[1]] if posted is not None else
                      [group.recv([buffer[s:e]], self._pair.peer, 0) for s, e in spans])
             for (s, e), work in zip(spans, works, strict=True):
-                left = start + timeout - time.monotonic()
-                work.wait(timedelta(seconds=max(left, 0.001)))
+                left = max(start + timeout - time.monotonic(), 0.001)
+                with IN_FLIGHT.entered(f"{self.spec.who()}: receiving", left):
+                    work.wait(timedelta(seconds=left))
                 if landed is not None:
                     landed(s, e)
         except (dist.DistError, RuntimeError) as exc:

@@ -13,6 +13,7 @@ from typing import Any
 import torch.distributed as dist
 
 from weight_sync.control.channel import LinkChannel
+from weight_sync.control.store import IN_FLIGHT
 from weight_sync.errors import CollectorFailed, WeightSyncError
 from weight_sync.transports.base import LinkSpec
 from weight_sync.transports.pair import LEARNER_RANK, PairGroup
@@ -39,7 +40,9 @@ class _Send:
 
     def finish(self, timeout: float) -> None:
         try:
-            self._work.wait(timedelta(seconds=max(timeout, 0.001)))
+            timeout = max(timeout, 0.001)
+            with IN_FLIGHT.entered(f"sending to {self._spec.who()}", timeout):
+                self._work.wait(timedelta(seconds=timeout))
         except (dist.DistError, RuntimeError) as exc:
             raise CollectorFailed(f"send to {self._spec.who()} failed: {exc}",
                                   self._spec.collector_id) from exc
@@ -73,7 +76,9 @@ class _Stream:
                                      max(deadline - time.monotonic(), 0.001))
                 works.append(group.send([buffer[start:end]], peer, 0))
             for work in works:
-                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+                left = max(deadline - time.monotonic(), 0.001)
+                with IN_FLIGHT.entered(f"streaming to {self._spec.who()}", left):
+                    work.wait(timedelta(seconds=left))
         except (dist.DistError, RuntimeError, WeightSyncError) as exc:
             failed = CollectorFailed(f"send to {self._spec.who()} failed: {exc}",
                                      self._spec.collector_id)

@@ -1,0 +1,63 @@
+"""A process that exits while a blocking call of weight-sync is parked on another thread
+(a store call to a cut-off learner, a gloo receive cut mid-transfer) waits for it before
+the interpreter finalizes: a call that returned during finalization killed the process
+with SIGABRT ("terminate called without an active exception"), seen on the test bed
+after a link cut. The drain refuses new calls and waits within the calls' own bounds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from weight_sync.control.store import _InFlight
+from weight_sync.errors import ClosedError
+
+pytestmark = pytest.mark.timeout(30)
+
+CALL_S = 0.6  # the parked call's length (it ends by itself, as a bounded gloo wait does)
+
+
+def test_the_drain_waits_for_a_bounded_call_and_refuses_new_ones() -> None:
+    flight = _InFlight()
+    inside, ended = threading.Event(), []
+
+    def parked() -> None:
+        with flight.entered("a receive", bound=CALL_S):
+            inside.set()
+            time.sleep(CALL_S)  # stands in for the C++ wait: it returns at its bound
+            ended.append(time.monotonic())
+
+    thread = threading.Thread(target=parked, daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    start = time.monotonic()
+    flight.drain(grace=0.05)  # shorter than the call's bound: the bound wins
+    drained = time.monotonic()
+    thread.join(10)
+    assert ended and ended[0] <= drained, "the drain returned before the call ended"
+    assert drained - start < CALL_S + 2.0
+    with pytest.raises(ClosedError, match="exiting"), flight.entered("a store call"):
+        pass
+
+
+def test_an_unbounded_call_is_waited_for_only_the_grace() -> None:
+    flight = _InFlight()
+    inside, release = threading.Event(), threading.Event()
+
+    def parked() -> None:
+        with flight.entered("a store call to a frozen learner"):
+            inside.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=parked, daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    start = time.monotonic()
+    flight.drain(grace=0.3)
+    took = time.monotonic() - start
+    release.set()
+    thread.join(10)
+    assert 0.25 < took < 5.0, took
+    flight.drain(grace=0.3)  # nothing in progress: returns at once
