@@ -39,7 +39,7 @@ from weight_sync.transports.relay_wire import (
     recv_name,
     recv_size,
 )
-from weight_sync.wire.shm import SHM_DIR
+from weight_sync.wire.shm import SHM_DIR, sweep_dead_owners
 
 __all__ = ["RelayReceiver", "probe_relay"]
 
@@ -272,3 +272,6 @@ class RelayReceiver:
             self._server = None
         self._maps.close()
         self._slots.clear()
+        # A neighbour killed with its process group left its slots behind: this host's
+        # last relay end to close removes them (a relay end made later would too).
+        sweep_dead_owners()

@@ -30,7 +30,7 @@ import torch
 from weight_sync.errors import SharedMemoryFull
 
 __all__ = ["SHM_DIR", "create_segment", "shm_room", "SegmentReader", "ShmToken",
-           "read_token"]
+           "sweep_dead_owners", "read_token"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,23 @@ def create_segment(nbytes: int) -> tuple[shared_memory.SharedMemory, torch.Tenso
     Raises:
         SharedMemoryFull: ``/dev/shm`` has not ``nbytes`` left (nothing is left behind).
     """
-    segment = _allocated(nbytes)
+    segment = _allocated(nbytes, _owned_name("seg"))
     return segment, torch.frombuffer(segment.buf, dtype=torch.uint8, count=nbytes)
+
+
+def _owned_name(kind: str) -> str:
+    """A fresh name for a file of ``/dev/shm`` that says which process owns it: its pid
+    namespace, pid and start time (what :func:`sweep_dead_owners` reads back); the
+    first one made here also removes those of dead processes."""
+    global _swept
+    tag = _process_tag(os.getpid())
+    if tag is not None and not _swept:
+        _swept = True
+        sweep_dead_owners()
+    return f"ws-{kind}-{tag or f'0-{os.getpid()}-0'}-{secrets.token_hex(8)}"
+
+
+_swept = False
 
 
 def _allocated(nbytes: int, name: str | None = None) -> shared_memory.SharedMemory:
@@ -149,15 +164,13 @@ class ShmToken:
     segment, so the learner's resource tracker (a process of its own) unlinks it if the
     learner is killed (``SIGKILL``, ``SIGTERM``, ``SIGBUS``); and its name carries the
     learner's pid namespace, pid and start time, so that the next learner on the host
-    removes the token of one whose tracker died with it (:func:`_sweep_tokens`).
+    removes the token of one whose tracker died with it (:func:`sweep_dead_owners`).
     """
 
     def __init__(self) -> None:
-        tag = _process_tag(os.getpid())
-        if tag is not None:
-            _sweep_tokens(tag.split("-")[0])
+        sweep_dead_owners()
         self.value = secrets.token_hex(16)
-        self.name = f"ws-token-{tag or f'0-{os.getpid()}-0'}-{secrets.token_hex(8)}"
+        self.name = _owned_name("token")
         self._segment = _allocated(len(self.value), self.name)
         buf = self._segment.buf
         assert buf is not None  # open until close()
@@ -172,7 +185,7 @@ class ShmToken:
             self._segment.unlink()
 
 
-_TOKEN_NAME = re.compile(r"ws-token-(\d+)-(\d+)-(\d+)-[0-9a-f]+")
+_OWNED_NAME = re.compile(r"ws-(?:token|seg)-(\d+)-(\d+)-(\d+)-[0-9a-f]+")
 
 
 def _process_tag(pid: int) -> str | None:
@@ -189,21 +202,30 @@ def _process_tag(pid: int) -> str | None:
     return f"{inode}-{pid}-{fields[19]}" if fields[0] != "Z" else None
 
 
-def _sweep_tokens(namespace: str) -> None:
-    """Remove the tokens of dead learners of pid namespace ``namespace`` (this one: a
-    pid, or a start time, means nothing in another one, whose tokens are left alone)."""
+def sweep_dead_owners() -> int:
+    """Remove the files of ``/dev/shm`` (tokens, segments) made here by processes of
+    this pid namespace that are gone, however they ended (a ``SIGKILL`` of a process
+    group takes its resource tracker with it); those of another namespace, where a pid
+    or a start time means nothing, are left alone. Returns how many were removed."""
+    tag = _process_tag(os.getpid())
+    if tag is None:
+        return 0
+    namespace = tag.split("-")[0]
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
-        return
+        return 0
+    removed = 0
     for name in names:
-        match = _TOKEN_NAME.fullmatch(name)
+        match = _OWNED_NAME.fullmatch(name)
         if match is None or match[1] != namespace:
             continue
         if _process_tag(int(match[2])) != "-".join(match.group(1, 2, 3)):
             with contextlib.suppress(OSError):
                 os.unlink(_path(name))
-                log.info("removed %s, the token of a learner that is gone", name)
+                removed += 1
+                log.info("removed %s of %s: its process is gone", name, SHM_DIR)
+    return removed
 
 
 def read_token(name: str) -> str | None:
