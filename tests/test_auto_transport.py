@@ -153,9 +153,9 @@ def test_without_room_in_dev_shm_a_same_host_collector_gets_direct_sends_uncheck
     """The learner checks ``/dev/shm`` has room for the snapshots' bound before placing
     a collector on shared memory; without, the next transport, and the log says so. The
     collector is still proven to share the host: it checks no checksum."""
-    import weight_sync.learner.sender as sender_module
+    import weight_sync.learner.placement as placement_module
 
-    monkeypatch.setattr(sender_module, "shm_room", lambda: 1000)
+    monkeypatch.setattr(placement_module, "shm_room", lambda: 1000)
     caplog.set_level(logging.INFO, logger="weight_sync.learner.admission")
     with run(1, 0) as (sender, rxs, policies, weights):
         assert sender.transports == {0: "distributed"}
@@ -239,7 +239,7 @@ _LEARNER = textwrap.dedent("""
     from versioned import make_weights
     from weight_sync import WeightSender
     tx = WeightSender(make_weights(0), 1)
-    print(tx._offers["shm"].params["token_file"], flush=True)
+    print(tx._placements.offers["shm"].params["token_file"], flush=True)
     sys.stdin.readline()
 """)
 

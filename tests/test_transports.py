@@ -177,10 +177,10 @@ def test_shm_is_chosen_only_for_a_collector_that_shares_dev_shm(tmp_path: Path) 
 
 
 def _mapped_segments() -> int:
-    """Message segments mapped here (``SharedMemory`` names them ``psm_*``; the
+    """Message segments mapped here (weight-sync names them ``ws-seg-*``; the
     semaphores of multiprocessing live in ``/dev/shm/sem.*``)."""
     with open("/proc/self/maps") as maps:
-        return sum("/dev/shm/psm_" in line for line in maps)
+        return sum("/dev/shm/ws-seg-" in line for line in maps)
 
 
 def shm_collector(info: ConnectionInfo) -> tuple[str, int, int, int, str]:

@@ -50,21 +50,20 @@ from weight_sync.errors import (
     ConfigError,
     ConnectionFailed,
     ProtocolError,
-    SharedMemoryFull,
     WeightSyncError,
     WeightSyncTimeout,
 )
 from weight_sync.learner.admission import Admissions, Door, is_local
+from weight_sync.learner.placement import Placements
 from weight_sync.learner.publisher import Publisher
 from weight_sync.learner.sender_link import SenderLink
 from weight_sync.metrics import AckResult, SyncStats
-from weight_sync.transports.base import LearnerSide, LinkSpec, Offer
-from weight_sync.transports.registry import AUTO, TransportSpec, sender_chain
+from weight_sync.transports.base import LearnerSide, LinkSpec
+from weight_sync.transports.registry import TransportSpec, sender_chain
 from weight_sync.wire.auth import StreamKey, new_nonce, resolve_secret
 from weight_sync.wire.layout import BufferLayout, named_leaves
 from weight_sync.wire.live import LiveLeaves
 from weight_sync.wire.protocol import Hello
-from weight_sync.wire.shm import SHM_DIR, shm_room
 from weight_sync.wire.snapshots import SnapshotPool
 
 __all__ = ["WeightSender"]
@@ -135,18 +134,18 @@ class WeightSender:
         secret = resolve_secret(self.config.secret, "SenderConfig")
         self._key = None if secret is None else StreamKey(secret, self.config.name, nonce)
         self._server = StoreServer(self.config.host, self.config.port, self.config.timeout)
-        self._offers: dict[str, Offer] = {}
-        self._sides: dict[str, LearnerSide] = {}
         try:
             self._control = self._new_control()
             self._heartbeat = LearnerHeartbeat(self._new_control(),
                                                self.connection_info.heartbeat_s)
-            chain = [spec for spec in chain if self._prepare(spec, spec is chain[-1])]
+            self._placements = Placements(self.config, chain)
             self._control.publish_stream(
                 self.layout.to_json(), self.connection_info.to_json(),
-                {name: offer.params for name, offer in self._offers.items()}, nonce)
+                {name: offer.params for name, offer in self._placements.offers.items()},
+                nonce)
         except BaseException:
-            self._release_offers()
+            if hasattr(self, "_placements"):
+                self._placements.close()
             self._server.stop()
             raise
         self.stats = SyncStats()
@@ -167,10 +166,9 @@ class WeightSender:
         self._replaced: list[tuple[float, SenderLink]] = []  # (when, link): _FORGET_AGAIN_S
         self._next_sweep = 0.0
         self._connecting = False  # connect() is waiting for the initial collectors
-        self._on_shm: set[int] = set()  # ids placed where snapshots are read in place
-        self._admissions = Admissions(self._control, self._make_link, chain, self._offers,
-                                      max_collectors, self._new_control, self._key,
-                                      self._reserve)
+        self._admissions = Admissions(self._control, self._make_link, self._placements.chain,
+                                      self._placements.offers, max_collectors,
+                                      self._new_control, self._key, self._reserve)
         self.version = version
         self._connected = False
         self._closed = False
@@ -245,11 +243,7 @@ class WeightSender:
         Raises:
             ConfigError: this sender has none for that transport.
         """
-        try:
-            return self._sides[transport]
-        except KeyError:
-            raise ConfigError(f"no learner side for transport {transport!r}; this sender "
-                              f"has {sorted(self._sides)}") from None
+        return self._placements.side(transport)
 
     def __enter__(self) -> WeightSender:
         return self
@@ -309,64 +303,11 @@ class WeightSender:
                  sorted(set(self.transports.values())), self.layout.digest,
                  self.wire_layout.nbytes)
 
-    def _prepare(self, spec: TransportSpec, last: bool) -> bool:
-        """Set up ``spec``'s learner side and offer; whether it stays in the chain.
-        Under ``"auto"`` a transport this host cannot serve (a full ``/dev/shm``, a
-        relay port that cannot be bound) is left out, with a warning, instead of
-        failing the learner; a transport named by the user fails as it is."""
-        try:
-            if spec.learner is not None:
-                self._sides[spec.name] = spec.learner(self.config)
-            if spec.offer is not None and self.config.backend in spec.backends:
-                self._offers[spec.name] = spec.offer(self._sides.get(spec.name))
-        except (OSError, WeightSyncError) as exc:  # SharedMemoryFull is both
-            if self.config.transport != AUTO or last:
-                raise
-            for held in (self._offers.pop(spec.name, None), self._sides.pop(spec.name, None)):
-                if held is not None:
-                    held.close()
-            log.warning("transport %r left out of %r on this learner: %s", spec.name,
-                        AUTO, exc)
-            return False
-        return True
-
     def _reserve(self, cid: int, hello: Hello, spec: TransportSpec, local: bool,
                  remote_peers: int) -> str:
-        """Before collector ``cid`` is placed on ``spec``: reserve what it needs there,
-        or say why it cannot be (:data:`~weight_sync.handshake.Reserve`)."""
-        if spec.shared_snapshots:
-            return self._reserve_shared(cid)
-        if self.config.transport != AUTO or spec.name != "relay":
-            return ""
-        if local:  # the relay's point is the network (and its slots are shared memory)
-            return "the collector shares the learner's host; the relay is for other hosts"
-        others = remote_peers + sum(1 for c, link in self.links.items()
-                                    if c != cid and not link.local)
-        if not others:
-            # Measured on the test bed (1 Gbit/s, 100 MB): one collector on one other
-            # host, relay 847 ms, direct 837 ms; the relay pays off from two collectors.
-            return ("the only collector off the learner's host: direct sends cost less "
-                    "than the relay for one")
-        return ""
-
-    def _reserve_shared(self, cid: int) -> str:
-        """Room in ``/dev/shm`` for the snapshots' bound with ``cid`` reading them in
-        place (2 per such collector, plus 2: see :attr:`buffers_allocated`), and the
-        snapshots kept for joins moved there."""
-        users = len(self._on_shm | {cid})
-        nbytes = self.wire_layout.nbytes
-        pool = self._publisher.pool
-        need = (2 * users + 2) * nbytes - pool.shared_bytes
-        room = shm_room()
-        if room < need:
-            return (f"{SHM_DIR} has {room / 1e6:.1f} MB free, {need / 1e6:.1f} MB more are "
-                    f"needed for the snapshots of {users} collector(s) reading them in place")
-        try:
-            self._publisher.share()
-        except SharedMemoryFull as exc:
-            return str(exc)
-        self._on_shm.add(cid)
-        return ""
+        """:data:`~weight_sync.handshake.Reserve`: see :meth:`Placements.reserve`."""
+        return self._placements.reserve(cid, spec, local, remote_peers, self.links,
+                                        self._publisher)
 
     def _make_link(self, cid: int, inc: int, hello: Hello, spec: TransportSpec,
                    local: bool) -> SenderLink:
@@ -374,14 +315,7 @@ class WeightSender:
         link_spec = LinkSpec(cid, inc, self.wire_layout, backend=self.config.backend,
                              timeout=self.config.timeout,
                              bind_host=None if host in WILDCARDS else host)
-        if not spec.shared_snapshots:
-            self._on_shm.discard(cid)
-        side = self._sides.get(spec.name)
-        if side is not None:
-            end = side.end(link_spec)
-        else:
-            assert spec.sender is not None  # TransportSpec checks it has one or the other
-            end = spec.sender(link_spec)
+        end = self._placements.end(spec, link_spec)
         return SenderLink(link_spec, end, spec.name, self._control,
                           liveness_timeout=self.config.liveness_timeout,
                           peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends,
@@ -671,13 +605,6 @@ class WeightSender:
                 self._admitted.wait(remaining)  # the door admits meanwhile
         return self.wait_ack(max(deadline - time.monotonic(), 0.001))
 
-    def _release_offers(self) -> None:
-        held: list[Offer | LearnerSide] = [*self._offers.values(), *self._sides.values()]
-        for thing in held:
-            thing.close()
-        self._offers.clear()
-        self._sides.clear()
-
     def close(self) -> None:
         """Tell the collectors the stream ended, release links, memory and the offers,
         and stop the store server; idempotent."""
@@ -701,7 +628,7 @@ class WeightSender:
         with self._lock:
             self.links.clear()
             self._publisher.close()
-            self._release_offers()
+            self._placements.close()
             self._heartbeat.close()
             self._control.close()
             for client in self._waiter_clients:
