@@ -44,8 +44,8 @@ class _InFlight:
     If such a call returns while the interpreter finalizes, CPython (before 3.14) ends
     its thread from inside torch's GIL guard and the process dies with "terminate
     called without an active exception" (SIGABRT; seen on the test bed after a link cut
-    and restore). So at exit no new call starts, and the exit waits for those in
-    progress: a gloo wait until its own deadline, a store call :data:`_EXIT_GRACE_S`.
+    and restore). So at exit no new call starts, and the exit waits, at most
+    :data:`_EXIT_GRACE_S`, for those in progress that could return meanwhile.
     """
 
     def __init__(self) -> None:
@@ -71,22 +71,32 @@ class _InFlight:
                 self._cond.notify_all()
 
     def drain(self, grace: float) -> None:
-        """Refuse new calls; wait for those in progress (see the class)."""
+        """Refuse new calls; wait for those in progress that could return during the
+        interpreter's finalization: a store call up to ``grace`` s, a bounded wait if
+        it ends within ``grace`` s (one that ends later returns after this process is
+        gone, and must not hold its exit: a receive cut off by a learner's death waits
+        for its whole timeout)."""
         with self._cond:
             self._exiting = True
-            if not self._deadlines:
+            now = time.monotonic()
+            horizon = now + grace
+
+            def soon() -> list[float]:  # unbounded (a store call) or ending before horizon
+                return [d for d in self._deadlines.values()
+                        if d == float("inf") or d <= horizon]
+
+            waited = soon()
+            if not waited:
                 return
             # a wait ends a little after its own timeout (its thread must be scheduled)
-            end = max([time.monotonic() + grace,
-                       *(d + _LATE_S for d in self._deadlines.values() if d != float("inf"))])
+            end = max(min(d + _LATE_S, horizon + _LATE_S) for d in waited)
             log.warning("exiting: waiting up to %.1fs for %d call(s) to an unreachable "
-                        "peer (a store call, or a gloo transfer cut mid-way)",
-                        end - time.monotonic(), len(self._deadlines))
-            self._cond.wait_for(lambda: not self._deadlines, max(end - time.monotonic(), 0))
+                        "peer (a store call, or a gloo transfer cut mid-way)", end - now,
+                        len(waited))
+            self._cond.wait_for(lambda: not soon(), max(end - time.monotonic(), 0))
 
 
-#: How long an exiting process waits for store calls in progress (atexit); gloo
-#: transfers in progress are waited for until their own deadline.
+#: The longest an exiting process waits for calls in progress (atexit).
 _EXIT_GRACE_S = 3.0
 _LATE_S = 0.5
 IN_FLIGHT = _InFlight()
