@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
@@ -45,7 +46,9 @@ class _InFlight:
     its thread from inside torch's GIL guard and the process dies with "terminate
     called without an active exception" (SIGABRT; seen on the test bed after a link cut
     and restore). So at exit no new call starts, and the exit waits, at most
-    :data:`_EXIT_GRACE_S`, for those in progress that could return meanwhile.
+    :data:`_EXIT_GRACE_S`, for those in progress. The same holds for freeing a process
+    group (its destructor gives up the GIL): closed groups are freed on a thread that
+    is not finalized under them (see ``transports.pair``).
     """
 
     def __init__(self) -> None:
@@ -53,6 +56,7 @@ class _InFlight:
         self._deadlines: dict[int, float] = {}  # call token -> when it ends by itself
         self._next = 0
         self._exiting = False
+        self._releases: list[Callable[[], None]] = []
 
     @contextlib.contextmanager
     def entered(self, what: str, bound: float | None = None) -> Any:
@@ -70,30 +74,30 @@ class _InFlight:
                 del self._deadlines[token]
                 self._cond.notify_all()
 
+    def after_drain(self, release: Callable[[], None]) -> None:
+        """Call ``release`` at exit once the drain is over, on the exiting thread (to
+        free C++ objects there rather than on a thread finalization would kill)."""
+        with self._cond:
+            self._releases.append(release)
+
     def drain(self, grace: float) -> None:
-        """Refuse new calls; wait for those in progress that could return during the
-        interpreter's finalization: a store call up to ``grace`` s, a bounded wait if
-        it ends within ``grace`` s (one that ends later returns after this process is
-        gone, and must not hold its exit: a receive cut off by a learner's death waits
-        for its whole timeout)."""
+        """Refuse new calls; wait up to ``grace`` s for those in progress (one that
+        returns later, after this process is gone, is harmless; ``grace`` bounds the
+        exit of a process whose peer is unreachable); then run the releases."""
         with self._cond:
             self._exiting = True
-            now = time.monotonic()
-            horizon = now + grace
-
-            def soon() -> list[float]:  # unbounded (a store call) or ending before horizon
-                return [d for d in self._deadlines.values()
-                        if d == float("inf") or d <= horizon]
-
-            waited = soon()
-            if not waited:
-                return
-            # a wait ends a little after its own timeout (its thread must be scheduled)
-            end = max(min(d + _LATE_S, horizon + _LATE_S) for d in waited)
-            log.warning("exiting: waiting up to %.1fs for %d call(s) to an unreachable "
-                        "peer (a store call, or a gloo transfer cut mid-way)", end - now,
-                        len(waited))
-            self._cond.wait_for(lambda: not soon(), max(end - time.monotonic(), 0))
+            if self._deadlines:
+                end = time.monotonic() + grace
+                log.warning("exiting: waiting up to %.1fs for %d call(s) to an unreachable "
+                            "peer (a store call, or a gloo transfer cut mid-way)", grace,
+                            len(self._deadlines))
+                # a bounded wait ends a little after its own timeout (scheduling)
+                end = min(end, max(self._deadlines.values()) + _LATE_S)
+                self._cond.wait_for(lambda: not self._deadlines,
+                                    max(end - time.monotonic(), 0))
+            releases, self._releases = self._releases, []
+        for release in releases:
+            release()
 
 
 #: The longest an exiting process waits for calls in progress (atexit).

@@ -84,6 +84,7 @@ _JOIN_CHECK_S = 0.05
 # its process may have a store write parked behind a cut link (a beat, a goodbye, an
 # ack) that TCP delivers after the link is back, later than the id's rejoin (TCP's
 # retransmission interval grows to 120 s).
+_SWEEP_FAST_S = 10.0
 _SWEEP_S = 1.0
 _FORGET_AGAIN_S = 120.0
 
@@ -340,15 +341,20 @@ class WeightSender:
 
     def _sweep_replaced(self) -> None:
         """Delete again what replaced incarnations left in the store (see
-        :data:`_FORGET_AGAIN_S`); at most every :data:`_SWEEP_S`."""
-        now = time.monotonic()
-        if now < self._next_sweep or not self._replaced:
+        :data:`_FORGET_AGAIN_S`): every door round in the first :data:`_SWEEP_FAST_S`
+        (a parked write lands soon after the link is back, when the id has just
+        rejoined), then every :data:`_SWEEP_S`."""
+        if not self._replaced:
             return
-        self._next_sweep = now + _SWEEP_S
+        now = time.monotonic()
         self._replaced = [(t, link) for t, link in self._replaced
                           if now - t < _FORGET_AGAIN_S]
-        for _, link in self._replaced:
-            link.forget(close_signal=True)
+        slow = now >= self._next_sweep
+        if slow:
+            self._next_sweep = now + _SWEEP_S
+        for t, link in self._replaced:
+            if slow or now - t < _SWEEP_FAST_S:
+                link.forget(close_signal=True)
 
     def _admit_joins(self) -> None:
         """Judge new joins (verdicts written) and install the collectors whose links

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from weight_sync.control.channel import LinkChannel
+from weight_sync.control.store import IN_FLIGHT
 from weight_sync.errors import ConfigError, WeightSyncTimeout
 from weight_sync.transports.base import LinkSpec
 
@@ -25,6 +28,39 @@ log = logging.getLogger(__name__)
 
 LEARNER_RANK = 0
 COLLECTOR_RANK = 1
+
+
+class _Graveyard:
+    """Closed groups, freed only where it is safe.
+
+    A group's destructor gives up the GIL while it tears gloo down. If the last
+    reference goes on a daemon thread (the frame of a receive that ended, a traceback),
+    and the interpreter finalizes meanwhile, that thread is ended from inside torch's GIL
+    guard and the process aborts (SIGABRT, seen on the test bed after a link cut). So a
+    closed group is kept here and freed on the thread that closes or makes a group once
+    nothing else holds it, and at exit on the exiting thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: list[Any] = []
+
+    def bury(self, group: Any) -> None:
+        with self._lock:
+            self._groups.append(group)
+        self.reap()
+
+    def reap(self, *, all_of_them: bool = False) -> None:
+        """Free the groups no one else holds (every one with ``all_of_them``)."""
+        with self._lock:
+            # 3: the list's reference, the loop's, getrefcount's argument
+            free = [g for g in self._groups if all_of_them or sys.getrefcount(g) <= 3]
+            self._groups = [g for g in self._groups if not any(g is f for f in free)]
+        del free  # the destructors run here, on this thread
+
+
+_GRAVEYARD = _Graveyard()
+IN_FLIGHT.after_drain(lambda: _GRAVEYARD.reap(all_of_them=True))
 
 
 def _gloo_options(timeout: float, bind_host: str | None) -> Any:
@@ -97,3 +133,4 @@ class PairGroup:
             group.shutdown()
         except (dist.DistError, RuntimeError) as exc:  # a peer already gone: nothing to do
             log.debug("pair group of %s: shutdown: %s", self.spec.who(), exc)
+        _GRAVEYARD.bury(group)
