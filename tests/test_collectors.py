@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from weight_sync.collectors.demo import main as demo_main
 from weight_sync.collectors.task import collect, make_env, make_policy
 
 FRAMES = 64
+RESTART_S = 90.0  # a restarted collector back with new weights: a hang guard
 TIMEOUTS = dict(connect_timeout=60.0, batch_timeout=60.0, shutdown_timeout=10.0)
 
 
@@ -287,6 +289,9 @@ def test_max_restarts_replaces_a_killed_collector_and_the_others_never_stop() ->
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
         rejoined = False
+        # a hang guard: the new process imports torch and torchrl first (seconds), while
+        # the other collector's batches keep the loop turning every few ms
+        deadline = time.monotonic() + RESTART_S
         for step, batch in enumerate(group):
             # every step, before and after the restart, acted with weights it held
             for version, checksum in zip(batch[VERSION_KEY].tolist(),
@@ -300,7 +305,8 @@ def test_max_restarts_replaces_a_killed_collector_and_the_others_never_stop() ->
             _perturb(policy, step)
             group.update_weights(timeout=30)  # never raises: the failure was restarted
             checksums[group.version] = policy_checksum(policy)
-            assert step < 80, "the restarted collector should deliver within a few batches"
+            assert time.monotonic() < deadline, \
+                f"the restarted collector delivered nothing new within {RESTART_S}s"
         assert rejoined
         [restart] = group.restarts
         assert restart.worker_id == 0 and "SIGKILL" in restart.reason
