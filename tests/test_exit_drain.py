@@ -42,12 +42,14 @@ def test_the_drain_waits_for_a_bounded_call_and_refuses_new_ones() -> None:
         pass
 
 
-def test_an_unbounded_call_is_waited_for_only_the_grace() -> None:
-    flight = _InFlight()
+def _drain_around_a_parked_call(flight: _InFlight, what: str, bound: float | None,
+                                grace: float) -> float:
+    """Park a call in ``flight`` (until released), drain with ``grace``; how long the
+    drain took."""
     inside, release = threading.Event(), threading.Event()
 
     def parked() -> None:
-        with flight.entered("a store call to a frozen learner"):
+        with flight.entered(what, bound=bound):
             inside.set()
             release.wait(20)
 
@@ -55,10 +57,17 @@ def test_an_unbounded_call_is_waited_for_only_the_grace() -> None:
     thread.start()
     assert inside.wait(10)
     start = time.monotonic()
-    flight.drain(grace=0.3)
-    took = time.monotonic() - start
-    release.set()
-    thread.join(10)
+    try:
+        flight.drain(grace=grace)
+        return time.monotonic() - start
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_an_unbounded_call_is_waited_for_only_the_grace() -> None:
+    flight = _InFlight()
+    took = _drain_around_a_parked_call(flight, "a store call to a frozen learner", None, 0.3)
     assert 0.25 < took < 5.0, took
     flight.drain(grace=0.3)  # nothing in progress: returns at once
 
@@ -67,22 +76,8 @@ def test_a_call_ending_after_the_grace_holds_the_exit_for_the_grace_only() -> No
     """A receive cut off by a learner's death waits for its whole timeout: the exit
     waits for it only the grace, then frees what it was asked to (closed groups)."""
     flight = _InFlight()
-    inside, release = threading.Event(), threading.Event()
     released: list[float] = []
     flight.after_drain(lambda: released.append(time.monotonic()))
-
-    def parked() -> None:
-        with flight.entered("a receive from a dead learner", bound=60.0):
-            inside.set()
-            release.wait(20)
-
-    thread = threading.Thread(target=parked, daemon=True)
-    thread.start()
-    assert inside.wait(10)
-    start = time.monotonic()
-    flight.drain(grace=0.5)
-    took = time.monotonic() - start
-    release.set()
-    thread.join(10)
+    took = _drain_around_a_parked_call(flight, "a receive from a dead learner", 60.0, 0.5)
     assert 0.4 < took < 2.0, took
     assert len(released) == 1
