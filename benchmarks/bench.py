@@ -238,6 +238,9 @@ def _finish(cfg: dict[str, Any], transports: list[str]) -> None:
         if "memcpy" in res:
             cfg["ratios"][name]["async_to_memcpy"] = (ours["async_median_s"]
                                                       / res["memcpy"]["median_s"])
+        if ours.get("memcpy_in_round_median_s"):
+            cfg["ratios"][name]["async_to_memcpy_in_round"] = (
+                ours["async_median_s"] / ours["memcpy_in_round_median_s"])
 
 
 def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:

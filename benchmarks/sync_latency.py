@@ -56,12 +56,32 @@ def receive_until_closed(receiver: WeightReceiver, idx: int, q: Any, timeout: fl
 
 
 def timed_rounds(sender: WeightSender, policy: torch.nn.Module, rounds: int, warmup: int,
-                 timeout: float) -> list[tuple[float, float, float]]:
+                 timeout: float, copies: list[float] | None = None
+                 ) -> list[tuple[float, float, float]]:
     """Run ``warmup + rounds`` rounds, each after new values in every parameter (as a
     training step would), and return the ``perf_counter`` times of the timed ones:
-    ``(start, send_weights_async returned, wait_ack returned)``."""
+    ``(start, send_weights_async returned, wait_ack returned)``.
+
+    ``copies``: also time, in each timed round, one ``copy_`` of the message's bytes
+    between two tensors of this process (before the round on even rounds, after it on
+    odd ones), appended here: the memcpy limit at the same moment as the round, with
+    the same processes running."""
     windows = []
+    src = dst = None
+    if copies is not None:
+        src = torch.randint(0, 256, (sender.layout.nbytes,), dtype=torch.uint8)
+        dst = torch.zeros_like(src)
+
+    def copy(r: int) -> None:
+        if src is not None and dst is not None and copies is not None:
+            c0 = time.perf_counter()
+            dst.copy_(src)
+            if r >= warmup:
+                copies.append(time.perf_counter() - c0)
+
     for r in range(warmup + rounds):
+        if r % 2 == 0:
+            copy(r)
         with torch.no_grad():
             for t in policy.parameters():
                 t.add_(1e-3)
@@ -71,6 +91,8 @@ def timed_rounds(sender: WeightSender, policy: torch.nn.Module, rounds: int, war
         sender.wait_ack(timeout)
         if r >= warmup:
             windows.append((t0, t1, time.perf_counter()))
+        if r % 2 == 1:
+            copy(r)
     return windows
 
 
@@ -100,7 +122,8 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
 
     Returns:
         ``summarize`` figures plus ``async_median_s`` (learner time inside
-        ``send_weights_async``), ``placements`` (transport -> how many collectors the
+        ``send_weights_async``), ``memcpy_in_round_median_s`` (a memcpy of the same
+        bytes in the learner's process, timed between its rounds), ``placements`` (transport -> how many collectors the
         sender placed on it, :attr:`WeightSender.transports`), ``leaves`` and ``correct``.
     """
     ctx = mp.get_context("spawn")
@@ -117,7 +140,8 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
             p.start()
         wait_up(q, procs, timeout)  # a worker that died at start fails here, not in connect
         sender.connect(timeout)
-        windows = timed_rounds(sender, policy, rounds, warmup, timeout)
+        copies: list[float] = []
+        windows = timed_rounds(sender, policy, rounds, warmup, timeout, copies)
         samples = [t2 - t0 for t0, _, t2 in windows]
         in_async = [t1 - t0 for t0, t1, _ in windows]
         expected = fingerprint(policy)
@@ -132,6 +156,7 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
     out = summarize(samples, sender.layout.nbytes, num_collectors)
     out.update(
         async_median_s=float(sorted(in_async)[len(in_async) // 2]),
+        memcpy_in_round_median_s=float(sorted(copies)[len(copies) // 2]),
         placements=placements,
         leaves=count_leaves(policy),
         correct=all(v == final_version and fp == expected for v, fp in results.values()),

@@ -20,10 +20,11 @@ NUMEL = 10_000_000  # 40 MB
 STEP_S = 3.0  # the collector's time between polls: longer than the learner's close grace
 
 
-def test_a_slow_collector_reads_the_close_after_the_last_version() -> None:
+@pytest.mark.parametrize("transport", ["auto", "distributed", "relay"])
+def test_a_slow_collector_reads_the_close_after_the_last_version(transport: str) -> None:
     learner = {"w": torch.zeros(NUMEL)}
     mine = {"w": torch.full((NUMEL,), -1.0)}
-    with WeightSender(learner, 1, timeout=20) as sender:
+    with WeightSender(learner, 1, timeout=20, transport=transport) as sender:
         rx = WeightReceiver(mine, sender.connection_info, 0, timeout=20, reattach_timeout=10)
         try:
             with ThreadPoolExecutor(1) as pool:

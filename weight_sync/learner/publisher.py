@@ -75,7 +75,7 @@ class Publisher:
                 early = [link for link in links.values() if link.takes_unpacked]
             for link in early:
                 link.send_weights_async(snap)
-            self.pool.fill(snap, sources)
+            self.pool.fill(snap, sources, streamed=bool(early))
         except BaseException:
             snap.release()
             raise

@@ -31,6 +31,9 @@ __all__ = ["RelayHub", "RelayOffer", "RelaySender", "HubInfo", "Assignment"]
 
 log = logging.getLogger(__name__)
 
+#: How long the hub's close waits for the fetches in progress from the learner.
+_CLOSE_GRACE_S = 2.0
+
 
 @dataclass(frozen=True)
 class HubInfo:
@@ -104,6 +107,10 @@ class RelayHub:
         self._lock = threading.Lock()
         self._members: dict[int, _Member] = {}
         self._plan: dict[int, int] | None = None
+        # Versions whose links closed before their collectors acked them: still served
+        # until a newer version is handed out or the hub closes, so that a collector
+        # told of a version just before the learner closed still gets it.
+        self._lingering: list[int] = []
         self.fallbacks = 0
         # Serving from the start, so that collectors can probe that they reach it
         # before they join (RelayOffer); the message size comes with the first link.
@@ -167,6 +174,11 @@ class RelayHub:
             snapshot.release()  # held already, for another link
         version, cid = snapshot.version, spec.collector_id
         with self._lock:
+            older = [v for v in self._lingering if v < version]
+            self._lingering = [v for v in self._lingering if v >= version]
+        for old in older:
+            self._slots.unpin(old)
+        with self._lock:
             member = self._members.get(cid)
             if member is None or member.incarnation != spec.incarnation:
                 self._slots.unpin(version)
@@ -185,8 +197,14 @@ class RelayHub:
                               local=self._members[parent].host == member.host)
 
     def release(self, version: int) -> None:
-        """A link no longer needs ``version`` (its collector acked it, or left)."""
+        """A link no longer needs ``version`` (its collector acked it)."""
         self._slots.unpin(version)
+
+    def linger(self, version: int) -> None:
+        """A link closed with ``version`` unacked: keep serving it until a newer
+        version is handed out or the hub closes."""
+        with self._lock:
+            self._lingering.append(version)
 
     def _current_plan(self) -> dict[int, int]:
         if self._plan is None:
@@ -213,7 +231,11 @@ class RelayHub:
                             request.version, told)
 
     def close(self) -> None:
-        """Stop serving and give every held snapshot back; idempotent."""
+        """Stop serving (after the fetches in progress end, at most
+        :data:`_CLOSE_GRACE_S`) and give every held snapshot back; idempotent."""
+        if not self._slots.wait_unread(_CLOSE_GRACE_S):
+            log.warning("relay: closing with fetches from the learner still in progress "
+                        "after %.1fs; those collectors get PeerGone", _CLOSE_GRACE_S)
         self._server.close()
         self._slots.clear()
 
@@ -285,7 +307,7 @@ class RelaySender:
 
     def close(self) -> None:
         for version in self._pinned:
-            self._hub.release(version)
+            self._hub.linger(version)
         self._pinned.clear()
         if self._joined:
             self._joined = False

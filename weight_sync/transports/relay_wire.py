@@ -272,6 +272,13 @@ class Slots:
                                 or not slot.filling, timeout)
             return slot.filled if slot.version == version else -1
 
+    def wait_unread(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until no server thread streams a slot; False if one
+        still does."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: all(s.readers == 0 for s in self._slots), timeout)
+
     def done_reading(self, slot: Slot) -> None:
         with self._cond:
             slot.readers -= 1
