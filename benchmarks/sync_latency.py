@@ -123,8 +123,9 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
     Returns:
         ``summarize`` figures plus ``async_median_s`` (learner time inside
         ``send_weights_async``), ``memcpy_in_round_median_s`` (a memcpy of the same
-        bytes in the learner's process, timed between its rounds), ``placements`` (transport -> how many collectors the
-        sender placed on it, :attr:`WeightSender.transports`), ``leaves`` and ``correct``.
+        bytes in the learner's process, timed between its rounds), ``placements``
+        (transport -> how many collectors the sender placed on it,
+        :attr:`WeightSender.transports`), ``leaves`` and ``correct``.
     """
     ctx = mp.get_context("spawn")
     previous = torch.get_num_threads()
