@@ -48,11 +48,11 @@ from weight_sync.control.store import WILDCARDS, StoreServer
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
-    ConnectionFailed,
     ProtocolError,
     WeightSyncError,
     WeightSyncTimeout,
 )
+from weight_sync.learner.acks import ack_result, wait_placements
 from weight_sync.learner.admission import Admissions, Door, is_local
 from weight_sync.learner.placement import Placements
 from weight_sync.learner.publisher import Publisher
@@ -74,9 +74,6 @@ log = logging.getLogger(__name__)
 _ACK_SLICE_S = 1.0
 # close() waits at most this long for the live collectors to read it.
 _CLOSE_GRACE_S = 2.0
-# wait_ack waits for the placements' acks in this order (the ones that usually come
-# first, first): a placement's round is when the last of its acks is seen.
-_FAST_FIRST = ("shm", "distributed", "relay")
 # The door looks for joins this often (a store round trip each): a (re)joining
 # collector waits this much longer at most, whatever the learner's caller is doing.
 _JOIN_CHECK_S = 0.05
@@ -512,59 +509,16 @@ class WeightSender:
             # costs a slice, not the whole timeout. Outside the lock: the door admits and
             # other threads send meanwhile.
             try:
-                seen = self._wait_acks(waiting, min(remaining, _ACK_SLICE_S), target)
+                seen = wait_placements(self._waiter(), waiting,
+                                       min(remaining, _ACK_SLICE_S), target,
+                                       lambda: self._closed)
                 acked = {cid: waiting[cid][1] for cid in seen}
                 ack_seen.update(seen)
             except WeightSyncTimeout:  # re-check links and the deadline
                 acked = {}
         with self._lock:
-            return self._ack_result(target, start, newly_failed, failed_pids, ack_seen)
-
-    def _ack_result(self, target: int, start: float, newly_failed: dict[int, str],
-                    failed_pids: dict[int, int | None],
-                    ack_seen: dict[int, float]) -> AckResult:
-        acked_versions = {c: link.acked_version for c, link in self.links.items()}
-        behind = {c for c, v in acked_versions.items() if v < self._publisher.current(c)}
-        result = AckResult(target, tuple(sorted(acked_versions.keys() - behind)),
-                           newly_failed, tuple(sorted(behind)))
-        result.raise_if_incomplete(time.monotonic() - start, failed_pids, acked_versions)
-        now = time.perf_counter()
-        acks: dict[str, list[float]] = {}
-        for cid, link in self.links.items():
-            acks.setdefault(link.transport, []).append(ack_seen.get(cid, now))
-        self._publisher.record(target, self.wire_layout.nbytes, len(self.links), acks)
-        return result
-
-    def _wait_acks(self, waiting: dict[int, tuple[str, tuple[int, int, int]]],
-                   timeout: float, target: int) -> dict[int, float]:
-        """Wait up to ``timeout`` for the acks ``waiting`` names, one placement
-        (transport) after the other, best first: each placement's acks are seen when
-        it completes (``stats`` per placement), at a store round trip per placement.
-        Returns when each collector's ack was seen.
-
-        Raises:
-            WeightSyncTimeout: not all of them came in time.
-            ClosedError: :meth:`close` was called meanwhile (from another thread).
-        """
-        groups: dict[str, dict[int, tuple[int, int, int]]] = {}
-        for cid, (transport, key) in waiting.items():
-            groups.setdefault(transport, {})[cid] = key
-        deadline = time.monotonic() + timeout
-        seen: dict[int, float] = {}
-        for transport in sorted(groups, key=lambda t: (t not in _FAST_FIRST,
-                                                       _FAST_FIRST.index(t)
-                                                       if t in _FAST_FIRST else 0, t)):
-            try:
-                self._waiter().wait_acks(groups[transport].values(),
-                                         max(deadline - time.monotonic(), 0.001),
-                                         f"acks of version {target}")
-            except ConnectionFailed as exc:
-                if self._closed:  # its store stopped under this wait
-                    raise ClosedError("WeightSender.wait_ack(): closed meanwhile") from exc
-                raise
-            now = time.perf_counter()
-            seen.update(dict.fromkeys(groups[transport], now))
-        return seen
+            return ack_result(self.links, self._publisher, target, self.wire_layout.nbytes,
+                              start, newly_failed, failed_pids, ack_seen)
 
     def wait_for(self, collector_ids: Any, timeout: float = 60.0) -> AckResult:
         """Block until each of ``collector_ids`` is connected and applied the newest
