@@ -53,17 +53,17 @@ from weight_sync.errors import (
     WeightSyncTimeout,
 )
 from weight_sync.learner.acks import ack_result, wait_placements
-from weight_sync.learner.admission import Admissions, Door, is_local
+from weight_sync.learner.admission import Door
+from weight_sync.learner.members import Members
 from weight_sync.learner.placement import Placements
 from weight_sync.learner.publisher import Publisher
 from weight_sync.learner.sender_link import SenderLink
 from weight_sync.metrics import AckResult, SyncStats
-from weight_sync.transports.base import LearnerSide, LinkSpec
-from weight_sync.transports.registry import TransportSpec, sender_chain
+from weight_sync.transports.base import LearnerSide
+from weight_sync.transports.registry import sender_chain
 from weight_sync.wire.auth import StreamKey, new_nonce, resolve_secret
 from weight_sync.wire.layout import BufferLayout, named_leaves
 from weight_sync.wire.live import LiveLeaves
-from weight_sync.wire.protocol import Hello
 from weight_sync.wire.snapshots import SnapshotPool
 
 __all__ = ["WeightSender"]
@@ -77,13 +77,6 @@ _CLOSE_GRACE_S = 2.0
 # The door looks for joins this often (a store round trip each): a (re)joining
 # collector waits this much longer at most, whatever the learner's caller is doing.
 _JOIN_CHECK_S = 0.05
-# A replaced incarnation's keys are deleted again every _SWEEP_S for _FORGET_AGAIN_S:
-# its process may have a store write parked behind a cut link (a beat, a goodbye, an
-# ack) that TCP delivers after the link is back, later than the id's rejoin (TCP's
-# retransmission interval grows to 120 s).
-_SWEEP_FAST_S = 10.0
-_SWEEP_S = 1.0
-_FORGET_AGAIN_S = 120.0
 
 
 class WeightSender:
@@ -155,18 +148,16 @@ class WeightSender:
                          digests=self._key is not None,
                          leaf_digests=self.config.changed_only),
             self.stats)
-        self.links: dict[int, SenderLink] = {}
+        self._members = Members(self.config, self.wire_layout, self._control,
+                                self._new_control, self._placements, self._publisher,
+                                self._key, max_collectors)
+        self.links: dict[int, SenderLink] = self._members.links
         """The live collectors' links, by collector id (the door adds to it at any time:
         read a copy, e.g. ``sorted(sender.links)``)."""
-        self.failed: dict[int, str] = {}
+        self.failed: dict[int, str] = self._members.failed
         """Collectors whose link broke (id -> reason), until they join again."""
-        self._retired: dict[int, SenderLink] = {}  # failed links, until their id rejoins
-        self._replaced: list[tuple[float, SenderLink]] = []  # (when, link): _FORGET_AGAIN_S
-        self._next_sweep = 0.0
+        self._admissions = self._members.admissions
         self._connecting = False  # connect() is waiting for the initial collectors
-        self._admissions = Admissions(self._control, self._make_link, self._placements.chain,
-                                      self._placements.offers, max_collectors,
-                                      self._new_control, self._key, self._reserve)
         self.version = version
         self._connected = False
         self._closed = False
@@ -301,26 +292,6 @@ class WeightSender:
                  sorted(set(self.transports.values())), self.layout.digest,
                  self.wire_layout.nbytes)
 
-    def _reserve(self, cid: int, hello: Hello, spec: TransportSpec, local: bool,
-                 remote_peers: int) -> str:
-        """:data:`~weight_sync.handshake.Reserve`: see :meth:`Placements.reserve`."""
-        return self._placements.reserve(cid, spec, local, remote_peers, self.links,
-                                        self._publisher)
-
-    def _make_link(self, cid: int, inc: int, hello: Hello, spec: TransportSpec,
-                   local: bool) -> SenderLink:
-        host = self.config.host
-        link_spec = LinkSpec(cid, inc, self.wire_layout, backend=self.config.backend,
-                             timeout=self.config.timeout,
-                             bind_host=None if host in WILDCARDS else host)
-        end = self._placements.end(spec, link_spec)
-        return SenderLink(link_spec, end, spec.name, self._control,
-                          liveness_timeout=self.config.liveness_timeout,
-                          peer_pid=hello.pid if is_local(hello) else None, lends=spec.lends,
-                          key=self._key, changed_only=self.config.changed_only,
-                          stats=self.stats, streams=spec.capabilities(link_spec).streams,
-                          local=local)
-
     def _door_round(self) -> None:
         """One round of the door (its thread): admit joins, start the sends that wait
         behind an in-flight message whose ack came (acks arrive after the apply, from
@@ -329,54 +300,12 @@ class WeightSender:
         with self._lock:
             if self._closed:
                 return
-            self._admit_joins()
+            self._members.admit_joins(self.version)
             for link in self.links.values():
                 if link.waiting_to_send:
                     link.progress()
             self._admitted.notify_all()
-            self._sweep_replaced()
-
-    def _sweep_replaced(self) -> None:
-        """Delete again what replaced incarnations left in the store (see
-        :data:`_FORGET_AGAIN_S`): every door round in the first :data:`_SWEEP_FAST_S`
-        (a parked write lands soon after the link is back, when the id has just
-        rejoined), then every :data:`_SWEEP_S`."""
-        if not self._replaced:
-            return
-        now = time.monotonic()
-        self._replaced = [(t, link) for t, link in self._replaced
-                          if now - t < _FORGET_AGAIN_S]
-        slow = now >= self._next_sweep
-        if slow:
-            self._next_sweep = now + _SWEEP_S
-        for t, link in self._replaced:
-            if slow or now - t < _SWEEP_FAST_S:
-                link.forget(close_signal=True)
-
-    def _admit_joins(self) -> None:
-        """Judge new joins (verdicts written) and install the collectors whose links
-        connected since, catching them up with the newest published version; under
-        the lock.
-
-        Their links are connected in the background (:class:`Admissions`), so this
-        never waits on a joining collector.
-        """
-        ready, failed = self._admissions.poll(self.links)
-        self.failed.update(failed)
-        for link in ready:
-            # The incarnations this one replaces are gone: what they left in the store
-            # goes with them.
-            for old in (self.links.pop(link.collector_id, None),
-                        self._retired.pop(link.collector_id, None)):
-                if old is not None:
-                    old.close()
-                    old.forget(close_signal=True)
-                    self._replaced.append((time.monotonic(), old))
-            self.links[link.collector_id] = link
-            self.failed.pop(link.collector_id, None)
-            log.info("collector %d (incarnation %d) joined at version %d over %r",
-                     link.collector_id, link.incarnation, self.version, link.transport)
-            self._publisher.catch_up(link)
+            self._members.sweep_replaced()
 
     def send_weights_async(self, weights: Any = None, *,
                            collectors: Iterable[int] | None = None) -> int:
@@ -449,19 +378,6 @@ class WeightSender:
         self.send_weights_async(weights, collectors=collectors)
         return self.wait_ack(timeout)
 
-    def _retire_failed(self, pids: dict[int, int | None]) -> dict[int, str]:
-        """Drop the broken links; their reasons by id (their pids go into ``pids``)."""
-        newly = {c: str(link.failure) for c, link in self.links.items()
-                 if link.failure is not None}
-        for c in newly:
-            link = self.links.pop(c)
-            pids[c] = link.peer_pid
-            link.close()
-            link.forget(close_signal=False)
-            self._retired[c] = link
-        self.failed.update(newly)
-        return newly
-
     def wait_ack(self, timeout: float = 60.0) -> AckResult:
         """Block until every live collector applied its current version: the newest
         version, or for a collector left out of a ``send_weights_async(collectors=...)``
@@ -495,7 +411,7 @@ class WeightSender:
                 self._check_open("wait_ack")
                 for cid, link in self.links.items():
                     link.progress(acked=cid in acked and link.awaited_ack == acked[cid])
-                newly_failed.update(self._retire_failed(failed_pids))
+                newly_failed.update(self._members.retire_failed(failed_pids))
                 lagging = [link for c, link in self.links.items()
                            if link.acked_version < self._publisher.current(c)]
                 waiting = {link.collector_id: (link.transport, a) for link in lagging
