@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from weight_sync.errors import InvalidWeightsError
 from weight_sync.wire.layout import BufferLayout
 from weight_sync.wire.live import LiveLeaves
 from weight_sync.wire.packing import copy_in, swap_in
@@ -37,12 +38,20 @@ class PolicyBuffers:
         who: names the collector in errors.
 
     Raises:
-        InvalidWeightsError: a tensor on the meta device.
+        InvalidWeightsError: a tensor on the meta device, or one whose elements share
+            memory (stride 0, from ``expand()``): received values cannot land in it.
     """
 
     def __init__(self, policy: Any, layout: BufferLayout, wire_layout: BufferLayout,
                  who: str) -> None:
         self._leaves = LiveLeaves(policy, layout, who)
+        for entry, tensor in zip(layout.entries, self._leaves.current(), strict=True):
+            if any(stride == 0 and size > 1
+                   for size, stride in zip(tensor.shape, tensor.stride(), strict=True)):
+                raise InvalidWeightsError(
+                    f"{who}: weight {entry.name!r} has elements sharing memory "
+                    f"(stride {tensor.stride()}, e.g. from expand()): received values "
+                    f"cannot be written into it; give it its own memory (.clone())")
         self.layout = layout
         self.wire_layout = wire_layout
         self.held: torch.Tensor | None = None

@@ -17,7 +17,7 @@ import time
 from weight_sync.config import ConnectionInfo
 from weight_sync.errors import PeerGone, ProtocolError
 
-__all__ = ["wait_for_store", "check_first_version"]
+__all__ = ["wait_for_store", "check_first_version", "not_taken_back"]
 
 # A learner that is not listening yet refuses the connection at once; try again after
 # this long (there is nothing to wait on but the port itself).
@@ -78,3 +78,12 @@ def check_first_version(who: str, address: str, version: int, applied: int,
                             f"older than version {applied} applied here (resumed from an "
                             f"older checkpoint?); refused with accept_rewind=False, nothing "
                             f"applied")
+
+
+def not_taken_back(who: str, info: ConnectionInfo, reattach_timeout: float,
+                   why: str) -> PeerGone:
+    """The error of a reattach that found something at the learner's address but no
+    learner that took the collector back (``why``)."""
+    return PeerGone(f"{who}: no learner took this collector back at {info.host}:{info.port} "
+                    f"(stream {info.name!r}) within reattach_timeout {reattach_timeout}s"
+                    f"{why}")

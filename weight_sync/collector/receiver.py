@@ -5,10 +5,8 @@ staging buffer while the collector keeps stepping its environment; a poll betwee
 steps then applies it in one step by pointing the policy's tensors at the staging
 buffer (no copy), so the policy is never half old, half new.
 
-The hand-off is one queue: the background thread puts each received version (or the
-error that ended the stream) into it and waits until the collector applied it, so it
-never overwrites a buffer the collector may still be switching to. Any exception in a
-background thread becomes the stream's error, raised by the next ``receive_weights``.
+The background threads hand versions (or the error that ended the stream, raised by
+the next ``receive_weights``) over through one queue (:mod:`~weight_sync.collector.handoff`).
 
 With ``ReceiverConfig.reattach_timeout``, a lost learner does not end the stream: the
 receiver retires its link to it (no store call to the dead store), and a background
@@ -30,17 +28,16 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from weight_sync.collector.attachment import Attachment, Item, heartbeat, watch_learner
+from weight_sync.collector.handoff import HandOff
 from weight_sync.collector.hooks import ReceiverHooks
 from weight_sync.collector.policy_buffers import PolicyBuffers
-from weight_sync.collector.reattach import check_first_version, wait_for_store
+from weight_sync.collector.reattach import check_first_version, not_taken_back, wait_for_store
 from weight_sync.collector.receiver_link import ReceiverLink
 from weight_sync.config import ConnectionInfo, ReceiverConfig, check_timeout, wire_dtype
 from weight_sync.control.channel import Control
@@ -50,8 +47,6 @@ from weight_sync.errors import (
     ClosedError,
     ConfigError,
     ConnectionFailed,
-    InvalidWeightsError,
-    PeerGone,
     ProtocolError,
     WeightSyncError,
     WeightSyncTimeout,
@@ -66,12 +61,6 @@ __all__ = ["WeightReceiver"]
 
 log = logging.getLogger(__name__)
 
-# close() waits this long for the background threads, before and after it closes the
-# transport end.
-_CLOSE_JOIN_S = 1.0
-# While a received version waits for its apply, the listener looks this often whether
-# the learner closed the stream (the learner waits for the goodbye for 2 s only).
-_CLOSE_WATCH_S = 0.25
 # receive_weights gives up on a reattach this long after reattach_timeout even if the
 # background attempt has not ended: a store call to a frozen learner never returns.
 _REATTACH_GRACE_S = 5.0
@@ -128,15 +117,8 @@ class WeightReceiver:
         self._nonce = ""  # the nonce of the learner whose weights are applied
         self._refused_before = 0  # refusals on the links of learners left behind
         self._buffers = PolicyBuffers(policy, self.layout, self.wire_layout, self._who())
-        for entry, tensor in zip(self.layout.entries, self._buffers.targets, strict=True):
-            if any(stride == 0 and size > 1
-                   for size, stride in zip(tensor.shape, tensor.stride(), strict=True)):
-                raise InvalidWeightsError(
-                    f"{self._who()}: weight {entry.name!r} has elements sharing memory "
-                    f"(stride {tensor.stride()}, e.g. from expand()): received values "
-                    f"cannot be written into it; give it its own memory (.clone())")
-        self._inbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
-        self._applied = threading.Event()  # staging may be refilled
+        self._handoff = HandOff(self._who(), str(collector_id), self._buffers,
+                                self.config.idle_slice)
         self._error: WeightSyncError | None = None  # the stream's end, once raised
         self._closed = False
         self._secret = resolve_secret(self.config.secret, "ReceiverConfig")
@@ -211,8 +193,9 @@ class WeightReceiver:
             self.close()
             raise
         self._connected = True
-        self._start_thread(att, "watch", lambda: watch_learner(att, self.info.heartbeat_s))
-        self._start_thread(att, "rx", lambda: self._listen(att))
+        threads = self._handoff
+        threads.start_thread(att, "watch", lambda: watch_learner(att, self.info.heartbeat_s))
+        threads.start_thread(att, "rx", lambda: threads.listen(att))
         log.info("%s connected over %r, version %d", self._who(), self.transport, version)
         return version
 
@@ -235,8 +218,8 @@ class WeightReceiver:
                         progress=None if self._hooks is None else self._hooks.during_receive)
         att.watch = LearnerWatch(self._who(), self.config.learner_timeout)
         beat = self._control(deadline - time.monotonic())
-        self._start_thread(att, "beat", lambda: heartbeat(att, beat, self.collector_id, inc,
-                                                            self.info.heartbeat_s))
+        cid, every = self.collector_id, self.info.heartbeat_s
+        self._handoff.start_thread(att, "beat", lambda: heartbeat(att, beat, cid, inc, every))
         transport = get_transport(verdict.transport)
         try:
             link = ReceiverLink(spec, transport.receiver(spec),
@@ -261,105 +244,28 @@ class WeightReceiver:
                  verdict.transport, message[0])
         return message
 
-    def _start_thread(self, att: Attachment, role: str, body: Callable[[], None]) -> None:
-        def run() -> None:
-            try:
-                body()
-            except BaseException as exc:  # any failure ends the stream, never silently
-                if not isinstance(exc, WeightSyncError):
-                    log.exception("%s: %s thread failed", self._who(), role)
-                    wrapped = WeightSyncError(f"{self._who()}: the background {role} thread "
-                                              f"failed: {exc!r}")
-                    wrapped.__cause__ = exc
-                    exc = wrapped
-                att.stop.set()
-                self._inbox.put(Item(att, error=exc))
-
-        thread = threading.Thread(target=run, name=f"weight-sync-{role}-{self.collector_id}",
-                                  daemon=True)
-        att.threads.append(thread)
-        thread.start()
-
-    def _listen(self, att: Attachment) -> None:
-        """Ack what was applied, then receive each next message, hand it over, wait for
-        its apply and ack it: the acks leave the collector's thread, so a poll never
-        waits on a store call (which a frozen or cut-off learner never answers)."""
-        link = att.link
-        assert link is not None
-        try:
-            self._listen_on(att, link)
-        finally:
-            att.acked.set()  # no ack comes from this thread any more: close() waits for none
-
-    def _listen_on(self, att: Attachment, link: ReceiverLink) -> None:
-        self._ack_applied(att, link)
-        while not att.stop.is_set():
-            message = link.receive(self._buffers.staging(link.lends), self.config.idle_slice,
-                                   self._buffers.held)
-            if message is None:
-                continue
-            self._applied.clear()
-            self._inbox.put(Item(att, *message))
-            del message  # no reference of this thread may outlive the apply
-            if not self._wait_applied(att):
-                return
-            self._ack_applied(att, link)
-            # After the ack: the store serves one request at a time, and the ack must not
-            # queue behind these deletes.
-            link.collect_garbage()
-
-    @staticmethod
-    def _ack_applied(att: Attachment, link: ReceiverLink) -> None:
-        """Tell the learner the version the collector applied (listener's thread).
-
-        Raises:
-            PeerGone: the learner's store is gone (it ends the stream, or starts a
-                reattach, as any loss of the learner).
-        """
-        version, att.applied = att.applied, None
-        if version is not None:
-            link.ack(version)
-        att.acked.set()
-
-    def _wait_applied(self, att: Attachment) -> bool:
-        """Wait until the collector applied the message handed over; False once
-        ``att`` is stopped.
-
-        Raises:
-            ClosedError: the learner closed the stream meanwhile (the collector gets it
-                after the version handed over, not a vanished store later).
-        """
-        assert att.link is not None
-        while not self._applied.wait(min(self.config.idle_slice, _CLOSE_WATCH_S)):
-            if att.stop.is_set():
-                return False
-            att.link.check_closed()
-        return not att.stop.is_set()
-
     def _reattach(self, old: Attachment, new: Attachment, cause: WeightSyncError) -> None:
         """Retire ``old`` (its learner is lost), wait for a learner at the same address,
         attach ``new`` to it and hand its first message over; then listen on it."""
         deadline = time.monotonic() + self.config.reattach_timeout
-        self._retire(old)
+        self._handoff.retire(old)
         if not wait_for_store(self.info, deadline, new.stop, self._who(), cause):
             return
         try:
             version, data = self._attach(new, self._control(deadline - time.monotonic()),
                                          deadline)
         except ConnectionFailed as exc:  # something listens there, but no learner answers
-            raise PeerGone(
-                f"{self._who()}: no learner took this collector back at {self.info.host}:"
-                f"{self.info.port} (stream {self.info.name!r}) within reattach_timeout "
-                f"{self.config.reattach_timeout}s: {exc}") from exc
+            raise not_taken_back(self._who(), self.info, self.config.reattach_timeout,
+                                 f": {exc}") from exc
         if new.stop.is_set():  # closed meanwhile: release what was just built
-            self._retire(new)
+            self._handoff.retire(new)
             return
-        self._start_thread(new, "watch", lambda: watch_learner(new, self.info.heartbeat_s))
-        self._applied.clear()
-        self._inbox.put(Item(new, version, data))
+        self._handoff.start_thread(new, "watch",
+                                   lambda: watch_learner(new, self.info.heartbeat_s))
+        self._handoff.put(Item(new, version, data))
         del data
-        if self._wait_applied(new):
-            self._listen(new)
+        if self._handoff.wait_applied(new):
+            self._handoff.listen(new)
 
     def _begin_reattach(self, cause: WeightSyncError) -> None:
         """Leave the lost learner behind and start waiting for a new one (background)."""
@@ -373,7 +279,7 @@ class WeightReceiver:
         log.warning("%s: lost the learner at %s:%d (%s); keeping version %d and waiting "
                     "up to %.1fs for a new learner", self._who(), self.info.host,
                     self.info.port, cause, self.version, self.config.reattach_timeout)
-        self._start_thread(new, "reattach", lambda: self._reattach(old, new, cause))
+        self._handoff.start_thread(new, "reattach", lambda: self._reattach(old, new, cause))
 
     def _first_of(self, att: Attachment, version: int) -> None:
         """Check the first version of a learner re-attached to (refused: this stream
@@ -384,7 +290,7 @@ class WeightReceiver:
         except ProtocolError as exc:
             self._error = exc
             att.stop.set()
-            self._applied.set()
+            self._handoff.applied.set()
             if att.link is not None:
                 att.link.stop()
             raise
@@ -428,7 +334,8 @@ class WeightReceiver:
         while True:
             left = deadline - time.monotonic()
             try:
-                item = self._inbox.get(block=left > 0, timeout=left if left > 0 else None)
+                item = self._handoff.inbox.get(block=left > 0,
+                                               timeout=left if left > 0 else None)
             except queue.Empty:
                 self._check_reattach_deadline()
                 if timeout is None:
@@ -454,11 +361,9 @@ class WeightReceiver:
             return
         att.lost = True
         att.stop.set()
-        self._error = PeerGone(
-            f"{self._who()}: no learner took this collector back at {self.info.host}:"
-            f"{self.info.port} (stream {self.info.name!r}) within reattach_timeout "
-            f"{self.config.reattach_timeout}s (+{_REATTACH_GRACE_S}s): the learner found "
-            f"there does not answer")
+        self._error = not_taken_back(
+            self._who(), self.info, self.config.reattach_timeout,
+            f" (+{_REATTACH_GRACE_S}s): the learner found there does not answer")
         raise self._error
 
     def _apply_item(self, att: Attachment, version: int, data: torch.Tensor | None) -> int:
@@ -481,7 +386,7 @@ class WeightReceiver:
         self.version = version
         att.applied = version
         att.acked.clear()
-        self._applied.set()  # the listener acks it, off this thread
+        self._handoff.applied.set()  # the listener acks it, off this thread
         return version
 
     def _may_reattach(self, att: Attachment, error: WeightSyncError) -> bool:
@@ -489,51 +394,6 @@ class WeightReceiver:
         learner was lost after it served weights (a failed reattach is final)."""
         return (self.config.reattach_timeout > 0 and not att.fresh
                 and isinstance(error, ConnectionFailed))
-
-    def _retire(self, att: Attachment) -> None:
-        """Stop an attachment's threads and release its link (without a store call
-        once its learner is lost)."""
-        reach = not att.lost
-        if reach:  # the learner sees the last version applied acked before the leave
-            att.acked.wait(_CLOSE_JOIN_S)
-        att.stop.set()
-        self._applied.set()
-        if att.link is not None:  # wakes the listener's wait
-            link = att.link
-            reach = reach and self._bounded_goodbye(lambda: link.stop(reach_learner=True))
-            link.stop(reach_learner=False)
-        # A listener inside a transfer (one the learner cut short, or will never finish
-        # now that this collector left) is woken by closing the transport end; daemon
-        # threads, so the waits stay short.
-        self._join_threads(att, _CLOSE_JOIN_S)
-        if att.link is not None:
-            att.link.close(reach_learner=reach)
-        self._join_threads(att, _CLOSE_JOIN_S)
-        for thread in att.threads:
-            if thread.is_alive() and thread is not threading.current_thread():
-                log.warning("%s: %s still busy after close", self._who(), thread.name)
-
-    def _bounded_goodbye(self, goodbye: Callable[[], None]) -> bool:
-        """Run ``goodbye`` (store calls) on a daemon thread; whether it ended within
-        ``_CLOSE_JOIN_S``. A learner cut off or frozen since the last beat never answers
-        a store call, and a close must not wait for it."""
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                goodbye()
-            except WeightSyncError as exc:  # the learner went away meanwhile: nothing to tell
-                log.debug("%s: goodbye not delivered: %s", self._who(), exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"weight-sync-bye-{self.collector_id}",
-                         daemon=True).start()
-        if done.wait(_CLOSE_JOIN_S):
-            return True
-        log.warning("%s: the learner did not answer the goodbye within %.0fs (cut off or "
-                    "frozen); closing without it", self._who(), _CLOSE_JOIN_S)
-        return False
 
     def close(self) -> None:
         """Stop the background threads and release the link; idempotent. The policy
@@ -543,14 +403,6 @@ class WeightReceiver:
             return
         self._closed = True
         self._buffers.keep_private()
-        self._retire(self._att)
-        while not self._inbox.empty():  # drop buffers handed over but never applied
-            self._inbox.get_nowait()
+        self._handoff.retire(self._att)
+        self._handoff.drain()  # buffers handed over but never applied
         self._buffers.forget_views()
-
-    @staticmethod
-    def _join_threads(att: Attachment, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in att.threads:
-            if thread is not threading.current_thread():
-                thread.join(max(deadline - time.monotonic(), 0))
