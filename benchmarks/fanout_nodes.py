@@ -78,11 +78,11 @@ def ws_learner(a: dict[str, Any]) -> None:
             if r >= a["warmup"]:
                 rounds.append(time.perf_counter() - t0)
                 inside.append(t1 - t0)
-        fallbacks = (tx.learner_side("relay").fallbacks  # type: ignore[attr-defined]
-                     if a["transport"] == "relay" else None)
         placements: dict[str, int] = {}
         for name in tx.transports.values():
             placements[name] = placements.get(name, 0) + 1
+        fallbacks = (tx.learner_side("relay").fallbacks  # type: ignore[attr-defined]
+                     if "relay" in placements else None)
         emit(report=True, rounds_s=rounds, async_s=inside, digest=digest(policy),
              version=tx.version, fallbacks=fallbacks, placements=placements)
         tx.close()  # now: the collectors report once they read the close
