@@ -39,6 +39,8 @@ from weight_sync.collectors.launcher import Launcher, LocalLauncher, WorkerHandl
 from weight_sync.collectors.worker import WorkerSpec
 
 from weight_sync import CollectorFailed, SenderConfig, SyncStats, WeightSender, WeightSyncTimeout
+from weight_sync.config import check_count
+from weight_sync.errors import ConfigError
 from weight_sync.metrics import AckResult
 
 __all__ = ["BatchRecord", "CollectorGroup", "RestartRecord", "summarize"]
@@ -126,10 +128,8 @@ class CollectorGroup:
                  connect_timeout: float = 60.0, batch_timeout: float = 60.0,
                  shutdown_timeout: float = 10.0, max_restarts: int = 0,
                  sender: WeightSender | None = None) -> None:
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {max_inflight!r}")
-        if not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        check_count("max_inflight", max_inflight, 1)
+        check_count("max_restarts", max_restarts, 0)
         self.policy = policy
         self.num_collectors = num_collectors
         self.launcher: Launcher = launcher or LocalLauncher()
@@ -138,8 +138,8 @@ class CollectorGroup:
         self.shutdown_timeout = shutdown_timeout
         self.max_inflight = max_inflight
         if sender is not None and sender.num_collectors != num_collectors:
-            raise ValueError(f"the sender serves {sender.num_collectors} collectors, "
-                             f"the group has {num_collectors}")
+            raise ConfigError(f"the sender serves {sender.num_collectors} collectors, "
+                              f"the group has {num_collectors}")
         self.sender = sender or WeightSender(policy, num_collectors, sender_config)
         self._spec: dict[str, Any] = dict(
             env_factory=env_factory, policy_factory=policy_factory,

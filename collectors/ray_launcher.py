@@ -1,10 +1,9 @@
 """Collectors as Ray actors: :class:`RayLauncher` (needs the ``ray`` extra).
 
-Each collector runs :func:`~weight_sync.collectors.worker.run_worker` on a thread of its own Ray
-actor
-(:class:`CollectorActor`), placed in its own bundle of one placement group
-(``strategy="SPREAD"`` by default: as many nodes as the cluster offers; ``"PACK"`` fills one
-node first). Its messages (batches, reports) come back through Ray's object store as the
+Each collector runs :func:`~weight_sync.collectors.worker.run_worker` on a thread of its
+own Ray actor (:class:`CollectorActor`), placed in its own bundle of one placement group
+(``strategy="SPREAD"`` by default: as many nodes as the cluster offers; ``"PACK"`` fills
+one node first). Its messages (batches, reports) come back through Ray's object store as the
 results of ``next_messages`` calls the learner keeps one of in flight per collector,
 never through a local pipe, so a collector may run on any node of the cluster. It
 connects its :class:`~weight_sync.WeightReceiver` to the learner's store like a local
@@ -24,16 +23,15 @@ Example (a local Ray, or a cluster joined with ``address="auto"``)::
             ...
     # the actors, their placement group (and a Ray the launcher started) are gone here
 
-A dead actor (``ray.kill``, a lost node, a crashed worker process) reads as the end of
-that collector's channel: the group raises :class:`~weight_sync.collectors.errors.CollectorDied`
-naming it, or restarts it in the same bundle under ``max_restarts``. A placement group
-the cluster cannot hold raises :class:`~weight_sync.collectors.errors.PlacementTimeout` after
+A dead actor (``ray.kill``, a lost node, a crashed worker process) ends that collector's
+channel: the group raises :class:`~weight_sync.collectors.errors.CollectorDied` naming it,
+or restarts it in the same bundle under ``max_restarts``. A placement group the cluster
+cannot hold raises :class:`~weight_sync.collectors.errors.PlacementTimeout` after
 ``placement_timeout`` seconds.
 
-Group-level calls in the style of NeMo-RL's ``RayWorkerGroup``: :meth:`RayLauncher.run_all`
-(one method, the same arguments, on every collector), :meth:`RayLauncher.run_each` (one
-argument tuple per collector) give futures; :meth:`RayLauncher.get_all` waits for them
-within a bound.
+Group calls as NeMo-RL's ``RayWorkerGroup``: :meth:`RayLauncher.run_all` (same arguments
+everywhere) and :meth:`RayLauncher.run_each` (per collector) give futures, awaited within
+a bound by :meth:`RayLauncher.get_all`.
 """
 
 from __future__ import annotations
@@ -61,6 +59,8 @@ from weight_sync.collectors.launcher import WorkerHandle
 from weight_sync.collectors.ray_actor import ACTOR_METHODS, CollectorActor
 from weight_sync.collectors.worker import WorkerSpec
 
+from weight_sync.errors import ConfigError
+
 __all__ = ["ACTOR_METHODS", "STRATEGIES", "CollectorActor", "RayLauncher", "RayLauncherConfig",
            "RayWorker"]  # the actor's two names re-exported from weight_sync.collectors.ray_actor
 
@@ -69,9 +69,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 """Ray's placement strategies for the collectors' bundles."""
 
-# The run loop, the pending next_messages call and the small calls (credits, stop,
-# run_all) each hold a thread of the actor.
-_ACTOR_THREADS = 8
+_ACTOR_THREADS = 8  # the run loop, the pending next_messages, the small calls (credits...)
 # After ray.kill, how long close() waits to learn the run loop's end (Ray: milliseconds).
 _CLOSE_WAIT_S = 2.0
 
@@ -93,15 +91,14 @@ class RayLauncherConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"RayLauncherConfig.strategy must be one of {STRATEGIES}, "
-                             f"got {self.strategy!r}")
-        if not isinstance(self.num_cpus, (int, float)) or self.num_cpus <= 0:
-            raise ValueError(f"RayLauncherConfig.num_cpus must be > 0, got {self.num_cpus!r}")
-        if not isinstance(self.num_gpus, (int, float)) or self.num_gpus < 0:
-            raise ValueError(f"RayLauncherConfig.num_gpus must be >= 0, got {self.num_gpus!r}")
-        if not isinstance(self.placement_timeout, (int, float)) or self.placement_timeout <= 0:
-            raise ValueError(f"RayLauncherConfig.placement_timeout must be > 0, "
-                             f"got {self.placement_timeout!r}")
+            raise ConfigError(f"RayLauncherConfig.strategy must be one of {STRATEGIES}, "
+                              f"got {self.strategy!r}")
+        for name, least in (("num_cpus", None), ("num_gpus", 0), ("placement_timeout", None)):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not (value > 0 if least is None else value >= least)):
+                raise ConfigError(f"RayLauncherConfig.{name} must be "
+                                  f"{'> 0' if least is None else '>= 0'}, got {value!r}")
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -114,8 +111,7 @@ _RemoteCollector = ray.remote(CollectorActor)
 
 
 def _ready(ref: Any) -> bool:
-    done, _ = ray.wait([ref], timeout=0)
-    return bool(done)
+    return bool(ray.wait([ref], timeout=0)[0])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -394,10 +390,10 @@ class RayLauncher:
     @staticmethod
     def _method(worker: RayWorker, method: str) -> Any:
         if method not in ACTOR_METHODS:
-            raise ValueError(f"method must be one of {ACTOR_METHODS}, got {method!r}")
+            raise ConfigError(f"method must be one of {ACTOR_METHODS}, got {method!r}")
         return getattr(worker.actor, method)
 
 
 def _resources(resources: Mapping[str, float]) -> str:
-    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "no CPU/GPU"
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())
+                     if k in ("CPU", "GPU")) or "no CPU/GPU"

@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import multiprocessing.util
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
-from tensordict import TensorDictBase
-from torch import nn
-from torchrl.weight_update.utils import _resolve_model
 from torchrl.weight_update.weight_sync_schemes import WeightSyncScheme
 
 from weight_sync.config import ConnectionInfo, SenderConfig
 from weight_sync.errors import ClosedError, ConfigError, ProtocolError, WeightSyncError
 from weight_sync.learner.sender import WeightSender
 from weight_sync.metrics import AckResult
+from weight_sync.torchrl.context import (
+    has_weights,
+    is_distributed_collector,
+    model_at,
+    refuse_in_process,
+    sender_source,
+)
 from weight_sync.torchrl.ends import LearnerEnd, WorkerEnd
 from weight_sync.torchrl.learner_role import SchemeLearner
 from weight_sync.torchrl.worker_role import SchemeWorker
@@ -123,10 +126,10 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         """Build the sender(s) now, so their ``ConnectionInfo`` exists before torchrl
         pickles this scheme into the workers."""
         self.model_id = model_id
-        _refuse_in_process(context)
+        refuse_in_process(context)
         if context is not None:
             self.context = context
-        source = _sender_source(context, model_id, model,
+        source = sender_source(context, model_id, model,
                                 weights if weights is not None else self._weights)
         if num_workers is None:
             num_workers = getattr(context, "num_workers", None)
@@ -135,8 +138,8 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
                               f"int >= 1 (from the collector or num_workers=), got "
                               f"{num_workers!r}")
         self.num_workers = num_workers
-        self._worker_offset = 1 if _is_distributed_collector(context) else 0
-        if not _has_weights(source):
+        self._worker_offset = 1 if is_distributed_collector(context) else 0
+        if not has_weights(source):
             self.weightless = True
             log.info("torchrl scheme: model %r (%s) has no weights: nothing to sync",
                      model_id, type(source).__name__)
@@ -235,7 +238,7 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         if context is not None:
             self.context = context
             if model is None:
-                model = _model_at(context, model_id)
+                model = model_at(context, model_id)
             if worker_idx is None:
                 worker_idx = getattr(context, "worker_idx", None)
         if model is not None:
@@ -340,82 +343,3 @@ class WeightSyncTorchRLScheme(WeightSyncScheme):
         if learner is not None:
             learner.close()
         super().shutdown()
-
-
-def _sender_source(context: Any, model_id: str, model: Any, weights: Any) -> Any:
-    """The learner's weights: a model or weights given, else the collector's model at
-    ``model_id`` (a path such as ``"env.transform[0].module"``, resolved as torchrl's
-    own schemes resolve it)."""
-    if model is not None:
-        return model
-    if weights is not None:
-        return weights
-    found = None
-    why = "no collector given"
-    if context is not None:
-        try:
-            found = _model_at(context, model_id)
-        except (AttributeError, KeyError, ValueError, IndexError, TypeError) as exc:
-            why = f"{type(exc).__name__}: {exc}"
-        if found is None and model_id == "policy":
-            found = getattr(context, "_fallback_policy", None)
-        if found is None and model_id == "policy":
-            factories = getattr(context, "policy_factory", None) or ()
-            if callable(factories):
-                factories = [factories]
-            first = next((f for f in factories if f is not None), None)
-            found = first() if first is not None else None
-    if found is None:
-        raise ConfigError(
-            f"WeightSyncTorchRLScheme: no weights for model {model_id!r} on the learner "
-            f"({why}). The sender is built before the workers start, from the learner's "
-            f"copy of the model: for a model that lives only in the workers (an env or "
-            f"replay-buffer transform), pass it as WeightSyncTorchRLScheme(weights="
-            f"<the learner's copy of that module>)")
-    return found
-
-
-def _model_at(context: Any, model_id: str) -> Any:
-    """The model of ``context`` at ``model_id``: the collector's ``get_model`` for the
-    policy, torchrl's own path resolution for the others."""
-    get_model = getattr(context, "get_model", None)
-    if model_id == "policy" and callable(get_model):
-        return get_model(model_id)
-    return _resolve_model(context, model_id)
-
-
-def _has_weights(source: Any) -> bool:
-    """False for a policy with nothing to sync: a module without parameters or buffers,
-    or a callable that is no module (torchrl's ``RandomPolicy``)."""
-    if isinstance(source, nn.Module):
-        return any(True for _ in source.parameters()) or any(
-            b is not None for b in source.buffers())
-    if isinstance(source, (TensorDictBase, Mapping)):
-        return True  # empty weights are refused by the sender, naming them
-    return not callable(source)
-
-
-def _refuse_in_process(context: Any) -> None:
-    """Refuse a single in-process torchrl ``Collector``: it runs the learner's policy
-    object itself, in the learner's process, so there are no workers to sync."""
-    try:
-        from torchrl.collectors import Collector
-    except ImportError:
-        return
-    if type(context) is Collector:
-        raise ConfigError(
-            "WeightSyncTorchRLScheme: a single in-process torchrl Collector acts with the "
-            "learner's own policy object, so there is nothing to sync: drop "
-            "weight_sync_schemes, or collect in worker processes with "
-            "Collector(..., num_collectors=K, sync=True|False), MultiSyncCollector, "
-            "MultiAsyncCollector or DistributedCollector")
-
-
-def _is_distributed_collector(context: Any) -> bool:
-    if context is None:
-        return False
-    try:
-        from torchrl.collectors.distributed import DistributedCollector
-    except ImportError:
-        return False
-    return isinstance(context, DistributedCollector)
