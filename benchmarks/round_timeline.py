@@ -1,17 +1,17 @@
 """Where a round's time goes: timers around each hand-off, learner and one collector.
 
 Both processes stamp ``time.perf_counter()`` (the same monotonic clock on one host) as
-a round passes each hand-off: the learner's ``send_weights_async`` starts, it posts the
-collector's signal, the collector reads the signal, its receive returns (bytes landed,
-checked), its apply starts and ends (then it acks), the learner's ``wait_ack``
-returns. The stamps come from wrappers put around those calls in both processes
+a round passes each hand-off: the learner's ``send_weights_async`` starts, its snapshot
+is packed, it posts the collector's signal, the collector reads the signal, its receive
+returns (bytes landed, checked), its apply starts and ends (then it acks), the learner's
+``wait_ack`` returns. The stamps come from wrappers put around those calls in both processes
 (``weight_sync`` itself carries no timers); each costs a few microseconds, so the
 stages are a little longer than in an unwrapped round. Medians over the rounds, after
 warmup; the collector blocks in ``receive_weights``, both ends run
 ``torch.set_num_threads(1)``.
 
     python -m benchmarks.round_timeline --params 1e5 --kind deep --rounds 60
-    python -m benchmarks.round_timeline --params 1e7 --kind wide --transport shm
+    python -m benchmarks.round_timeline --params 1e7 --kind wide      # the default: "auto"
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ from weight_sync import WeightReceiver, WeightSender
 from weight_sync.collector.policy_buffers import PolicyBuffers
 from weight_sync.collector.receiver_link import ReceiverLink
 from weight_sync.control.channel import Control
+from weight_sync.wire.snapshots import SnapshotPool
 
 __all__ = ["STAGES", "measure_timeline", "main"]
 
 Stamps = list[tuple[str, float]]
 
 STAGES = [
-    ("pack and post send", "start", "signal posted"),
+    ("pack", "start", "packed"),
+    ("post send", "packed", "signal posted"),
     ("signal to collector", "signal posted", "signal read"),
     ("receive and check", "signal read", "received"),
     ("hand-off to apply", "received", "apply start"),
@@ -68,6 +70,7 @@ def _stamp(stamps: Stamps, owner: Any, name: str, label: str, before: bool) -> N
 
 
 def _instrument(stamps: Stamps) -> None:
+    _stamp(stamps, SnapshotPool, "fill", "packed", before=False)
     _stamp(stamps, Control, "post_update", "signal posted", before=True)
     _stamp(stamps, Control, "next_update", "signal read", before=False)
     _stamp(stamps, ReceiverLink, "receive", "received", before=False)
@@ -101,7 +104,7 @@ def _first_within(stamps: Stamps, start: float, end: float) -> dict[str, float]:
 
 
 def measure_timeline(params: int, kind: str = "deep", rounds: int = 60, warmup: int = 5,
-                     transport: str = "distributed", timeout: float = 60.0
+                     transport: str = "auto", timeout: float = 60.0
                      ) -> dict[str, Any]:
     """Median milliseconds of each of :data:`STAGES`, of the whole round and of
     ``send_weights_async``; rounds missing a stamp (a transport that skips a hand-off)
@@ -120,7 +123,8 @@ def measure_timeline(params: int, kind: str = "deep", rounds: int = 60, warmup: 
         proc.start()
         wait_up(q, [proc], timeout)
         sender.connect(timeout)
-        windows = timed_rounds(sender, policy, rounds, warmup, timeout)
+        copies: list[float] = []
+        windows = timed_rounds(sender, policy, rounds, warmup, timeout, copies)
         sender.close()
         theirs = collect_results(q, 1, timeout)[0]
     finally:
@@ -138,6 +142,7 @@ def measure_timeline(params: int, kind: str = "deep", rounds: int = 60, warmup: 
         "params": params, "kind": kind, "transport": transport, "rounds": rounds,
         "round_ms": statistics.median(t2 - t0 for t0, _, t2 in windows) * 1e3,
         "async_ms": statistics.median(t1 - t0 for t0, t1, _ in windows) * 1e3,
+        "memcpy_in_round_ms": statistics.median(copies) * 1e3,
         "stages_ms": {stage: statistics.median(v) * 1e3 if v else None
                       for stage, v in spans.items()},
         "stage_counts": {stage: len(v) for stage, v in spans.items()},
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=float, default=1e5)
     parser.add_argument("--kind", default="deep", choices=["wide", "deep"])
-    parser.add_argument("--transport", default="distributed")
+    parser.add_argument("--transport", default="auto")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json-out", type=Path, default=None)
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = "   -   " if ms is None else f"{ms:7.3f}"
         print(f"{stage:22s} {shown} ms  ({out['stage_counts'][stage]} rounds)")
     print(f"{'round':22s} {out['round_ms']:7.3f} ms  (send_weights_async "
-          f"{out['async_ms']:.3f} ms)")
+          f"{out['async_ms']:.3f} ms, a memcpy of the message timed between rounds "
+          f"{out['memcpy_in_round_ms']:.3f} ms)")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(out, indent=2))
