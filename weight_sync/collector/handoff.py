@@ -135,10 +135,10 @@ class HandOff:
             att.link.check_closed()
         return not att.stop.is_set()
 
-    def retire(self, att: Attachment) -> None:
+    def retire(self, att: Attachment, *, reach: bool | None = None) -> None:
         """Stop an attachment's threads and release its link (without a store call
-        once its learner is lost)."""
-        reach = not att.lost
+        once its learner is lost, unless ``reach``: it answered since)."""
+        reach = not att.lost if reach is None else reach
         if reach:  # the learner sees the last version applied acked before the leave
             att.acked.wait(_CLOSE_JOIN_S)
         att.stop.set()

@@ -43,10 +43,12 @@ from weight_sync.config import ConnectionInfo, ReceiverConfig, check_timeout, wi
 from weight_sync.control.channel import Control
 from weight_sync.control.discovery import address_towards
 from weight_sync.control.liveness import LearnerWatch
+from weight_sync.control.store import TooLate, run_bounded
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
     ConnectionFailed,
+    PeerGone,
     ProtocolError,
     WeightSyncError,
     WeightSyncTimeout,
@@ -64,6 +66,8 @@ log = logging.getLogger(__name__)
 # receive_weights gives up on a reattach this long after reattach_timeout even if the
 # background attempt has not ended: a store call to a frozen learner never returns.
 _REATTACH_GRACE_S = 5.0
+# connect() waits this much past its timeout for a join whose waits end at the deadline.
+_JOIN_MARGIN_S = 0.5
 
 
 class WeightReceiver:
@@ -182,7 +186,7 @@ class WeightReceiver:
         # One client per thread: this one (closing), the listener's (acks), the heartbeat's.
         control = self._control(timeout)
         try:
-            version, data = self._attach(att, control, deadline)
+            version, data = self._attach_within(att, control, deadline)
             self._buffers.apply(data)
             del data
             self.version = version
@@ -199,6 +203,27 @@ class WeightReceiver:
         log.info("%s connected over %r, version %d", self._who(), self.transport, version)
         return version
 
+    def _attach_within(self, att: Attachment, control: Control,
+                       deadline: float) -> tuple[int, torch.Tensor]:
+        """:meth:`_attach` by ``deadline``: a store call to a learner that froze after
+        accepting the connection answers only when it wakes.
+
+        Raises:
+            PeerGone: the learner stopped answering during the join (the attempt is
+                left to end on its own and released then, with no store call).
+        """
+        def release(_: object) -> None:  # the learner answers again: tell it we left
+            self._handoff.retire(att, reach=True)
+
+        try:
+            return run_bounded(lambda: self._attach(att, control, deadline),
+                               max(deadline - time.monotonic(), 0.001) + _JOIN_MARGIN_S,
+                               f"join-{self.collector_id}", on_late=release)
+        except TooLate:
+            att.lost = True  # no store call may reach it any more
+            raise PeerGone(f"{self._who()}: the learner at {self.info.host}:{self.info.port} "
+                           f"stopped answering during the join (frozen, or cut off)") from None
+
     def _attach(self, att: Attachment, control: Control,
                 deadline: float) -> tuple[int, torch.Tensor]:
         """Join the learner at ``info``'s address through ``control`` (the acking
@@ -210,6 +235,10 @@ class WeightReceiver:
             control.close()
             raise
         inc, verdict = joined.incarnation, joined.verdict
+        if att.stop.is_set():  # the caller gave up meanwhile (a learner that froze)
+            control.leave(self.collector_id, inc)
+            control.close()
+            raise ClosedError(f"{self._who()}: gave up the join before the learner's answer")
         att.nonce = joined.learner_nonce
         self.transport = verdict.transport
         spec = LinkSpec(self.collector_id, inc, self.wire_layout, backend=self.info.backend,

@@ -16,16 +16,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from weight_sync.config import check_timeout
 from weight_sync.errors import ClosedError, ConfigError, ConnectionFailed, PeerGone
 
-__all__ = ["StoreServer", "connect_client", "WILDCARDS", "IN_FLIGHT"]
+__all__ = ["StoreServer", "connect_client", "run_bounded", "TooLate", "WILDCARDS", "IN_FLIGHT"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Addresses that bind every interface, and the loopback address that reaches them.
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
@@ -168,6 +170,57 @@ def _bound_port(fd: int) -> int:
         sock.detach()
 
 
+class TooLate(Exception):
+    """:func:`run_bounded`'s call did not end in time (it goes on, abandoned)."""
+
+
+def run_bounded(fn: Callable[[], T], timeout: float, name: str,
+                on_late: Callable[[T | None], None] | None = None) -> T:
+    """``fn()``, run on a daemon thread and waited for at most ``timeout``: for calls
+    that may block without a limit (a TCPStore call to a frozen or cut-off learner
+    answers only when it wakes, whatever the client's timeout).
+
+    Args:
+        name: the thread's name (after ``weight-sync-``).
+        on_late: if ``fn`` ends after the caller gave up, called on its thread with
+            what it returned (``None`` if it raised), to release what it made.
+
+    Raises:
+        TooLate: ``fn`` did not end within ``timeout``.
+        BaseException: what ``fn`` raised.
+    """
+    result: Future[T] = Future()
+    lock = threading.Lock()
+    abandoned = False
+
+    def run() -> None:
+        value: T | None = None
+        try:
+            value = fn()
+        except BaseException as exc:
+            with lock:
+                late = abandoned
+                if not late:
+                    result.set_exception(exc)
+        else:
+            with lock:
+                late = abandoned
+                if not late:
+                    result.set_result(value)
+        if late and on_late is not None:
+            on_late(value)
+
+    threading.Thread(target=run, name=f"weight-sync-{name}", daemon=True).start()
+    try:
+        return result.result(timeout)
+    except FutureTimeout:
+        with lock:
+            if not result.done():
+                abandoned = True
+                raise TooLate(name) from None
+        return result.result()  # it ended between the timeout and the lock
+
+
 def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:
     """Connect to a running store, retrying until ``timeout`` seconds.
 
@@ -188,21 +241,15 @@ def connect_client(host: str, port: int, timeout: float) -> dist.TCPStore:
         raise ConfigError(f"store port must be an int in [1, 65535], got {port!r}")
     timeout = check_timeout(f"connecting to the store at {host}:{port}", timeout, zero=False)
     start = time.monotonic()
-    result: Future[dist.TCPStore] = Future()
 
-    def build() -> None:
-        try:
-            with IN_FLIGHT.entered(f"connecting to {host}:{port}"):
-                result.set_result(dist.TCPStore(host, port, is_master=False,
-                                                timeout=timedelta(seconds=timeout)))
-        except BaseException as exc:
-            result.set_exception(exc)
+    def build() -> dist.TCPStore:
+        with IN_FLIGHT.entered(f"connecting to {host}:{port}"):
+            return dist.TCPStore(host, port, is_master=False,
+                                 timeout=timedelta(seconds=timeout))
 
-    threading.Thread(target=build, name=f"weight-sync-connect-{host}:{port}",
-                     daemon=True).start()
     try:
-        return result.result(timeout + _CONNECT_MARGIN_S)
-    except FutureTimeout:
+        return run_bounded(build, timeout + _CONNECT_MARGIN_S, f"connect-{host}:{port}")
+    except TooLate:
         raise PeerGone(
             f"the endpoint at {host}:{port} accepted a connection but did not answer as a "
             f"weight-sync store within {time.monotonic() - start:.1f}s (timeout "
