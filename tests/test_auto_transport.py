@@ -71,12 +71,13 @@ def test_auto_is_no_transport_name() -> None:
 # -- in-process collectors -----------------------------------------------------------
 @pytest.fixture
 def remote_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Collector threads named ``remote-*`` cannot read the learner's token (another
-    host's ``/dev/shm``, as far as the proof goes)."""
+    """Collector threads named ``remote-*``, and the threads they start (named after
+    them), cannot read the learner's token (another host's ``/dev/shm``, as far as the
+    proof goes)."""
     real = shm_receiver.read_token
 
     def read_token(name: str) -> str | None:
-        return None if threading.current_thread().name.startswith("remote") else real(name)
+        return None if "remote" in threading.current_thread().name else real(name)
 
     monkeypatch.setattr(shm_receiver, "read_token", read_token)
 

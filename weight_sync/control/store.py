@@ -181,7 +181,7 @@ def run_bounded(fn: Callable[[], T], timeout: float, name: str,
     answers only when it wakes, whatever the client's timeout).
 
     Args:
-        name: the thread's name (after ``weight-sync-``).
+        name: the thread's name (after ``weight-sync-``; the caller's follows).
         on_late: if ``fn`` ends after the caller gave up, called on its thread with
             what it returned (``None`` if it raised), to release what it made.
 
@@ -210,7 +210,8 @@ def run_bounded(fn: Callable[[], T], timeout: float, name: str,
         if late and on_late is not None:
             on_late(value)
 
-    threading.Thread(target=run, name=f"weight-sync-{name}", daemon=True).start()
+    caller = threading.current_thread().name
+    threading.Thread(target=run, name=f"weight-sync-{name} for {caller}", daemon=True).start()
     try:
         return result.result(timeout)
     except FutureTimeout:
