@@ -30,7 +30,8 @@ class Attachment:
     threads: list[threading.Thread] = field(default_factory=list)
     link: ReceiverLink | None = None
     watch: LearnerWatch | None = None
-    nonce: str = ""
+    nonce: str = ""  # the learner's
+    transport: str = ""  # the one the learner placed this collector on
     lost: bool = False
     fresh: bool = True  # its first message is not applied yet
     applied: int | None = None  # a version applied, for its listener to ack

@@ -33,29 +33,22 @@ from typing import Any
 
 import torch
 
-from weight_sync.collector.attachment import Attachment, Item, heartbeat, watch_learner
+from weight_sync.collector.attachment import Attachment, Item, watch_learner
 from weight_sync.collector.handoff import HandOff
 from weight_sync.collector.hooks import ReceiverHooks
+from weight_sync.collector.joining import Joiner
 from weight_sync.collector.policy_buffers import PolicyBuffers
 from weight_sync.collector.reattach import check_first_version, not_taken_back, wait_for_store
 from weight_sync.collector.receiver_link import ReceiverLink
 from weight_sync.config import ConnectionInfo, ReceiverConfig, check_timeout, wire_dtype
-from weight_sync.control.channel import Control
-from weight_sync.control.discovery import address_towards
-from weight_sync.control.liveness import LearnerWatch
-from weight_sync.control.store import TooLate, run_bounded
 from weight_sync.errors import (
     ClosedError,
     ConfigError,
     ConnectionFailed,
-    PeerGone,
     ProtocolError,
     WeightSyncError,
     WeightSyncTimeout,
 )
-from weight_sync.handshake import join
-from weight_sync.transports.base import LinkSpec
-from weight_sync.transports.registry import get_transport
 from weight_sync.wire.auth import resolve_secret
 from weight_sync.wire.layout import BufferLayout
 
@@ -66,8 +59,6 @@ log = logging.getLogger(__name__)
 # receive_weights gives up on a reattach this long after reattach_timeout even if the
 # background attempt has not ended: a store call to a frozen learner never returns.
 _REATTACH_GRACE_S = 5.0
-# connect() waits this much past its timeout for a join whose waits end at the deadline.
-_JOIN_MARGIN_S = 0.5
 
 
 class WeightReceiver:
@@ -106,7 +97,6 @@ class WeightReceiver:
                               f"got {collector_id!r}")
         self.info = info
         self.collector_id = collector_id
-        self._hooks = hooks
         self.layout = BufferLayout.from_weights(policy)
         self.wire_layout = self.layout.on_wire(wire_dtype(info.wire_dtype))
         """The layout of each message (``layout`` unless the learner narrows floats)."""
@@ -125,7 +115,9 @@ class WeightReceiver:
                                 self.config.idle_slice)
         self._error: WeightSyncError | None = None  # the stream's end, once raised
         self._closed = False
-        self._secret = resolve_secret(self.config.secret, "ReceiverConfig")
+        self._joiner = Joiner(info, self.config, collector_id, self.layout, self.wire_layout,
+                              self._buffers, self._handoff, hooks,
+                              resolve_secret(self.config.secret, "ReceiverConfig"))
         if self.config.learner_timeout <= info.heartbeat_s:
             raise ConfigError(f"ReceiverConfig.learner_timeout must exceed the learner's "
                               f"beat interval ({info.heartbeat_s}s), got "
@@ -151,10 +143,6 @@ class WeightReceiver:
         none of them applied)."""
         link = self._att.link
         return self._refused_before + (0 if link is None else link.refused)
-
-    def _control(self, timeout: float) -> Control:
-        return Control.connect(self.info.host, self.info.port, self.info.name,
-                               max(timeout, 0.1))
 
     def connect(self, timeout: float = 60.0) -> int:
         """Join the learner, check layouts, and apply the initial weights.
@@ -184,9 +172,10 @@ class WeightReceiver:
         deadline = time.monotonic() + timeout
         att = self._att
         # One client per thread: this one (closing), the listener's (acks), the heartbeat's.
-        control = self._control(timeout)
+        control = self._joiner.control(timeout)
         try:
-            version, data = self._attach_within(att, control, deadline)
+            version, data = self._joiner.attach_within(att, control, deadline)
+            self.transport = att.transport
             self._buffers.apply(data)
             del data
             self.version = version
@@ -203,76 +192,6 @@ class WeightReceiver:
         log.info("%s connected over %r, version %d", self._who(), self.transport, version)
         return version
 
-    def _attach_within(self, att: Attachment, control: Control,
-                       deadline: float) -> tuple[int, torch.Tensor]:
-        """:meth:`_attach` by ``deadline``: a store call to a learner that froze after
-        accepting the connection answers only when it wakes.
-
-        Raises:
-            PeerGone: the learner stopped answering during the join (the attempt is
-                left to end on its own and released then, with no store call).
-        """
-        def release(_: object) -> None:  # the learner answers again: tell it we left
-            self._handoff.retire(att, reach=True)
-
-        try:
-            return run_bounded(lambda: self._attach(att, control, deadline),
-                               max(deadline - time.monotonic(), 0.001) + _JOIN_MARGIN_S,
-                               f"join-{self.collector_id}", on_late=release)
-        except TooLate:
-            att.lost = True  # no store call may reach it any more
-            raise PeerGone(f"{self._who()}: the learner at {self.info.host}:{self.info.port} "
-                           f"stopped answering during the join (frozen, or cut off)") from None
-
-    def _attach(self, att: Attachment, control: Control,
-                deadline: float) -> tuple[int, torch.Tensor]:
-        """Join the learner at ``info``'s address through ``control`` (the acking
-        client, which the link takes over), start beating, connect the link and receive
-        its first message (not applied): its version and buffer."""
-        try:
-            joined = join(control, self.layout, self.collector_id, deadline, self._secret)
-        except BaseException:
-            control.close()
-            raise
-        inc, verdict = joined.incarnation, joined.verdict
-        if att.stop.is_set():  # the caller gave up meanwhile (a learner that froze)
-            control.leave(self.collector_id, inc)
-            control.close()
-            raise ClosedError(f"{self._who()}: gave up the join before the learner's answer")
-        att.nonce = joined.learner_nonce
-        self.transport = verdict.transport
-        spec = LinkSpec(self.collector_id, inc, self.wire_layout, backend=self.info.backend,
-                        timeout=self.config.timeout,
-                        bind_host=address_towards(self.info.host, self.info.port),
-                        progress=None if self._hooks is None else self._hooks.during_receive)
-        att.watch = LearnerWatch(self._who(), self.config.learner_timeout)
-        beat = self._control(deadline - time.monotonic())
-        cid, every = self.collector_id, self.info.heartbeat_s
-        self._handoff.start_thread(att, "beat", lambda: heartbeat(att, beat, cid, inc, every))
-        transport = get_transport(verdict.transport)
-        try:
-            link = ReceiverLink(spec, transport.receiver(spec),
-                                self._control(deadline - time.monotonic()), control,
-                                self._hooks, lends=transport.lends, key=joined.key,
-                                changed_only=self.info.changed_only, local=verdict.local,
-                                **vars(transport.capabilities(spec)))
-        except BaseException:
-            control.close()
-            raise
-        att.link = link
-        link.connect(deadline - time.monotonic())
-        self._buffers.place(spec.device)
-        message = None
-        while message is None and (left := deadline - time.monotonic()) > 0:
-            # None: refused as corrupted, asked for again.
-            message = link.receive(self._buffers.staging(link.lends), left)
-        if message is None:
-            raise WeightSyncTimeout(f"{self._who()}: no initial weights from the learner "
-                                    f"at {self.info.host}:{self.info.port} in time")
-        log.info("%s attached (incarnation %d) over %r, its version %d", self._who(), inc,
-                 verdict.transport, message[0])
-        return message
-
     def _reattach(self, old: Attachment, new: Attachment, cause: WeightSyncError) -> None:
         """Retire ``old`` (its learner is lost), wait for a learner at the same address,
         attach ``new`` to it and hand its first message over; then listen on it."""
@@ -281,14 +200,15 @@ class WeightReceiver:
         if not wait_for_store(self.info, deadline, new.stop, self._who(), cause):
             return
         try:
-            version, data = self._attach(new, self._control(deadline - time.monotonic()),
-                                         deadline)
+            version, data = self._joiner.attach(
+                new, self._joiner.control(deadline - time.monotonic()), deadline)
         except ConnectionFailed as exc:  # something listens there, but no learner answers
             raise not_taken_back(self._who(), self.info, self.config.reattach_timeout,
                                  f": {exc}") from exc
         if new.stop.is_set():  # closed meanwhile: release what was just built
             self._handoff.retire(new)
             return
+        self.transport = new.transport
         self._handoff.start_thread(new, "watch",
                                    lambda: watch_learner(new, self.info.heartbeat_s))
         self._handoff.put(Item(new, version, data))
