@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import statistics
 import sys
 import time
 from collections import Counter
@@ -156,8 +157,8 @@ def measure_weight_sync(params: int, kind: str = "wide", num_collectors: int = 1
         torch.set_num_threads(previous)
     out = summarize(samples, sender.layout.nbytes, num_collectors)
     out.update(
-        async_median_s=float(sorted(in_async)[len(in_async) // 2]),
-        memcpy_in_round_median_s=float(sorted(copies)[len(copies) // 2]),
+        async_median_s=statistics.median(in_async),  # the median as summarize() takes it
+        memcpy_in_round_median_s=statistics.median(copies),
         placements=placements,
         leaves=count_leaves(policy),
         correct=all(v == final_version and fp == expected for v, fp in results.values()),
